@@ -1,0 +1,235 @@
+"""Typed, validated experiment configuration (one experiment = phase 1 + phase 2 from each switch).
+
+Configs are YAML files validated once at the edge; unknown keys are rejected with a suggestion
+and every error names the field's dotted path. Defaults are the reference settings of Loo et
+al. (CIFAR, ResNet-18); the shipped digits configs override what they need.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.attacks import AttackConfig, AttackLoss, Norm
+
+REFERENCE_FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message starts with the field's dotted path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSpec(_Strict):
+    n_train: int = Field(256, ge=2)
+    n_test: int = Field(128, ge=1)
+    shape: tuple[int, int, int] = (8, 8, 1)
+    num_classes: int = Field(10, ge=2)
+
+
+class DatasetSpec(_Strict):
+    name: Literal["digits", "cifar10", "cifar100", "synthetic"] = "digits"
+    data_dir: str | None = None
+    synthetic: SyntheticSpec = SyntheticSpec()
+
+    @model_validator(mode="after")
+    def _cifar_dir(self) -> DatasetSpec:
+        if self.name.startswith("cifar") and self.data_dir is None:
+            raise ValueError(f"data_dir is required for {self.name} (the extracted archive's parent)")
+        return self
+
+
+class ModelSpec(_Strict):
+    name: Literal["mlp", "cnn", "resnet18"] = "cnn"
+    widths: tuple[int, ...] = Field((256, 256), min_length=1)
+    width: int | None = Field(None, ge=1)
+    batchnorm: bool = False
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``core.models.make_model`` for this model."""
+        if self.name == "mlp":
+            return {"widths": self.widths}
+        kw: dict[str, Any] = {} if self.width is None else {"width": self.width}
+        if self.name == "cnn":
+            kw["batchnorm"] = self.batchnorm
+        return kw
+
+
+class AttackSpec(_Strict):
+    norm: Literal["linf", "l2"] = "linf"
+    eps: float = Field(4 / 255, gt=0)
+    step_size: float | None = Field(None, gt=0, description="default 2 eps / iters (L2: 0.01)")
+    iters: int = Field(20, ge=1, le=10_000)
+    random_start: bool = True
+    loss: Literal["ce", "margin"] = "ce"
+    restarts: int = Field(1, ge=1, le=100)
+
+    def build(self, keep_best: bool = False) -> AttackConfig:
+        step = self.step_size
+        if step is None:
+            step = 2 * self.eps / self.iters if self.norm == "linf" else 0.01
+        return AttackConfig(
+            Norm(self.norm), self.eps, step, self.iters, self.random_start,
+            AttackLoss(self.loss), self.restarts, keep_best,
+        )
+
+
+class PhaseSpec(_Strict):
+    """Optimisation of one phase: SGD with momentum, lr x decay_factor at each decay epoch."""
+
+    epochs: float | None = Field(None, ge=0, description="phase 1: default the largest switch")
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(128, ge=1)
+    lr_decay_epochs: tuple[float, ...] = (100, 150)
+    lr_decay_factor: float = Field(0.1, gt=0, le=1)
+    flip_epoch: int = Field(50, ge=0, description="data mode F: clean before, adversarial after")
+    adv_scheme: Literal["reference", "madry"] = "reference"
+    attack: AttackSpec = AttackSpec()
+
+
+class Phase2Spec(PhaseSpec):
+    epochs: float | None = Field(100, ge=0)
+    lr: float = Field(0.01, gt=0)
+    lr_decay_epochs: tuple[float, ...] = ()
+    dynamics: Literal["centered", "linearized", "standard"] = "centered"
+    bn: Literal["frozen", "batch"] = "frozen"
+
+
+class EvalSpec(_Strict):
+    linf: AttackSpec = AttackSpec(iters=100)
+    l2: AttackSpec | None = AttackSpec(norm="l2", eps=0.25, step_size=0.01, iters=100)
+    batch_size: int = Field(500, ge=1)
+    transfer: bool = True
+    max_test: int | None = Field(None, ge=1, description="evaluate on the first n test images")
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    dataset: DatasetSpec = DatasetSpec()
+    model: ModelSpec = ModelSpec()
+    codes: tuple[str, ...] = Field(("CC", "AC", "CA", "AA"), min_length=1)
+    switch_points: tuple[float, ...] = Field((0, 1, 2, 5, 10, 30), min_length=1)
+    phase1: PhaseSpec = PhaseSpec()
+    phase2: Phase2Spec = Phase2Spec()
+    eval: EvalSpec = EvalSpec()
+    fractional_checkpoints: tuple[float, ...] = REFERENCE_FRACTIONAL_EPOCHS
+
+    @field_validator("codes")
+    @classmethod
+    def _codes(cls, codes: tuple[str, ...]) -> tuple[str, ...]:
+        for c in codes:
+            if len(c) != 2 or any(m not in "CAF" for m in c):
+                raise ValueError(f"{c!r} is not a loader code: two letters of C, A, F (e.g. AC)")
+        return tuple(dict.fromkeys(codes))
+
+    @field_validator("switch_points", "fractional_checkpoints")
+    @classmethod
+    def _non_negative(cls, points: tuple[float, ...]) -> tuple[float, ...]:
+        if any(p < 0 or not math.isfinite(p) for p in points):
+            raise ValueError("epochs must be finite and >= 0")
+        return tuple(sorted(set(points)))
+
+    @model_validator(mode="after")
+    def _switch_within_phase1(self) -> ExperimentConfig:
+        last = max(self.switch_points)
+        if self.phase1.epochs is not None and last > self.phase1.epochs:
+            raise ValueError(
+                f"switch_points: {last} is beyond phase1.epochs = {self.phase1.epochs}"
+            )
+        return self
+
+    @property
+    def phase1_epochs(self) -> float:
+        """Epochs of phase 1: as configured, else the largest switch point."""
+        return self.phase1.epochs if self.phase1.epochs is not None else max(self.switch_points)
+
+
+def _suggest(key: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for suggestions)."""
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def format_errors(error: ValidationError) -> str:
+    """One line per problem: ``field.path: message``."""
+    lines = []
+    for e in error.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("function-after",))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key{_suggest(str(loc[-1]), _model_at(loc))}")
+        else:
+            lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["phase1.epochs=3", "seeds=[0,1]"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        path, value = item.split("=", 1)
+        node = tree
+        *parents, leaf = path.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(raw: Any, source: str = "config") -> ExperimentConfig:
+    """Validates a raw mapping; raises ConfigError naming every bad field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid configuration\n{format_errors(e)}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Reads a YAML experiment config and applies ``key.path=value`` overrides."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML ({e})") from None
+    if isinstance(raw, dict):
+        raw = _merge(raw, parse_overrides(overrides or []))
+    return config_from_dict(raw, str(path))

@@ -1,0 +1,332 @@
+"""One full experiment in one process: phase 1 per data mode with checkpoints, then phase 2 from
+every switch point for every loader code, evaluated clean, under PGD and under transfer.
+
+Keys, all derived from the seed's root key ``PRNGKey(seed)``:
+
+* initial parameters: ``fold_in(root, 0)`` (shared by every data mode, so C and A trajectories
+  start from the same network);
+* phase 1: ``fold_in(root, 1)`` (shared minibatch order; the modes differ only in the data);
+* phase 2 with data mode m from switch step s: ``fold_in(fold_in(fold_in(root, 2), m), s)``;
+* evaluation: ``fold_in(root, 3)``.
+
+Phase-1 trajectories are stored under ``<out>/trajectories/<id>``, where the id hashes what
+determines the trajectory (dataset, model, phase-1 optimisation and attack, data mode, seed);
+a trajectory found there is continued from its latest checkpoint instead of retrained.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from core.checkpoints import CheckpointStore
+from core.config import ExperimentConfig
+from core.data import Dataset, load_dataset
+from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
+from core.evaluate import make_evaluator, make_transfer_evaluator
+from core.models import init_model, make_model
+from core.train import TrainState, init_state, learning_rate, make_step, run_phase
+
+MODES = "CAF"
+RESULT_FIELDS = (
+    "seed", "code", "dynamics", "switch_epoch", "accuracy", "robust_linf", "robust_l2",
+    "transfer_linf", "train_loss", "train_accuracy", "seconds",
+)
+
+
+@dataclass
+class Hooks:
+    """Callbacks through which a caller watches an experiment (progress bars, logging)."""
+
+    on_step: Callable[[], None] | None = None
+    log: Callable[[str], None] = lambda message: None
+    planned_steps: Callable[[int], None] = lambda n: None
+    on_epoch: Callable[[str, int, dict[str, float]], None] | None = None
+
+
+@dataclass
+class _Context:
+    cfg: ExperimentConfig
+    data: Dataset
+    x_train: jax.Array
+    y_train: jax.Array
+    x_test: np.ndarray
+    y_test: np.ndarray
+    model: Any
+    out: Path
+    hooks: Hooks
+    fns: dict[str, Any] = field(default_factory=dict)
+
+
+def trajectory_id(cfg: ExperimentConfig, mode: str, seed: int) -> str:
+    """Content hash of everything that determines a phase-1 trajectory (not its length)."""
+    spec = {
+        "dataset": cfg.dataset.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "phase1": cfg.phase1.model_dump(mode="json", exclude={"epochs"}),
+        "mode": mode,
+        "seed": seed,
+    }
+    if mode != "F":
+        spec["phase1"].pop("flip_epoch")
+    if mode == "C":
+        spec["phase1"].pop("attack")
+        spec["phase1"].pop("adv_scheme")
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def epoch_to_step(epoch: float, steps_per_epoch: int) -> int:
+    """The minibatch step at (possibly fractional) epoch: round(epoch * steps_per_epoch)."""
+    return int(round(epoch * steps_per_epoch))
+
+
+def checkpoint_epochs(cfg: ExperimentConfig) -> list[float]:
+    """Every whole epoch of phase 1, the fractional checkpoints and the switch points."""
+    last = cfg.phase1_epochs
+    whole = range(int(math.floor(last)) + 1)
+    points = {*whole, *cfg.fractional_checkpoints, *cfg.switch_points, last}
+    return sorted(p for p in points if p <= last)
+
+
+def _phase_steps(ctx: _Context, phase: str) -> dict[bool, Any]:
+    """Jitted clean and adversarial steps of a phase (built once per experiment)."""
+    if phase in ctx.fns:
+        return ctx.fns[phase]
+    spec = ctx.cfg.phase1 if phase == "phase1" else ctx.cfg.phase2
+    spe = len(ctx.y_train) // spec.batch_size
+    apply = _apply(ctx, phase)
+
+    def lr_fn(step):
+        return learning_rate(step, spe, spec.lr, spec.lr_decay_epochs, spec.lr_decay_factor)
+
+    common = dict(momentum=spec.momentum, lr_fn=lr_fn, scheme=spec.adv_scheme)
+    ctx.fns[phase] = {
+        False: make_step(apply, **common),
+        True: make_step(apply, attack=spec.attack.build(), **common),
+    }
+    return ctx.fns[phase]
+
+
+def _apply(ctx: _Context, phase: str):
+    if phase == "phase1":
+        return make_apply_fn(ctx.model, Dynamics.STANDARD, BatchNormMode.UPDATE)
+    p2 = ctx.cfg.phase2
+    return make_apply_fn(ctx.model, p2.dynamics, BatchNormMode(p2.bn))
+
+
+def _evaluator(ctx: _Context, phase: str):
+    name = f"eval-{phase}"
+    if name not in ctx.fns:
+        attacks = {"linf": ctx.cfg.eval.linf.build(keep_best=True)}
+        if ctx.cfg.eval.l2 is not None:
+            attacks["l2"] = ctx.cfg.eval.l2.build(keep_best=True)
+        ctx.fns[name] = make_evaluator(_apply(ctx, phase), attacks)
+    return ctx.fns[name]
+
+
+def _transfer(ctx: _Context):
+    if "transfer" not in ctx.fns:
+        attack = ctx.cfg.eval.linf.build()
+        ctx.fns["transfer"] = make_transfer_evaluator(
+            _apply(ctx, "phase1"), _apply(ctx, "phase2"), attack
+        )
+    return ctx.fns["transfer"]
+
+
+def _evaluate(ctx: _Context, phase: str, anchor, params, batch_stats, key) -> dict[str, float]:
+    ev = _evaluator(ctx, phase)
+    return ev(anchor, params, batch_stats, ctx.x_test, ctx.y_test, key, ctx.cfg.eval.batch_size)
+
+
+def train_phase1(
+    ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]
+) -> tuple[CheckpointStore, int, TrainState]:
+    """Trains (or continues) the phase-1 trajectory of ``mode``; returns its store and
+    steps per epoch, and a template state for restoring."""
+    cfg, spec = ctx.cfg, ctx.cfg.phase1
+    spe = len(ctx.y_train) // spec.batch_size
+    tid = trajectory_id(cfg, mode, seed)
+    store = CheckpointStore(ctx.out / "trajectories" / tid / "checkpoints")
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+    state = init_state(*init, spec.momentum, key)
+    template = state
+    ckpt_steps = {epoch_to_step(e, spe): e for e in checkpoint_epochs(cfg)}
+    total = epoch_to_step(cfg.phase1_epochs, spe)
+    history: list[dict[str, float]] = []
+    done = [s for s in store.steps() if s <= total]
+    if done:
+        state, meta = store.restore(done[-1], template)
+        history = meta["history"]
+        ctx.hooks.log(f"trajectory {tid} ({mode}, seed {seed}): continuing at step {done[-1]}")
+    (ctx.out / "trajectories" / tid / "trajectory.json").write_text(
+        json.dumps({"id": tid, "mode": mode, "seed": seed, "config": cfg.model_dump(mode="json")},
+                   indent=1)
+    )
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        history.append({"epoch": epoch, **metrics})
+        if ctx.hooks.on_epoch:
+            ctx.hooks.on_epoch(f"phase1/{mode}/seed{seed}", epoch, metrics)
+
+    def on_checkpoint(s: TrainState, step: int) -> None:
+        meta = {"epoch": ckpt_steps[step], "step": step, "mode": mode, "seed": seed,
+                "history": history}
+        store.save(step, s, meta)
+
+    run_phase(
+        state, None, _phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
+        flip_epoch=spec.flip_epoch, batch_size=spec.batch_size, total_steps=total,
+        checkpoint_steps=frozenset(ckpt_steps), on_checkpoint=on_checkpoint,
+        on_epoch=on_epoch, on_step=ctx.hooks.on_step,
+    )
+    return store, spe, template
+
+
+def run_phase2(
+    ctx: _Context, mode: str, seed: int, switch_step: int, anchor: Anchor
+) -> tuple[TrainState, dict[str, float]]:
+    """Phase 2 with data mode ``mode`` from the switch-point anchor; returns the final state
+    and the last epoch's training metrics."""
+    spec = ctx.cfg.phase2
+    root = jax.random.PRNGKey(seed)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, 2), MODES.index(mode)),
+                             switch_step)
+    spe = len(ctx.y_train) // spec.batch_size
+    last: dict[str, float] = {"loss": float("nan"), "accuracy": float("nan")}
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        last.update(metrics)
+        if ctx.hooks.on_epoch:
+            ctx.hooks.on_epoch(f"phase2/{mode}/seed{seed}/step{switch_step}", epoch, metrics)
+
+    state = init_state(anchor.params, anchor.batch_stats, spec.momentum, key)
+    state = run_phase(
+        state, anchor, _phase_steps(ctx, "phase2"), ctx.x_train, ctx.y_train, mode=mode,
+        flip_epoch=spec.flip_epoch, batch_size=spec.batch_size,
+        total_steps=epoch_to_step(spec.epochs, spe), on_epoch=on_epoch,
+        on_step=ctx.hooks.on_step,
+    )
+    return state, last
+
+
+def _row(seed, code, dynamics, switch, metrics, train, transfer, t0) -> dict[str, Any]:
+    return {
+        "seed": seed, "code": code, "dynamics": dynamics, "switch_epoch": switch,
+        "accuracy": metrics["accuracy"], "robust_linf": metrics["robust_linf"],
+        "robust_l2": metrics.get("robust_l2", float("nan")), "transfer_linf": transfer,
+        "train_loss": train.get("loss", float("nan")),
+        "train_accuracy": train.get("accuracy", float("nan")),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
+    """Every trajectory and switch run of one seed; one result row per evaluated model."""
+    cfg = ctx.cfg
+    root = jax.random.PRNGKey(seed)
+    init = init_model(ctx.model, jax.random.fold_in(root, 0), ctx.data.x_train.shape[1:])
+    eval_key = jax.random.fold_in(root, 3)
+    rows: list[dict[str, Any]] = []
+    for mode1 in sorted({c[0] for c in cfg.codes}, key=MODES.index):
+        store, spe, template = train_phase1(ctx, mode1, seed, init)
+        for switch in cfg.switch_points:
+            t0 = time.perf_counter()
+            step = epoch_to_step(switch, spe)
+            state, meta = store.restore(step, template)
+            hist = meta["history"]
+            ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
+            net = _evaluate(ctx, "phase1", None, state.params, state.batch_stats, eval_key)
+            rows.append(_row(seed, f"{mode1}-", "network", switch, net,
+                             hist[-1] if hist else {}, float("nan"), t0))
+            anchor = Anchor(state.params, state.batch_stats)
+            for code in [c for c in cfg.codes if c[0] == mode1]:
+                t0 = time.perf_counter()
+                ctx.hooks.log(f"seed {seed} {code}: phase 2 from epoch {switch}")
+                final, train = run_phase2(ctx, code[1], seed, step, anchor)
+                metrics = _evaluate(ctx, "phase2", anchor, final.params, final.batch_stats,
+                                    eval_key)
+                transfer = float("nan")
+                if cfg.eval.transfer:
+                    transfer = _transfer(ctx)(
+                        (None, state.params, state.batch_stats),
+                        (anchor, final.params, final.batch_stats),
+                        ctx.x_test, ctx.y_test, eval_key, cfg.eval.batch_size,
+                    )
+                rows.append(_row(seed, code, cfg.phase2.dynamics, switch, metrics, train,
+                                 transfer, t0))
+        store.close()
+    return rows
+
+
+def planned_steps(cfg: ExperimentConfig, n_train: int) -> int:
+    """Minibatch steps of the whole experiment, for progress bars."""
+    spe1 = n_train // cfg.phase1.batch_size
+    spe2 = n_train // cfg.phase2.batch_size
+    phase1 = len({c[0] for c in cfg.codes}) * epoch_to_step(cfg.phase1_epochs, spe1)
+    phase2 = len(cfg.codes) * len(cfg.switch_points) * epoch_to_step(cfg.phase2.epochs, spe2)
+    return len(cfg.seeds) * (phase1 + phase2)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds for each (code, switch epoch)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["code"], r["switch_epoch"]), []).append(r)
+    out = []
+    for (code, switch), rs in groups.items():
+        row: dict[str, Any] = {"code": code, "switch_epoch": switch, "seeds": len(rs)}
+        for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
+            vals = [r[k] for r in rs if not math.isnan(r[k])]
+            row[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
+            row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def write_results(out: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[str, Path]:
+    """Writes results.csv, summary.csv and results.json under ``out``; returns their paths."""
+    paths = {"results": out / "results.csv", "summary": out / "summary.csv",
+             "json": out / "results.json"}
+    summary = summarize(rows)
+    for path, table in ((paths["results"], rows), (paths["summary"], summary)):
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+    paths["json"].write_text(json.dumps(
+        {"config": cfg.model_dump(mode="json"), "rows": rows, "summary": summary}, indent=1
+    ))
+    return paths
+
+
+def run_experiment(
+    cfg: ExperimentConfig, out: str | Path, hooks: Hooks | None = None
+) -> list[dict[str, Any]]:
+    """Runs the experiment and writes its tables under ``out``; returns the result rows."""
+    hooks = hooks or Hooks()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = cfg.dataset
+    data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+    n_test = cfg.eval.max_test or len(data.y_test)
+    ctx = _Context(
+        cfg, data, jnp.asarray(data.x_train), jnp.asarray(data.y_train),
+        data.x_test[:n_test], data.y_test[:n_test],
+        make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs()), out, hooks,
+    )
+    hooks.planned_steps(planned_steps(cfg, len(data.y_train)))
+    rows = [r for seed in cfg.seeds for r in run_seed(ctx, seed)]
+    write_results(out, cfg, rows)
+    return rows

@@ -1,0 +1,192 @@
+"""Pure jitted training steps over an explicit state, and the loop that runs one phase.
+
+A step is ``step(state, anchor, x_all, y_all, idx) -> (state, metrics)``: it gathers the
+minibatch ``x_all[idx]`` on device, so the whole training set is transferred once. Randomness
+comes from the state's key only:
+
+* minibatch order of epoch e: ``permutation(fold_in(fold_in(key, 0), e), N)``;
+* PGD random start at step s: ``fold_in(fold_in(key, 1), s)``.
+
+Hence a phase restored from a checkpoint after step s continues bit-identically.
+
+SGD with momentum: ``m <- mu m + g``, ``theta <- theta - lr(epoch) m`` (optax ``trace`` then a
+learning-rate scale, as ``optax.sgd``), lr(epoch) = lr * factor^(number of decay epochs <= epoch).
+
+Data modes: ``C`` clean steps; ``A`` adversarial steps; ``F`` clean before ``flip_epoch``,
+adversarial from then on. Adversarial step schemes:
+
+* ``reference`` (default, the paper's code): an SGD step on the clean batch, then PGD against
+  the updated parameters, then a second SGD step on the adversarial batch.
+* ``madry``: PGD against the current parameters, then one SGD step on the adversarial batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from core.attacks import AttackConfig, pgd
+from core.dynamics import Anchor, ApplyFn, logits_fn
+
+
+class TrainState(NamedTuple):
+    """Everything a phase needs to continue.
+
+    Attributes:
+      params: network (or linear model) parameters theta.
+      batch_stats: BatchNorm running statistics ({} without BatchNorm).
+      opt_state: momentum trace, same tree as params.
+      step: int32 [] minibatch steps taken in this phase.
+      key: uint32 [2] the phase's PRNG key.
+    """
+
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+
+
+class Divergence(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+
+
+def init_state(params: Any, batch_stats: Any, momentum: float, key: jax.Array) -> TrainState:
+    """A fresh phase: zero momentum, step 0."""
+    opt_state = optax.trace(decay=momentum).init(params)
+    return TrainState(params, batch_stats, opt_state, jnp.zeros((), jnp.int32), key)
+
+
+def learning_rate(
+    step: jax.Array, steps_per_epoch: int, lr: float, decay_epochs: tuple[float, ...], factor: float
+) -> jax.Array:
+    """lr * factor^(#{b in decay_epochs : b <= epoch}) with epoch = step / steps_per_epoch."""
+    epoch = step / steps_per_epoch
+    n_decays = sum((epoch >= b).astype(jnp.float32) for b in decay_epochs) if decay_epochs else 0.0
+    return lr * factor**n_decays
+
+
+def make_step(
+    apply: ApplyFn,
+    *,
+    momentum: float,
+    lr_fn: Callable[[jax.Array], jax.Array],
+    attack: AttackConfig | None = None,
+    scheme: str = "reference",
+) -> StepFn:
+    """A jitted training step; adversarial when ``attack`` is given.
+
+    Returns:
+      ``step(state, anchor, x_all [N, ...], y_all [N], idx [B]) -> (state, metrics)`` with
+      metrics ``loss`` (mean cross-entropy of the last SGD step's batch) and ``accuracy``.
+    """
+    tx = optax.trace(decay=momentum)
+
+    def sgd(state: TrainState, anchor, x, y, lr):
+        def loss_fn(params):
+            logits, batch_stats = apply(anchor, params, state.batch_stats, x, True)
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (batch_stats, logits)
+
+        (loss, (batch_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
+        updates, opt_state = tx.update(grads, state.opt_state)
+        params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+        acc = (logits.argmax(axis=1) == y).mean()
+        return state._replace(params=params, batch_stats=batch_stats, opt_state=opt_state), {
+            "loss": loss,
+            "accuracy": acc,
+        }
+
+    def step(state: TrainState, anchor: Anchor | None, x_all, y_all, idx):
+        x, y = x_all[idx], y_all[idx]
+        lr = lr_fn(state.step)
+        if attack is None:
+            new, metrics = sgd(state, anchor, x, y, lr)
+        else:
+            new = state
+            if scheme == "reference":
+                new, _ = sgd(new, anchor, x, y, lr)
+            key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+            x_adv = pgd(logits_fn(apply, anchor, new.params, new.batch_stats), x, y, key, attack)
+            new, metrics = sgd(new, anchor, x_adv, y, lr)
+        return new._replace(step=state.step + 1), metrics
+
+    return jax.jit(step)
+
+
+def epoch_batches(key: jax.Array, epoch: int, n: int, batch_size: int) -> jax.Array:
+    """int32 [n // batch_size, batch_size]: the minibatches of one epoch (remainder dropped)."""
+    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), n)
+    spe = n // batch_size
+    return perm[: spe * batch_size].reshape(spe, batch_size).astype(jnp.int32)
+
+
+def is_adversarial(mode: str, epoch: int, flip_epoch: int) -> bool:
+    """Whether epoch ``epoch`` of a phase with data mode C, A or F trains on adversarial data."""
+    return mode == "A" or (mode == "F" and epoch >= flip_epoch)
+
+
+def run_phase(
+    state: TrainState,
+    anchor: Anchor | None,
+    steps: dict[bool, StepFn],
+    x_train: jax.Array,
+    y_train: jax.Array,
+    *,
+    mode: str,
+    flip_epoch: int,
+    batch_size: int,
+    total_steps: int,
+    checkpoint_steps: frozenset[int] = frozenset(),
+    on_checkpoint: Callable[[TrainState, int], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> TrainState:
+    """Runs a phase from ``state.step`` up to ``total_steps`` minibatch steps.
+
+    ``on_checkpoint(state, s)`` is called with the state after s steps for each s in
+    ``checkpoint_steps`` (including 0 and ``total_steps``); ``on_epoch(epoch, metrics)`` after
+    each completed epoch with the epoch's mean loss and accuracy.
+
+    Raises:
+      Divergence: the loss of an epoch is not finite (names epoch and step).
+    """
+    n = int(x_train.shape[0])
+    spe = n // batch_size
+    if spe == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n})")
+    s = int(state.step)
+    batches, history = None, []
+    while True:
+        if s in checkpoint_steps and on_checkpoint is not None:
+            on_checkpoint(state, s)
+        if s >= total_steps:
+            return state
+        epoch, i = divmod(s, spe)
+        if batches is None or i == 0:
+            batches = epoch_batches(state.key, epoch, n, batch_size)
+            history = history if i else []
+        adversarial = is_adversarial(mode, epoch, flip_epoch)
+        state, metrics = steps[adversarial](state, anchor, x_train, y_train, batches[i])
+        history.append(metrics)
+        s += 1
+        if on_step is not None:
+            on_step()
+        if i == spe - 1:
+            summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+            if not np.isfinite(summary["loss"]):
+                raise Divergence(
+                    f"loss is {summary['loss']} in epoch {epoch + 1} (step {s}): training diverged"
+                )
+            if on_epoch is not None:
+                on_epoch(epoch + 1, summary)

@@ -1,0 +1,1 @@
+"""ntk-sweep's orchestration layer: command line, (later) Ray Tune and MLflow adapters."""

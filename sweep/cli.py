@@ -1,0 +1,124 @@
+"""The ``ntk-sweep`` command: thin adapters over ``core``.
+
+Exit codes: 0 success, 1 a failure during the run, 2 invalid input (config, dataset, output
+directory), reported before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ntk-sweep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser(
+        "experiment", help="run one experiment (phase 1 + phase 2 from every switch point)"
+    )
+    exp.add_argument("config", help="a YAML file, or the name of a shipped one (see 'list')")
+    exp.add_argument("--out", default=None, help="output directory (default runs/<name>)")
+    exp.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a field, e.g. --set phase1.epochs=3")
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
+    val = sub.add_parser("validate", help="validate an experiment config and exit")
+    val.add_argument("config")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_parser("list", help="list the shipped experiment and sweep definitions")
+    return parser
+
+
+def _fail(message: str) -> int:
+    print(f"ntk-sweep: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _check_writable(out: Path) -> str | None:
+    """None if ``out`` can be created and written, else why not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        return f"output directory {out} is not writable ({e.strerror})"
+    return None
+
+
+def _load(config: str, overrides: list[str]):
+    from core.config import load_config
+    from search_spaces import resolve
+
+    return load_config(resolve(config), overrides)
+
+
+def _preflight(cfg) -> None:
+    """Checks that need the data: the dataset loads and each batch fits the training set."""
+    from core.config import ConfigError
+    from core.data import load_dataset
+
+    ds = cfg.dataset
+    data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+    n = len(data.y_train)
+    for phase in ("phase1", "phase2"):
+        if getattr(cfg, phase).batch_size > n:
+            raise ConfigError(
+                f"{phase}.batch_size: {getattr(cfg, phase).batch_size} exceeds the "
+                f"{n} training images of {ds.name}"
+            )
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+    from core.data import DataError
+
+    try:
+        cfg = _load(args.config, args.overrides)
+        _preflight(cfg)
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    out = Path(args.out or Path("runs") / cfg.name)
+    if problem := _check_writable(out):
+        return _fail(problem)
+
+    from sweep.report import print_summary, run_with_progress
+
+    rows = run_with_progress(cfg, out, quiet=args.quiet)
+    print_summary(rows, out)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+
+    try:
+        cfg = _load(args.config, args.overrides)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(f"{args.config}: valid ({cfg.name}: codes {', '.join(cfg.codes)}, "
+          f"switch points {list(cfg.switch_points)}, seeds {list(cfg.seeds)})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from search_spaces import FOLDER, names
+
+    for name in names():
+        first = (FOLDER / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:24s} {first}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    args = _parser().parse_args(argv)
+    handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list}
+    return handler[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
