@@ -124,6 +124,8 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    # Python 3 writers (protocol 2) encode byte strings as _codecs.encode(str, "latin1").
+    ("_codecs", "encode"),
 }
 
 

@@ -1,0 +1,84 @@
+"""The linearized and centered models against the network they linearize."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import enable_x64
+
+from core.dynamics import Anchor, make_apply_fn
+from tests.conftest import tiny_model
+
+
+def _perturb(tree, key, scale):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noise = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, noise)
+
+
+def _f64(tree):
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
+def test_linearized_matches_network_at_switch_and_to_first_order(name):
+    with enable_x64():
+        model, params, bs = tiny_model(name)
+        params, bs = _f64(params), _f64(bs)
+        # A generic anchor: zero-initialised logits would make some terms vanish.
+        params = jax.tree.map(jnp.add, params, _perturb(params, jax.random.PRNGKey(1), 0.1))
+        anchor = Anchor(params, bs)
+        x = jax.random.uniform(jax.random.PRNGKey(2), (5, 8, 8, 1), jnp.float64)
+        net = make_apply_fn(model, "standard", "frozen")
+        lin = make_apply_fn(model, "linearized", "frozen")
+        cen = make_apply_fn(model, "centered", "frozen")
+
+        f0 = net(None, params, bs, x, False)[0]
+        np.testing.assert_allclose(lin(anchor, params, bs, x, False)[0], f0, rtol=1e-12, atol=1e-12)
+        assert np.all(np.asarray(cen(anchor, params, bs, x, False)[0]) == 0.0)
+
+        direction = _perturb(params, jax.random.PRNGKey(3), 1.0)
+        errors = []
+        for h in (4e-6, 2e-6, 1e-6):
+            p = jax.tree.map(lambda a, d: a + h * d, params, direction)
+            diff = net(None, p, bs, x, False)[0] - lin(anchor, p, bs, x, False)[0]
+            errors.append(float(jnp.linalg.norm(diff)))
+            # Centered = linearized minus the switch-point output, at any parameters.
+            np.testing.assert_allclose(
+                cen(anchor, p, bs, x, False)[0], lin(anchor, p, bs, x, False)[0] - f0,
+                rtol=1e-9, atol=1e-12,
+            )
+        ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+        assert errors[0] > 0
+        # Error O(h^2): halving h divides it by 4.
+        for r in ratios:
+            assert 3.5 < r < 4.5, (errors, ratios)
+
+
+def test_frozen_batchnorm_ignores_the_batch_and_batch_mode_does_not():
+    model, params, bs = tiny_model("cnn")
+    anchor = Anchor(params, bs)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (6, 8, 8, 1))
+    frozen = make_apply_fn(model, "linearized", "frozen")
+    batch = make_apply_fn(model, "linearized", "batch")
+    # Frozen: a sample's output does not depend on the rest of the batch, train or not.
+    full = frozen(anchor, params, bs, x, True)[0]
+    np.testing.assert_allclose(frozen(anchor, params, bs, x[:2], True)[0], full[:2], atol=1e-6)
+    # Batch statistics: it does, and the running statistics are left as they were.
+    out, new_bs = batch(anchor, params, bs, x, True)
+    assert not np.allclose(batch(anchor, params, bs, x[:2], True)[0], out[:2], atol=1e-4)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), new_bs, bs))
+
+
+def test_standard_update_mode_moves_running_statistics():
+    model, params, bs = tiny_model("cnn")
+    apply = make_apply_fn(model, "standard", "update")
+    x = jax.random.uniform(jax.random.PRNGKey(0), (6, 8, 8, 1))
+    _, new_bs = apply(None, params, bs, x, True)
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_bs, bs))
+    assert any(moved)
+    with pytest.raises(ValueError, match="update"):
+        make_apply_fn(model, "centered", "update")
