@@ -26,12 +26,12 @@ import optax
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 
-class Norm(str, enum.Enum):
+class Norm(enum.StrEnum):
     LINF = "linf"
     L2 = "l2"
 
 
-class AttackLoss(str, enum.Enum):
+class AttackLoss(enum.StrEnum):
     CROSS_ENTROPY = "ce"
     MARGIN = "margin"
 
@@ -165,7 +165,10 @@ def _expand(mask: jax.Array, like: jax.Array) -> jax.Array:
 def robust_correct(
     logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, cfg: AttackConfig
 ) -> jax.Array:
-    """bool [B]: correct on every one of ``cfg.restarts`` PGD runs (restart r uses fold_in(key, r))."""
+    """bool [B]: correct on every one of ``cfg.restarts`` PGD runs.
+
+    Restart r starts from ``fold_in(key, r)``; clean misclassifications count as not robust.
+    """
 
     def body(r, ok):
         xa = pgd(logits_fn, x, y, jax.random.fold_in(key, r), cfg)

@@ -35,7 +35,7 @@ class CheckpointStore:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Writes ``state`` and the JSON-serialisable ``meta`` as checkpoint ``step`` (idempotent)."""
+        """Writes ``state`` and JSON-serialisable ``meta`` as checkpoint ``step`` (idempotent)."""
         if step in self.steps():
             return
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
@@ -53,7 +53,8 @@ class CheckpointStore:
 
     def meta(self, step: int) -> dict[str, Any]:
         """The JSON record of checkpoint ``step``."""
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        return self._manager.restore(step, args=args).meta
 
     def close(self) -> None:
         self._manager.close()

@@ -43,7 +43,9 @@ class DatasetSpec(_Strict):
     @model_validator(mode="after")
     def _cifar_dir(self) -> DatasetSpec:
         if self.name.startswith("cifar") and self.data_dir is None:
-            raise ValueError(f"data_dir is required for {self.name} (the extracted archive's parent)")
+            raise ValueError(
+                f"data_dir is required for {self.name} (the extracted archive's parent)"
+            )
         return self
 
 
@@ -170,7 +172,8 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             return None
         ann = field.annotation
         candidates = [ann, *getattr(ann, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        model = models[0] if models else None
         if model is None:
             return None
     return model

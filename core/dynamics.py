@@ -35,13 +35,13 @@ Params = Any
 BatchStats = Any
 
 
-class Dynamics(str, enum.Enum):
+class Dynamics(enum.StrEnum):
     STANDARD = "standard"
     LINEARIZED = "linearized"
     CENTERED = "centered"
 
 
-class BatchNormMode(str, enum.Enum):
+class BatchNormMode(enum.StrEnum):
     UPDATE = "update"
     FROZEN = "frozen"
     BATCH = "batch"
@@ -102,5 +102,5 @@ def make_apply_fn(
 def logits_fn(
     apply: ApplyFn, anchor: Anchor | None, params: Params, batch_stats: BatchStats
 ) -> Callable[[jax.Array], jax.Array]:
-    """The inference-mode map x [B, ...] -> logits [B, O] of one model (what attacks differentiate)."""
+    """The inference-mode map x [B, ...] -> logits [B, O] of one model (what attacks attack)."""
     return lambda x: apply(anchor, params, batch_stats, x, False)[0]

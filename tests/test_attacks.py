@@ -92,7 +92,7 @@ def test_attack_is_one_compiled_loop():
     sizes = []
     for iters in (5, 500):
         cfg = AttackConfig(iters=iters)
-        jaxpr = jax.make_jaxpr(lambda x: pgd(f, x, y, jax.random.PRNGKey(0), cfg))(x)
+        jaxpr = jax.make_jaxpr(lambda x, c=cfg: pgd(f, x, y, jax.random.PRNGKey(0), c))(x)
         sizes.append(str(jaxpr).count("\n"))  # equations, not digits of the length
         assert "while" in str(jaxpr) or "scan" in str(jaxpr)
     assert sizes[0] == sizes[1]

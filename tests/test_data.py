@@ -43,7 +43,8 @@ def write_cifar_python(root, name: str) -> dict[str, np.ndarray]:
                                        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
                                        b"labels", 10)
     else:
-        folder, files, key, classes = root / "cifar-100-python", ["train", "test"], b"fine_labels", 100
+        folder, files, key, classes = (
+            root / "cifar-100-python", ["train", "test"], b"fine_labels", 100)
     folder.mkdir(parents=True)
     for i, f in enumerate(files):
         data = _images(N_PER_FILE, i)

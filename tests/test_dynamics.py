@@ -15,7 +15,8 @@ from tests.conftest import tiny_model
 def _perturb(tree, key, scale):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    noise = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    pairs = zip(keys, leaves, strict=True)
+    noise = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in pairs]
     return jax.tree.unflatten(treedef, noise)
 
 
@@ -43,7 +44,7 @@ def test_linearized_matches_network_at_switch_and_to_first_order(name):
         direction = _perturb(params, jax.random.PRNGKey(3), 1.0)
         errors = []
         for h in (4e-6, 2e-6, 1e-6):
-            p = jax.tree.map(lambda a, d: a + h * d, params, direction)
+            p = jax.tree.map(lambda a, d, h=h: a + h * d, params, direction)
             diff = net(None, p, bs, x, False)[0] - lin(anchor, p, bs, x, False)[0]
             errors.append(float(jnp.linalg.norm(diff)))
             # Centered = linearized minus the switch-point output, at any parameters.

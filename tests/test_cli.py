@@ -1,0 +1,142 @@
+"""The ``ntk-sweep experiment`` command end to end, and its refusal of bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweep.cli import main
+
+SMOKE = {
+    "name": "smoke",
+    "seeds": [0],
+    "dataset": {"name": "digits"},
+    "model": {"name": "cnn", "width": 4},
+    "codes": ["CC", "AC", "CA", "AA"],
+    "switch_points": [0, 0.5, 1],
+    "phase1": {"epochs": 1, "lr": 0.05, "batch_size": 256, "lr_decay_epochs": [],
+               "attack": {"eps": 0.1, "iters": 2}},
+    "phase2": {"epochs": 1, "batch_size": 256, "attack": {"eps": 0.1, "iters": 2}},
+    "eval": {"linf": {"eps": 0.1, "iters": 3}, "l2": {"norm": "l2", "eps": 0.5, "iters": 3},
+             "max_test": 64},
+}
+
+
+def _write(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "sweep.cli", *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+def _rows(out: Path) -> list[dict]:
+    with (out / "results.csv").open() as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_experiment_smoke_all_four_codes(tmp_path):
+    cfg = _write(tmp_path, SMOKE)
+    out = tmp_path / "run"
+    proc = _cli("experiment", str(cfg), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "results (mean" in proc.stdout and str(out / "results.csv") in proc.stdout
+    rows = _rows(out)
+    assert {r["code"] for r in rows} == {"CC", "AC", "CA", "AA", "C-", "A-"}
+    assert len(rows) == 6 * 3
+    for r in rows:
+        for k in ("accuracy", "robust_linf", "robust_l2"):
+            assert 0.0 <= float(r[k]) <= 1.0
+        assert float(r["robust_linf"]) <= float(r["accuracy"])
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert len(summary) == 18
+    trajectories = list((out / "trajectories").iterdir())
+    assert len(trajectories) == 2  # one per phase-1 data mode, shared by its two codes
+    # 1437 images / 256 = 5 steps an epoch: checkpoints at 0, the reference fractions <= 1
+    # (0.125 -> 1, 0.25 -> 1, 0.375 -> 2, 0.5 -> 2, 0.75 -> 4) and the last epoch.
+    steps = sorted(int(p.name) for p in (trajectories[0] / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps == [0, 1, 2, 4, 5]
+
+    # Same seed, same numbers; and a rerun over the same output reuses the trajectories.
+    again = _cli("experiment", str(cfg), "--out", str(out), "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert _rows(out) == rows
+
+
+def test_invalid_config_exits_2_and_names_the_field(tmp_path):
+    bad = {**SMOKE, "phase1": {**SMOKE["phase1"], "attack": {"eps": -0.1}}}
+    proc = _cli("experiment", str(_write(tmp_path, bad)), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "phase1.attack.eps" in proc.stderr and "greater than 0" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"phase_1": {}}, "phase_1: unknown key (did you mean 'phase1'?)"),
+        ({"phase2": {"dynamic": "centered"}},
+         "phase2.dynamic: unknown key (did you mean 'dynamics'?)"),
+        ({"codes": ["CX"]}, "codes"),
+        ({"switch_points": [0, 5]}, "switch_points: 5.0 is beyond phase1.epochs = 1"),
+        ({"switch_points": [-1]}, "switch_points"),
+        ({"model": {"name": "vgg"}}, "model.name"),
+        ({"dataset": {"name": "cifar10"}}, "data_dir is required"),
+        ({"dataset": {"name": "cifar10", "data_dir": "/nonexistent"}},
+         "cifar-10-batches-bin/test_batch.bin"),
+        ({"phase1": {**SMOKE["phase1"], "batch_size": 5000}}, "phase1.batch_size: 5000 exceeds"),
+        ({"seeds": "zero"}, "seeds"),
+    ],
+)
+def test_bad_configs_are_refused_before_work(tmp_path, capsys, change, message):
+    path = _write(tmp_path, {**SMOKE, **change})
+    out = tmp_path / "out"
+    assert main(["experiment", str(path), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_malformed_yaml_and_missing_file(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("phase1: [unclosed\n")
+    assert main(["experiment", str(path)]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+    assert main(["experiment", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_unwritable_output(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["experiment", str(_write(tmp_path, SMOKE)), "--out", str(blocker / "x")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_overrides_and_validate(tmp_path, capsys):
+    path = _write(tmp_path, SMOKE)
+    assert main(["validate", str(path), "--set", "seeds=[1,2]", "--set", "phase2.epochs=3"]) == 0
+    assert "seeds [1, 2]" in capsys.readouterr().out
+    assert main(["validate", str(path), "--set", "phase2.epochs=-3"]) == 2
+    assert "phase2.epochs" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid(capsys):
+    assert main(["list"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "digits-demo" in names
+    for name in names:
+        assert main(["validate", name]) == 0, name
