@@ -114,6 +114,22 @@ class EvalSpec(_Strict):
     max_test: int | None = Field(None, ge=1, description="evaluate on the first n test images")
 
 
+class KernelSpec(_Strict):
+    """Empirical NTKs of phase-1 checkpoints on a class-balanced probe set (``core.ntk``)."""
+
+    probe_size: int = Field(500, ge=2, description="class-balanced training images")
+    probe_seed: int = Field(0, description="the probe set is shared by every trajectory")
+    output: Literal["logit", "classwise", "trace", "full"] = "classwise"
+    logit: int = Field(0, ge=0, description="the class c of output 'logit'")
+    implementation: Literal[
+        "blocked", "nt_jacobian_contraction", "nt_ntk_vector_products"
+    ] = "blocked"
+    epochs: tuple[float, ...] | None = Field(None, description="default every checkpoint")
+    dtype: Literal["float32", "float64"] = "float32"
+    block_size: int | None = Field(None, ge=1)
+    memory_budget_gb: float = Field(2.0, gt=0, description="per device")
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seeds: tuple[int, ...] = Field((0,), min_length=1)
@@ -124,6 +140,7 @@ class ExperimentConfig(_Strict):
     phase1: PhaseSpec = PhaseSpec()
     phase2: Phase2Spec = Phase2Spec()
     eval: EvalSpec = EvalSpec()
+    kernel: KernelSpec = KernelSpec()
     fractional_checkpoints: tuple[float, ...] = REFERENCE_FRACTIONAL_EPOCHS
 
     @field_validator("codes")

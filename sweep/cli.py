@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validate an experiment config and exit")
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ker = sub.add_parser("kernel", help="empirical NTKs of an experiment's phase-1 checkpoints")
+    ker.add_argument("run_dir", help="an experiment's output directory")
+    ker.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="kernel settings, e.g. --set kernel.probe_size=100")
+    ker.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("list", help="list the shipped experiment and sweep definitions")
     return parser
 
@@ -104,6 +109,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+    from core.data import DataError
+    from sweep.kernel_report import kernel_spec, run_kernels
+
+    run_dir = Path(args.run_dir)
+    try:
+        spec, infos = kernel_spec(run_dir, args.overrides)
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    if not infos:
+        return _fail(f"{run_dir}: no trajectories (expected {run_dir}/trajectories/*/)")
+    if problem := _check_writable(run_dir):
+        return _fail(problem)
+    run_kernels(run_dir, spec, infos, quiet=args.quiet)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from search_spaces import FOLDER, names
 
@@ -116,7 +139,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _parser().parse_args(argv)
-    handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list}
+    handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
+               "kernel": cmd_kernel}
     return handler[args.command](args)
 
 

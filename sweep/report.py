@@ -31,9 +31,16 @@ def run_with_progress(cfg: ExperimentConfig, out: Path, quiet: bool = False) -> 
     )
     with Progress(*columns, console=console, disable=quiet, transient=False) as progress:
         task = progress.add_task("training steps", total=None)
+
+        def log(message: str) -> None:
+            progress.update(task, description=message)
+            if not console.is_terminal and not quiet:  # a log file: one line per stage
+                done, total = progress.tasks[0].completed, progress.tasks[0].total
+                console.print(f"[{done:.0f}/{total} steps] {message}", highlight=False)
+
         hooks = Hooks(
             on_step=lambda: progress.advance(task),
-            log=lambda msg: progress.update(task, description=msg),
+            log=log,
             planned_steps=lambda n: progress.update(task, total=n),
         )
         return run_experiment(cfg, out, hooks)

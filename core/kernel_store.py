@@ -1,0 +1,83 @@
+"""Kernel trajectories on disk: one compressed ``.npz`` per checkpoint, read without pickle.
+
+A kernel file holds ``kernel`` (the array), ``probe_indices`` [N] (into the training set),
+``labels`` [N] and ``meta``, a JSON string with at least ``model``, ``epoch``, ``output`` and
+``dtype``. Files are written to a temporary name and renamed, so a reader never sees half a
+file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    kernel: np.ndarray
+    probe_indices: np.ndarray
+    labels: np.ndarray
+    meta: dict[str, Any]
+
+
+def kernel_filename(epoch: float) -> str:
+    """``epoch_0002.5000.npz`` for epoch 2.5: names sort in epoch order."""
+    return f"epoch_{epoch:09.4f}.npz"
+
+
+def save_kernel(path: str | Path, record: KernelRecord) -> None:
+    """Writes a kernel file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(
+                f, kernel=record.kernel, probe_indices=record.probe_indices,
+                labels=record.labels, meta=np.array(json.dumps(record.meta)),
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_kernel(path: str | Path) -> KernelRecord:
+    """Reads a kernel file (``allow_pickle=False``)."""
+    with np.load(path, allow_pickle=False) as z:
+        return KernelRecord(z["kernel"], z["probe_indices"], z["labels"],
+                            json.loads(str(z["meta"])))
+
+
+class KernelTrajectory:
+    """The kernels of one trajectory and output mode, stored under ``directory``."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def path(self, epoch: float) -> Path:
+        return self.directory / kernel_filename(epoch)
+
+    def epochs(self) -> list[float]:
+        """Epochs with a stored kernel, ascending."""
+        return sorted(load_kernel(p).meta["epoch"] for p in self.directory.glob("epoch_*.npz"))
+
+    def has(self, epoch: float) -> bool:
+        return self.path(epoch).is_file()
+
+    def save(self, record: KernelRecord) -> None:
+        save_kernel(self.path(record.meta["epoch"]), record)
+
+    def load(self, epoch: float) -> KernelRecord:
+        return load_kernel(self.path(epoch))
+
+    def stack(self, epochs: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(epochs [T], kernels [T, ...]) for the given or all stored epochs."""
+        epochs = self.epochs() if epochs is None else epochs
+        return np.asarray(epochs), np.stack([self.load(e).kernel for e in epochs])

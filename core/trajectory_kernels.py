@@ -1,0 +1,129 @@
+"""Kernel trajectories of an experiment: the empirical NTK at every phase-1 checkpoint, and the
+measures along and across trajectories.
+
+Layout under an experiment's output directory::
+
+    trajectories/<id>/trajectory.json            mode, seed, config (written by phase 1)
+    trajectories/<id>/checkpoints/<step>/        orbax checkpoints
+    trajectories/<id>/kernels/<output>/epoch_*.npz
+
+The probe set is drawn from ``kernel.probe_seed`` only (not the run's seed), so kernels of
+different seeds and data modes are computed on the same images and can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from core.checkpoints import CheckpointStore
+from core.config import ExperimentConfig, KernelSpec, config_from_dict
+from core.data import Dataset, balanced_subset, load_dataset
+from core.dynamics import BatchNormMode, Dynamics, make_apply_fn
+from core.kernel_store import KernelRecord, KernelTrajectory
+from core.kernels import cross_distance, summary, trajectory_distances
+from core.models import init_model, make_model
+from core.ntk import NtkEngine
+from core.train import init_state
+
+
+@dataclass(frozen=True)
+class TrajectoryInfo:
+    id: str
+    mode: str
+    seed: int
+    directory: Path
+    config: ExperimentConfig
+
+
+def find_trajectories(run_dir: str | Path) -> list[TrajectoryInfo]:
+    """The phase-1 trajectories stored under an experiment's output directory."""
+    infos = []
+    for meta_path in sorted(Path(run_dir).glob("trajectories/*/trajectory.json")):
+        meta = json.loads(meta_path.read_text())
+        cfg = config_from_dict(meta["config"], str(meta_path))
+        infos.append(TrajectoryInfo(meta["id"], meta["mode"], meta["seed"], meta_path.parent, cfg))
+    return infos
+
+
+def probe_set(data: Dataset, spec: KernelSpec) -> np.ndarray:
+    """Indices of the class-balanced probe set of ``spec.probe_size`` training images."""
+    key = jax.random.PRNGKey(spec.probe_seed)
+    return balanced_subset(data.y_train, spec.probe_size, key, data.num_classes)
+
+
+def compute_trajectory_kernels(
+    info: TrajectoryInfo, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
+) -> KernelTrajectory:
+    """Computes (or finds already stored) the kernel at each requested phase-1 checkpoint."""
+    cfg = info.config
+    ds = cfg.dataset
+    data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+    model = make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs())
+    params, batch_stats = init_model(model, jax.random.PRNGKey(0), data.x_train.shape[1:])
+    template = init_state(params, batch_stats, cfg.phase1.momentum, jax.random.PRNGKey(0))
+    idx = probe_set(data, spec)
+    x_probe = data.x_train[idx]
+    engine = NtkEngine(
+        make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
+        logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
+        memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype,
+    )
+    store = CheckpointStore(info.directory / "checkpoints")
+    trajectory = KernelTrajectory(info.directory / "kernels" / spec.output)
+    wanted = None if spec.epochs is None else set(spec.epochs)
+    for step in store.steps():
+        epoch = store.meta(step)["epoch"]
+        if (wanted is not None and epoch not in wanted) or trajectory.has(epoch):
+            continue
+        state, _ = store.restore(step, template)
+        kernel = engine(None, state.params, state.batch_stats, x_probe)
+        meta = {"model": cfg.model.name, "epoch": epoch, "step": step, "output": spec.output,
+                "logit": spec.logit, "dtype": spec.dtype, "mode": info.mode, "seed": info.seed,
+                "trajectory": info.id, "implementation": spec.implementation}
+        trajectory.save(KernelRecord(kernel, idx, data.y_train[idx], meta))
+        if on_kernel is not None:
+            on_kernel(epoch)
+    store.close()
+    return trajectory
+
+
+def _per_kernel(kernels: np.ndarray, output: str) -> np.ndarray:
+    """[T, ..., N, N] -> [T, C, N, N]: class-wise stacks stay, single kernels get C = 1."""
+    if output == "full":  # [T, N, N, O, O] -> class-wise diagonal blocks [T, O, N, N]
+        return np.einsum("tijoo->toij", kernels)
+    return kernels if kernels.ndim == 4 else kernels[:, None]
+
+
+def trajectory_measures(trajectory: KernelTrajectory, num_classes: int) -> list[dict[str, Any]]:
+    """One row per stored epoch: distances to init/previous/final, velocity, alignment,
+    spectrum; class-wise values averaged over classes."""
+    epochs, kernels = trajectory.stack()
+    record = trajectory.load(epochs[0])
+    k = _per_kernel(kernels, record.meta["output"])
+    dist = trajectory_distances(k, epochs)
+    per = summary(k, record.labels, num_classes)
+    rows = []
+    for t, epoch in enumerate(epochs):
+        row: dict[str, Any] = {"epoch": float(epoch)}
+        row.update({name: float(np.mean(v[t])) for name, v in {**dist, **per}.items()})
+        rows.append(row)
+    return rows
+
+
+def cross_trajectory_distances(a: KernelTrajectory, b: KernelTrajectory) -> list[dict[str, Any]]:
+    """S(a_t, b_t) at the epochs both trajectories have (class-wise mean)."""
+    common = sorted(set(a.epochs()) & set(b.epochs()))
+    if not common:
+        return []
+    _, ka = a.stack(common)
+    _, kb = b.stack(common)
+    output = a.load(common[0]).meta["output"]
+    d = cross_distance(_per_kernel(ka, output), _per_kernel(kb, output)).mean(axis=-1)
+    return [{"epoch": float(e), "distance": float(v)} for e, v in zip(common, d, strict=True)]

@@ -1,0 +1,98 @@
+"""``ntk-sweep kernel``: compute kernel trajectories of an experiment and print their measures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
+from core.data import DataError, load_dataset
+from core.trajectory_kernels import (
+    TrajectoryInfo,
+    compute_trajectory_kernels,
+    cross_trajectory_distances,
+    find_trajectories,
+    probe_set,
+    trajectory_measures,
+)
+
+COLUMNS = ("epoch", "to_init", "to_previous", "velocity", "to_final", "alignment",
+           "centered_alignment", "top10_mass", "effective_rank")
+
+
+def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[TrajectoryInfo]]:
+    """The kernel settings (the experiment's, with ``kernel.*`` overrides), validated against
+    the data, and the run's trajectories."""
+    infos = find_trajectories(run_dir)
+    base = infos[0].config.kernel.model_dump() if infos else {}
+    extra = parse_overrides(overrides)
+    unknown = set(extra) - {"kernel"}
+    if unknown:
+        raise ConfigError(f"--set: only kernel.* settings apply here, got {sorted(unknown)}")
+    try:
+        spec = KernelSpec.model_validate({**base, **extra.get("kernel", {})})
+    except ValidationError as e:
+        lines = "\n".join(f"kernel.{line}" for line in format_errors(e).splitlines())
+        raise ConfigError(f"invalid kernel settings\n{lines}") from None
+    if infos:
+        ds = infos[0].config.dataset
+        data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+        if spec.probe_size > len(data.y_train):
+            raise DataError(f"kernel.probe_size: {spec.probe_size} exceeds the "
+                            f"{len(data.y_train)} training images")
+        probe_set(data, spec)  # raises if a class is too small
+    return spec, infos
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for c in COLUMNS:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*(f"{r[c]:.4g}" for c in COLUMNS))
+    return table
+
+
+def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
+                quiet: bool = False) -> dict[str, Any]:
+    """Computes every trajectory's kernels, prints and writes ``kernel_measures.{json,csv}``."""
+    err, out = Console(stderr=True), Console()
+    trajectories = {}
+    with Progress(console=err, disable=quiet) as progress:
+        for info in infos:
+            task = progress.add_task(f"kernels {info.mode} seed {info.seed}", total=None)
+            trajectories[info.id] = compute_trajectory_kernels(
+                info, spec, on_kernel=lambda e, t=task: progress.advance(t))
+    num_classes = len(set(trajectories[infos[0].id].load(
+        trajectories[infos[0].id].epochs()[0]).labels.tolist()))
+    result: dict[str, Any] = {"kernel": spec.model_dump(), "trajectories": {}, "cross": []}
+    flat = []
+    for info in infos:
+        rows = trajectory_measures(trajectories[info.id], num_classes)
+        result["trajectories"][info.id] = {"mode": info.mode, "seed": info.seed, "rows": rows}
+        flat += [{"trajectory": info.id, "mode": info.mode, "seed": info.seed, **r} for r in rows]
+        out.print(_table(f"trajectory {info.id}: mode {info.mode}, seed {info.seed}", rows))
+    for a, b in combinations(infos, 2):
+        cross = cross_trajectory_distances(trajectories[a.id], trajectories[b.id])
+        result["cross"].append({"a": a.id, "b": b.id, "modes": a.mode + b.mode,
+                                "seeds": [a.seed, b.seed], "rows": cross})
+        if cross:
+            last = cross[-1]
+            out.print(f"distance {a.mode}/seed {a.seed} vs {b.mode}/seed {b.seed} at epoch "
+                      f"{last['epoch']:g}: {last['distance']:.4f}")
+    (run_dir / "kernel_measures.json").write_text(json.dumps(result, indent=1))
+    with (run_dir / "kernel_measures.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
+        writer.writeheader()
+        writer.writerows(flat)
+    out.print(f"kernels: {run_dir}/trajectories/*/kernels/{spec.output}/; measures: "
+              f"{run_dir / 'kernel_measures.csv'}")
+    return result

@@ -1,0 +1,113 @@
+"""Kernel measures against hand computations, and their invariances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core import kernels as km
+from core.kernel_store import KernelRecord, KernelTrajectory, load_kernel
+
+A = np.array([[2.0, 1.0], [1.0, 2.0]])
+B = np.array([[1.0, 0.0], [0.0, 1.0]])
+
+
+def _psd(seed: int, n: int = 6, stack: tuple[int, ...] = ()) -> np.ndarray:
+    g = np.random.default_rng(seed).normal(size=(*stack, n, n))
+    return g @ np.swapaxes(g, -1, -2)
+
+
+def test_distance_by_hand():
+    # <A, B> = 4, ||A|| = sqrt(10), ||B|| = sqrt(2): S = 1 - 4 / sqrt(20)
+    assert km.distance(A, B) == pytest.approx(1 - 4 / np.sqrt(20))
+    assert km.distance(A, A) == pytest.approx(0.0, abs=1e-15)
+    assert km.distance(B, -B) == pytest.approx(2.0)
+
+
+def test_distance_invariances():
+    k1, k2 = _psd(0), _psd(1)
+    assert km.distance(k1, k2) == pytest.approx(km.distance(k2, k1))
+    assert km.distance(3.5 * k1, 0.2 * k2) == pytest.approx(km.distance(k1, k2))
+    assert km.distance(k1, 7 * k1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stacks_are_measured_per_kernel():
+    stack = _psd(2, stack=(4,))
+    other = _psd(3, stack=(4,))
+    d = km.distance(stack, other)
+    assert d.shape == (4,)
+    np.testing.assert_allclose(d, [km.distance(stack[i], other[i]) for i in range(4)])
+
+
+def test_trajectory_distances_and_velocity_by_hand():
+    ks = np.stack([B, A, A])
+    out = km.trajectory_distances(ks, np.array([0.0, 0.5, 2.0]))
+    s = 1 - 4 / np.sqrt(20)
+    np.testing.assert_allclose(out["to_init"], [0, s, s], atol=1e-15)
+    np.testing.assert_allclose(out["to_final"], [s, 0, 0], atol=1e-15)
+    np.testing.assert_allclose(out["to_previous"], [0, s, 0], atol=1e-15)
+    np.testing.assert_allclose(out["velocity"], [0, s / 0.5, 0], atol=1e-15)
+    heat = km.pairwise_distances(ks)
+    assert heat.shape == (3, 3) and heat[0, 1] == pytest.approx(s)
+    np.testing.assert_allclose(heat, heat.T)
+
+
+def test_target_alignment_by_hand():
+    labels = np.array([0, 0, 1])
+    target = km.target_kernel(labels, 2)
+    np.testing.assert_array_equal(target, [[1, 1, 0], [1, 1, 0], [0, 0, 1]])
+    assert km.target_alignment(target, labels, 2) == pytest.approx(1.0)
+    k = np.eye(3)
+    # <I, YY^T> = 3, ||I|| = sqrt(3), ||YY^T|| = sqrt(5)
+    assert km.target_alignment(k, labels, 2) == pytest.approx(3 / np.sqrt(15))
+    assert km.target_alignment(5 * k, labels, 2) == pytest.approx(3 / np.sqrt(15))
+    # Centered: a constant offset (the all-ones kernel) does not change it.
+    base = km.target_alignment(k, labels, 2, centered=True)
+    assert km.target_alignment(k + 4.0, labels, 2, centered=True) == pytest.approx(base)
+    h = np.eye(3) - 1 / 3
+    kc, tc = h @ k @ h, h @ target @ h
+    assert base == pytest.approx(np.sum(kc * tc) / np.linalg.norm(kc) / np.linalg.norm(tc))
+
+
+def test_cka():
+    k1, k2 = _psd(4), _psd(5)
+    assert km.cka(k1, k1 * 3) == pytest.approx(1.0)
+    assert km.cka(k1, k2) == pytest.approx(km.cka(k2, k1))
+    assert km.cka(k1 + 2.0, k2) == pytest.approx(km.cka(k1, k2))
+
+
+def test_spectrum_measures_by_hand():
+    k = np.diag([3.0, 2.0, 1.0, 0.0])
+    assert km.top_k_mass(k, 1) == pytest.approx(9 / 14)
+    assert km.top_k_mass(k, 2) == pytest.approx(13 / 14)
+    assert km.effective_rank(np.eye(5)) == pytest.approx(5.0)
+    assert km.effective_rank(np.ones((5, 5))) == pytest.approx(1.0)
+    p = np.array([3, 2, 1]) / 6
+    assert km.effective_rank(k) == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    r = np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))[0]
+    assert km.effective_rank(r @ k @ r.T) == pytest.approx(km.effective_rank(k))
+    assert km.top_k_mass(10 * k, 2) == pytest.approx(13 / 14)
+
+
+def test_polar_dynamics():
+    ks = np.stack([B, (A + B) / 2, A])
+    out = km.polar(ks)
+    np.testing.assert_allclose(out["radius"], [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(out["angle"][2], np.arccos(4 / np.sqrt(20)))
+    assert out["angle"][0] == pytest.approx(0.0, abs=1e-6)
+    top = km.polar(np.stack([_psd(6), _psd(7), _psd(8)]), top=2)
+    assert top["radius"][-1] == pytest.approx(1.0)
+
+
+def test_kernel_files_round_trip_without_pickle(tmp_path):
+    traj = KernelTrajectory(tmp_path / "k")
+    for epoch in (0.125, 2.0, 1.0):
+        traj.save(KernelRecord(_psd(int(epoch * 8), 4).astype(np.float32), np.arange(4),
+                               np.array([0, 0, 1, 1]), {"epoch": epoch, "output": "trace",
+                                                        "model": "cnn", "dtype": "float32"}))
+    assert traj.epochs() == [0.125, 1.0, 2.0]
+    epochs, stack = traj.stack()
+    assert stack.shape == (3, 4, 4) and stack.dtype == np.float32
+    rec = load_kernel(traj.path(1.0))
+    assert rec.meta["model"] == "cnn" and rec.labels.tolist() == [0, 0, 1, 1]
+    assert not list((tmp_path / "k").glob("*.tmp"))

@@ -1,0 +1,143 @@
+"""Every NTK implementation and output mode against an explicit float64 Jacobian product."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import enable_x64
+
+from core.dynamics import Anchor, make_apply_fn
+from core.ntk import Implementation, NtkEngine, Output, kernel_shape
+from tests.conftest import tiny_model
+
+N, O = 7, 3  # noqa: E741 - inputs and outputs, as in the formulas
+TOL = {"float32": 2e-5, "float64": 1e-11}
+
+
+def reference_full(apply, anchor, params, bs, x) -> np.ndarray:
+    """K[i, j, o, q] = J[i, o, :] . J[j, q, :] with J from jax.jacrev in float64."""
+    with enable_x64():
+        f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
+        a64, p64 = f64(anchor), f64(params)
+        f = lambda p: apply(a64, p, bs, jnp.asarray(x, jnp.float64), False)[0]  # noqa: E731
+        jac = jax.jacrev(f)(p64)
+        flat = [leaf.reshape(x.shape[0], O, -1) for leaf in jax.tree.leaves(jac)]
+        j = jnp.concatenate(flat, axis=-1)
+        return np.asarray(jnp.einsum("iop,jqp->ijoq", j, j))
+
+
+def expected(full: np.ndarray, output: Output, logit: int) -> np.ndarray:
+    return {
+        Output.LOGIT: full[:, :, logit, logit],
+        Output.CLASSWISE: np.einsum("ijoo->oij", full),
+        Output.TRACE: np.einsum("ijoo->ij", full),
+        Output.FULL: full,
+    }[output]
+
+
+def _setup(name: str, dynamics: str):
+    model, params, bs = tiny_model(name, num_classes=O)
+    apply = make_apply_fn(model, dynamics, "frozen")
+    moved = jax.tree.map(lambda p: p + 0.05, params)  # kernels at parameters off the anchor
+    anchor = None if dynamics == "standard" else Anchor(params, bs)
+    x = np.random.default_rng(0).uniform(size=(N, 8, 8, 1)).astype(np.float32)
+    return apply, anchor, moved, bs, x
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
+@pytest.mark.parametrize("implementation", list(Implementation))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_implementation_and_output_against_jacobian_product(name, implementation, dtype):
+    apply, anchor, params, bs, x = _setup(name, "standard")
+    full = reference_full(apply, anchor, params, bs, x)
+    scale = np.abs(full).max()
+    for output in Output:
+        engine = NtkEngine(apply, output, logit=2, implementation=implementation,
+                           block_size=3, dtype=dtype)
+        k = engine(anchor, params, bs, x)
+        assert k.shape == kernel_shape(output, N, O) and k.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(k / scale, expected(full, output, 2) / scale,
+                                   atol=TOL[dtype], err_msg=f"{output}")
+
+
+@pytest.mark.parametrize("dynamics", ["linearized", "centered"])
+def test_kernel_of_linear_dynamics_is_the_anchor_kernel(dynamics):
+    apply, anchor, params, bs, x = _setup("cnn", dynamics)
+    net = make_apply_fn(tiny_model("cnn", num_classes=O)[0], "standard", "frozen")
+    k_lin = NtkEngine(apply, "classwise", block_size=3)(anchor, params, bs, x)
+    # The linear model's Jacobian is J at the anchor, wherever its parameters are.
+    k_anchor = NtkEngine(net, "classwise", block_size=3)(None, anchor.params, bs, x)
+    np.testing.assert_allclose(k_lin, k_anchor, rtol=1e-5, atol=1e-6 * np.abs(k_anchor).max())
+
+
+@pytest.mark.parametrize("output", ["classwise", "trace", "full"])
+def test_symmetric_and_positive_semidefinite(output):
+    apply, anchor, params, bs, x = _setup("cnn", "standard")
+    k = NtkEngine(apply, output, block_size=2)(anchor, params, bs, x)
+    if output == "full":
+        k = k.transpose(2, 0, 3, 1).reshape(O * N, O * N)
+    mats = k if k.ndim == 3 else k[None]
+    for m in mats:
+        np.testing.assert_allclose(m, m.T, rtol=0, atol=1e-6 * np.abs(m).max())
+        assert np.linalg.eigvalsh(m.astype(np.float64)).min() >= -1e-5 * np.abs(m).max()
+
+
+def test_streaming_under_a_tiny_budget_equals_cached():
+    apply, anchor, params, bs, x = _setup("mlp", "standard")
+    cached = NtkEngine(apply, "classwise", block_size=2)
+    streaming = NtkEngine(apply, "classwise", block_size=2, memory_budget=10_000)
+    a, b = cached(anchor, params, bs, x), streaming(anchor, params, bs, x)
+    assert cached.last_plan["cached"] and not streaming.last_plan["cached"]
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7 * np.abs(a).max())
+
+
+def test_no_recompilation_across_checkpoints():
+    apply, anchor, params, bs, x = _setup("cnn", "standard")
+    engine = NtkEngine(apply, "classwise", block_size=3)
+    engine(anchor, params, bs, x)
+    traces = engine.traces
+    assert traces == 2  # the Jacobian program and the tile contraction
+    for scale in (0.9, 1.1, 1.2):
+        engine(anchor, jax.tree.map(lambda p, s=scale: p * s, params), bs, x)
+    assert engine.traces == traces
+
+
+SHARDED = textwrap.dedent("""
+    import jax, numpy as np
+    from core.ntk import NtkEngine, Output
+    from core.dynamics import make_apply_fn
+    from tests.conftest import tiny_model
+    assert jax.device_count() == 4, jax.devices()
+    for name in ("mlp", "cnn"):
+        model, params, bs = tiny_model(name, num_classes=3)
+        apply = make_apply_fn(model, "standard", "frozen")
+        for n in (13, 8, 3):  # not divisible by 4, divisible, fewer inputs than devices
+            x = np.random.default_rng(n).uniform(size=(n, 8, 8, 1)).astype(np.float32)
+            for output in Output:
+                one = NtkEngine(apply, output, block_size=2, devices=jax.devices()[:1])
+                four = NtkEngine(apply, output, block_size=2)
+                a, b = one(None, params, bs, x), four(None, params, bs, x)
+                assert four.last_plan["devices"] == 4
+                np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+                stream = NtkEngine(apply, output, block_size=2, memory_budget=20_000)
+                c = stream(None, params, bs, x)
+                assert not stream.last_plan["cached"]
+                np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+    print("SHARDED OK")
+""")
+
+
+def test_sharded_equals_unsharded_on_four_cpu_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": root}, cwd=root, timeout=600)
+    assert proc.returncode == 0 and "SHARDED OK" in proc.stdout, proc.stderr[-3000:]
