@@ -181,8 +181,8 @@ def train_phase1(
             ctx.hooks.on_epoch(f"phase1/{mode}/seed{seed}", epoch, metrics)
 
     def on_checkpoint(s: TrainState, step: int) -> None:
-        meta = {"epoch": ckpt_steps[step], "step": step, "mode": mode, "seed": seed,
-                "history": history}
+        meta = {"epoch": ckpt_steps[step], "exact_epoch": step / spe, "step": step, "mode": mode,
+                "seed": seed, "history": history}
         store.save(step, s, meta)
 
     run_phase(

@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     ker.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="kernel settings, e.g. --set kernel.probe_size=100")
     ker.add_argument("--quiet", action="store_true", help="no progress bar")
+    fea = sub.add_parser("features", help="NTK eigen-feature images of phase-1 checkpoints")
+    fea.add_argument("run_dir", help="an experiment's output directory")
+    fea.add_argument("--epoch", type=float, required=True, help="a phase-1 checkpoint epoch")
+    fea.add_argument("--classes", default=None, help="comma-separated classes (default 0-9)")
+    fea.add_argument("--steps", type=int, default=600, help="signed-gradient steps")
+    fea.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="kernel settings, e.g. --set kernel.probe_size=100")
     sub.add_parser("list", help="list the shipped experiment and sweep definitions")
     return parser
 
@@ -127,6 +134,26 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+    from core.data import DataError
+    from sweep.kernel_report import kernel_spec, run_features
+
+    run_dir = Path(args.run_dir)
+    try:
+        spec, infos = kernel_spec(run_dir, args.overrides)
+        classes = None if args.classes is None else [int(c) for c in args.classes.split(",")]
+    except (ConfigError, DataError, ValueError) as e:
+        return _fail(str(e))
+    if not infos:
+        return _fail(f"{run_dir}: no trajectories (expected {run_dir}/trajectories/*/)")
+    try:
+        run_features(run_dir, spec, infos, args.epoch, classes, args.steps)
+    except DataError as e:
+        return _fail(str(e))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from search_spaces import FOLDER, names
 
@@ -140,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _parser().parse_args(argv)
     handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
-               "kernel": cmd_kernel}
+               "kernel": cmd_kernel, "features": cmd_features}
     return handler[args.command](args)
 
 

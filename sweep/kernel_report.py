@@ -23,6 +23,7 @@ from core.trajectory_kernels import (
     probe_set,
     trajectory_measures,
 )
+from sweep.console import stdout_console
 
 COLUMNS = ("epoch", "to_init", "to_previous", "velocity", "to_final", "alignment",
            "centered_alignment", "top10_mass", "effective_rank")
@@ -64,7 +65,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
 def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
                 quiet: bool = False) -> dict[str, Any]:
     """Computes every trajectory's kernels, prints and writes ``kernel_measures.{json,csv}``."""
-    err, out = Console(stderr=True), Console()
+    err, out = Console(stderr=True), stdout_console()
     trajectories = {}
     with Progress(console=err, disable=quiet) as progress:
         for info in infos:
@@ -96,3 +97,46 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
     out.print(f"kernels: {run_dir}/trajectories/*/kernels/{spec.output}/; measures: "
               f"{run_dir / 'kernel_measures.csv'}")
     return result
+
+
+def run_features(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo], epoch: float,
+                 classes: list[int] | None, steps: int) -> list[Path]:
+    """Eigen-feature grids (``core.features``) of every trajectory at ``epoch``."""
+    import jax
+
+    from core.checkpoints import CheckpointStore
+    from core.dynamics import make_apply_fn
+    from core.features import eigen_features, write_grid
+    from core.models import init_model, make_model
+    from core.ntk import NtkEngine
+    from core.train import init_state
+
+    out, paths = stdout_console(), []
+    for info in infos:
+        cfg = info.config
+        ds = cfg.dataset
+        data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+        model = make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs())
+        params, bs = init_model(model, jax.random.PRNGKey(0), data.x_train.shape[1:])
+        template = init_state(params, bs, cfg.phase1.momentum, jax.random.PRNGKey(0))
+        store = CheckpointStore(info.directory / "checkpoints")
+        steps_at = {store.meta(s)["epoch"]: s for s in store.steps()}
+        if epoch not in steps_at:
+            raise DataError(f"--epoch {epoch:g}: trajectory {info.id} has checkpoints at "
+                            f"{sorted(steps_at)}")
+        state, _ = store.restore(steps_at[epoch], template)
+        store.close()
+        idx = probe_set(data, spec)
+        apply = make_apply_fn(model, "standard", "frozen")
+        kernels = NtkEngine(apply, "classwise", memory_budget=int(spec.memory_budget_gb * 2**30))(
+            None, state.params, state.batch_stats, data.x_train[idx])
+        wanted = classes if classes is not None else list(range(min(data.num_classes, 10)))
+        images = eigen_features(apply, state.params, state.batch_stats, data.x_train[idx],
+                                data.y_train[idx], kernels, wanted, steps=steps)
+        path = write_grid(images, run_dir / "features" / f"{info.mode}-seed{info.seed}-"
+                          f"epoch{epoch:g}.png",
+                          title=f"NTK eigen-features, mode {info.mode}, seed {info.seed}, "
+                                f"epoch {epoch:g}")
+        out.print(f"features: {path}")
+        paths.append(path)
+    return paths

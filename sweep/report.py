@@ -19,6 +19,7 @@ from rich.table import Table
 
 from core.config import ExperimentConfig
 from core.experiment import Hooks, run_experiment, summarize
+from sweep.console import stdout_console
 
 console = Console(stderr=True)
 
@@ -69,7 +70,7 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
 
 def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     """Prints the summary table and where the files are, on stdout."""
-    stdout = Console()
+    stdout = stdout_console()
     stdout.print(summary_table(rows))
     stdout.print(f"results: {out / 'results.csv'}, {out / 'summary.csv'}, {out / 'results.json'}")
     stdout.print("(code 'X-' is the phase-1 network itself at the switch epoch)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,24 @@ def test_experiment_smoke_all_four_codes(tmp_path):
     again = _cli("experiment", str(cfg), "--out", str(out), "--quiet")
     assert again.returncode == 0, again.stderr
     assert _rows(out) == rows
+
+    # Kernel trajectories of both phase-1 runs, their measures, and eigen-feature images.
+    kern = _cli("kernel", str(out), "--set", "kernel.probe_size=30", "--quiet")
+    assert kern.returncode == 0, kern.stderr
+    with (out / "kernel_measures.csv").open() as f:
+        measures = list(csv.DictReader(f))
+    assert len(measures) == 2 * len(steps)
+    assert {float(m["epoch"]) for m in measures} == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert all(float(m["to_init"]) < 1e-5 for m in measures if float(m["epoch"]) == 0)
+    assert re.search(r"distance [AC]/seed 0 vs [AC]/seed 0 at epoch 1: 0\.\d+", kern.stdout)
+    kernels = list(out.glob("trajectories/*/kernels/classwise/epoch_*.npz"))
+    assert len(kernels) == 2 * len(steps)
+    feat = _cli("features", str(out), "--epoch", "1", "--classes", "0,3", "--steps", "5",
+                "--set", "kernel.probe_size=30")
+    assert feat.returncode == 0, feat.stderr
+    assert len(list((out / "features").glob("*.png"))) == 2
+    bad = _cli("kernel", str(out), "--set", "kernel.probe_size=5000")
+    assert bad.returncode == 2 and "kernel.probe_size: 5000 exceeds" in bad.stderr
 
 
 def test_invalid_config_exits_2_and_names_the_field(tmp_path):
