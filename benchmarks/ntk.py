@@ -58,7 +58,7 @@ def _setup(name: str, n: int):
     params, bs = init_model(model, jax.random.PRNGKey(0), data.x_train.shape[1:])
     params = jax.tree.map(lambda p: p + 0.01, params)  # away from zero-initialised logits
     apply = make_apply_fn(model, "standard", "frozen")
-    return apply, params, bs, np.asarray(data.x_train[:n])
+    return apply, params, bs, np.asarray(data.x_train[:n]), model
 
 
 def _time(fn) -> float:
@@ -111,10 +111,10 @@ def _reference(apply, params, bs, x, classes: int) -> float:
 
 
 def bench(name: str, n: int, reference_classes: int, run_nt: bool) -> dict:
-    apply, params, bs, x = _setup(name, n)
+    apply, params, bs, x, model = _setup(name, n)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     flops = 2 * 10 * n * n * n_params
-    engine = NtkEngine(apply, "classwise")
+    engine = NtkEngine(apply, "classwise", model=model)
     row = {"model": name, "n": n, "params": n_params, "nominal_gflop": flops / 1e9}
     row["engine_s"] = _time(lambda: engine(None, params, bs, x))
     row["engine_gflops"] = flops / row["engine_s"] / 1e9
@@ -139,8 +139,8 @@ import os, resource, sys, json
 sys.path.insert(0, os.getcwd())
 from benchmarks.ntk import _setup
 from core.ntk import NtkEngine
-apply, params, bs, x = _setup("cnn", int(sys.argv[1]))
-engine = NtkEngine(apply, "classwise", memory_budget=int(sys.argv[2]))
+apply, params, bs, x, model = _setup("cnn", int(sys.argv[1]))
+engine = NtkEngine(apply, "classwise", memory_budget=int(sys.argv[2]), model=model)
 engine(None, params, bs, x[:8])  # compile with a tiny probe first
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 engine(None, params, bs, x)

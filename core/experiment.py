@@ -295,11 +295,27 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def summary_markdown(summary: list[dict[str, Any]]) -> str:
+    """The summary as a Markdown table: clean and PGD accuracy (%), mean ± std over seeds."""
+    lines = ["| code | switch epoch | seeds | clean | PGD L-inf | PGD L2 | transfer L-inf |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(summary, key=lambda r: (MODES.index(r["code"][0]), r["code"],
+                                            r["switch_epoch"])):
+        cells = []
+        for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
+            mean, std = r[f"{k}_mean"], r[f"{k}_std"]
+            cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
+        lines.append(f"| {r['code']} | {r['switch_epoch']:g} | {r['seeds']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[str, Path]:
-    """Writes results.csv, summary.csv and results.json under ``out``; returns their paths."""
+    """Writes results.csv, summary.csv, summary.md and results.json under ``out``."""
     paths = {"results": out / "results.csv", "summary": out / "summary.csv",
-             "json": out / "results.json"}
+             "markdown": out / "summary.md", "json": out / "results.json"}
     summary = summarize(rows)
+    paths["markdown"].write_text(summary_markdown(summary))
     for path, table in ((paths["results"], rows), (paths["summary"], summary)):
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(table[0]))

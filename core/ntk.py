@@ -18,8 +18,11 @@ Implementations (``Implementation``):
 * ``blocked`` (default, the project's own): the probe set is cut into blocks of B inputs; the
   Jacobian of each block, [B, O, P] as a tree, is computed once; only blocks (i, j) with i <= j
   are contracted and the lower triangle is mirrored. Blocks are grouped in tiles of D (one per
-  device); a tile's row Jacobians are sharded over a ``Mesh`` with ``NamedSharding`` and its
-  column Jacobians replicated, so D devices contract D row blocks at once. When all Jacobians
+  device) over a ``Mesh``: each device computes its block's Jacobian locally (``shard_map``
+  with replication checks off), then a tile's row Jacobians stay sharded (``NamedSharding``)
+  while its column Jacobians are all-gathered, so D devices contract D row blocks at once.
+  Dense layers are contracted from their inputs and output gradients instead of their
+  Jacobians when the engine is given the flax model (``core.ntk_factors``). When all Jacobians
   fit in the memory budget they are kept and reused; otherwise column Jacobians are recomputed
   per row tile (streaming), so memory stays within the budget whatever N is.
 * ``nt_jacobian_contraction`` / ``nt_ntk_vector_products``: neural-tangents'
@@ -37,14 +40,16 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import enable_x64
+from jax.experimental.shard_map import shard_map
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from core.dynamics import ApplyFn
+from core.ntk_factors import contract_factors, dense_layers, make_factor_fn
 
 
 class Output(enum.StrEnum):
@@ -74,24 +79,13 @@ def kernel_shape(output: Output | str, n: int, num_classes: int) -> tuple[int, .
     }[output]
 
 
-def _contract(ja: Any, jb: Any, output: Output) -> jax.Array:
-    """Kernel block of two Jacobian trees with leaves [Ba, O', ...] and [Bb, O', ...].
-
-    Returns [Ba, Bb] (logit, trace), [O, Ba, Bb] (classwise) or [Ba, Bb, O, O] (full).
-    """
-    spec = {
-        Output.LOGIT: "iop,jop->ij",
-        Output.TRACE: "iop,jop->ij",
-        Output.CLASSWISE: "iop,jop->oij",
-        Output.FULL: "iop,jqp->ijoq",
-    }[output]
-
-    def leaf(a, b):
-        a = a.reshape(a.shape[0], a.shape[1], -1)
-        b = b.reshape(b.shape[0], b.shape[1], -1)
-        return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
-
-    return sum(jax.tree.leaves(jax.tree.map(leaf, ja, jb)))
+SPECS = {
+    Output.LOGIT: "iop,jop->ij",
+    Output.TRACE: "iop,jop->ij",
+    Output.CLASSWISE: "iop,jop->oij",
+    Output.FULL: "iop,jqp->ijoq",
+}
+"""Contraction of per-input Jacobians [Ba, O', P] x [Bb, O', P] for each output mode."""
 
 
 def _mirror(block: np.ndarray, output: Output) -> np.ndarray:
@@ -111,9 +105,13 @@ def _place(k: np.ndarray, block: np.ndarray, rows: slice, cols: slice, output: O
 
 
 def jacobian_bytes_per_input(params: Any, outputs: int, itemsize: int) -> int:
-    """Bytes of one input's Jacobian: O' x P x itemsize."""
+    """Bytes of one input's explicit Jacobian: O' x P x itemsize."""
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     return outputs * n_params * itemsize
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 class NtkEngine:
@@ -130,6 +128,9 @@ class NtkEngine:
       memory_budget: bytes per device for Jacobians and kernel blocks.
       dtype: ``float32`` or ``float64`` (computed in float64 under ``enable_x64``).
       devices: devices to shard over; default all of ``jax.devices()``.
+      model: the flax module behind ``apply``; with it (and ``structured``) the kernel of
+        dense layers is computed from their inputs and output gradients
+        (``core.ntk_factors``) instead of their Jacobians, for standard dynamics (anchor None).
     """
 
     def __init__(
@@ -143,6 +144,8 @@ class NtkEngine:
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         dtype: str = "float32",
         devices: list[jax.Device] | None = None,
+        model: nn.Module | None = None,
+        structured: bool = True,
     ):
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
@@ -151,8 +154,10 @@ class NtkEngine:
         self.block_size, self.memory_budget, self.dtype = block_size, memory_budget, dtype
         self.devices = list(devices or jax.devices())
         self.mesh = Mesh(np.array(self.devices), ("d",))
+        self.model, self.structured = model, structured
         self.traces = 0  # how many times the blocked programs were traced (tests, benchmarks)
-        self._jac = self._contract_tile = None
+        self._factors = self._contract_tile = None
+        self._per_input, self._built_for_anchor = 0, True
         self.last_plan: dict[str, Any] = {}
 
     # --- public ----------------------------------------------------------------------------
@@ -184,83 +189,101 @@ class NtkEngine:
             return self._neural_tangents(anchor, params, batch_stats, x)
         return self._blocked(anchor, params, batch_stats, x)
 
-    def _plan(self, params, n: int, outputs: int, itemsize: int) -> tuple[int, bool]:
-        """Block size B and whether every block's Jacobian can be kept (cached)."""
-        per_input = jacobian_bytes_per_input(params, outputs, itemsize)
+    def _plan(self, per_input: int, n: int) -> tuple[int, bool]:
+        """Block size B and whether every block's factors can be kept (cached).
+
+        Per device, streaming holds a row block, a column block being computed and a
+        replicated column tile of D blocks: B <= budget / (2 (D + 2) bytes per input) keeps
+        that within half the budget. Caching also keeps the device's share of every block.
+        """
         d = len(self.devices)
         if self.block_size is not None:
             b = self.block_size
         else:
-            b = max(1, min(n, self.memory_budget // (4 * per_input), 256))
-            b = min(b, math.ceil(n / d))  # every device gets a block
-        n_blocks = math.ceil(n / b)
-        tiles = math.ceil(n_blocks / d)
-        # Per device: its share of every block's Jacobian, a replicated column tile and the
-        # kernel tile.
-        cached = tiles * b * per_input + d * b * per_input
-        cache = cached <= self.memory_budget // 2
-        return b, cache
+            b = max(1, min(n, self.memory_budget // (2 * (d + 2) * per_input), 256))
+            n_blocks = math.ceil(math.ceil(n / b) / d) * d  # whole tiles
+            b = math.ceil(n / n_blocks)  # the same count of blocks, as even as possible
+        tiles = math.ceil(math.ceil(n / b) / d)
+        cached = (tiles + d + 1) * b * per_input
+        return b, cached <= self.memory_budget * 3 // 4
 
-    def _build(self) -> None:
+    def _build(self, anchor, params, batch_stats, x) -> None:
+        """Jits the factor and tile programs (once; shapes must stay the same afterwards)."""
         sharded = NamedSharding(self.mesh, PS("d"))
         replicated = NamedSharding(self.mesh, PS())
+        model = self.model if (anchor is None and self.structured) else None
+        dense, biased = dense_layers(model, params, batch_stats, x[:1])
+        spec, full = SPECS[self.output], self.output is Output.FULL
 
-        def jac(anchor, params, batch_stats, xs):
-            """Jacobians of D blocks xs [D, B, ...] -> leaves [D, B, O', ...p]."""
+        def select(logits):
+            if self.output is Output.LOGIT:
+                return logits[:, self.logit : self.logit + 1]
+            return logits
+
+        def factors(anchor, params, batch_stats, xs):
+            """Factors of D blocks xs [D, B, ...]: leaves [D, B, ...] (``core.ntk_factors``),
+            one input at a time (a block-wide jacrev would run B O' passes over B inputs)."""
             self.traces += 1
-            f = self._f(anchor, batch_stats)
-            return jax.vmap(lambda xb: jax.jacrev(f)(params, xb))(xs)
+            fn = make_factor_fn(self.model, self._f(anchor, batch_stats), select, batch_stats,
+                                dense)
+            return jax.vmap(jax.vmap(lambda xi: fn(params, xi[None])))(xs)
 
-        def tile(j_rows, j_cols):
+        def tile(f_rows, f_cols):
             """Kernel blocks of D row blocks (sharded) against D column blocks (replicated)."""
             self.traces += 1
-            j_rows = jax.lax.with_sharding_constraint(j_rows, sharded)
-            j_cols = jax.lax.with_sharding_constraint(j_cols, replicated)  # all-gather
-            inner = jax.vmap(lambda jr, jc: _contract(jr, jc, self.output), in_axes=(None, 0))
-            return jax.vmap(lambda jr: inner(jr, j_cols))(j_rows)
+            f_rows = jax.lax.with_sharding_constraint(f_rows, sharded)
+            f_cols = jax.lax.with_sharding_constraint(f_cols, replicated)  # all-gather
+            pair = lambda a, b: contract_factors(a, b, spec, full, biased)  # noqa: E731
+            return jax.vmap(lambda fr: jax.vmap(lambda fc: pair(fr, fc))(f_cols))(f_rows)
 
-        self._jac = jax.jit(jac, out_shardings=sharded)
+        # The per-device Jacobian pass runs as a local program (shard_map): XLA's SPMD
+        # partitioner, given the vmapped convolution Jacobians, produced wrong kernels on 4 CPU
+        # devices. check_rep=False: with replicated parameters under jacrev the default
+        # replication check would insert a psum and sum Jacobians across devices.
+        local = shard_map(factors, mesh=self.mesh, in_specs=(PS(), PS(), PS(), PS("d")),
+                          out_specs=PS("d"), check_rep=False)
+        self._factors = jax.jit(local, out_shardings=sharded)
         self._contract_tile = jax.jit(tile, out_shardings=sharded)
         self._sharded, self._replicated = sharded, replicated
+        self._per_input = _tree_bytes(jax.eval_shape(factors, anchor, params, batch_stats,
+                                                     x[None, :1]))
+        self.traces -= 1  # eval_shape traced once
 
     def _blocked(self, anchor, params, batch_stats, x) -> np.ndarray:
-        if self._jac is None:
-            self._build()
+        if self._factors is None or self._built_for_anchor != (anchor is None):
+            self._build(anchor, params, batch_stats, x)
+            self._built_for_anchor = anchor is None
         n, d = x.shape[0], len(self.devices)
-        logits = self.apply(anchor, params, batch_stats, x[:1], False)[0]
-        num_classes = logits.shape[-1]
-        outputs = 1 if self.output is Output.LOGIT else num_classes
-        b, cache = self._plan(params, n, outputs, x.dtype.itemsize)
+        num_classes = int(self.apply(anchor, params, batch_stats, x[:1], False)[0].shape[-1])
+        b, cache = self._plan(self._per_input, n)
         tiles = math.ceil(math.ceil(n / b) / d)
         padded = np.zeros((tiles * d * b, *x.shape[1:]), x.dtype)
         padded[:n] = x
         blocks = padded.reshape(tiles, d, b, *x.shape[1:])
-        self.last_plan = {"block_size": b, "tiles": tiles, "devices": d, "cached": cache}
+        self.last_plan = {"block_size": b, "tiles": tiles, "devices": d, "cached": cache,
+                          "bytes_per_input": self._per_input}
 
         params_r = jax.device_put(params, self._replicated)
         anchor_r = jax.device_put(anchor, self._replicated)
         stats_r = jax.device_put(batch_stats, self._replicated)
         kept: dict[int, Any] = {}
 
-        def jacobians(t: int):
+        def factors(t: int):
             if t in kept:
                 return kept[t]
             xs = jax.device_put(blocks[t], self._sharded)
-            j = self._jac(anchor_r, params_r, stats_r, xs)
+            out = self._factors(anchor_r, params_r, stats_r, xs)
             if cache:
-                kept[t] = j
-            return j
+                kept[t] = out
+            return out
 
         k = np.zeros(kernel_shape(self.output, tiles * d * b, num_classes), x.dtype)
-        pending = []
         for r in range(tiles):
-            j_rows = jacobians(r)
-            for c in range(r, tiles):
-                pending.append((r, c, self._contract_tile(j_rows, jacobians(c))))
-            # Gather a row tile's results before starting the next, bounding device memory.
-            for rr, cc, out in pending:
-                self._scatter(k, np.asarray(out), rr, cc, b, d)
-            pending.clear()
+            rows = factors(r)
+            results = [(c, self._contract_tile(rows, factors(c))) for c in range(r, tiles)]
+            # Gather a row tile's results before the next row tile: bounded device memory.
+            for c, out in results:
+                self._scatter(k, np.asarray(out), r, c, b, d)
         if self.output is Output.CLASSWISE:
             return k[:, :n, :n]
         return k[:n, :n]

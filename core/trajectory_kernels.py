@@ -73,7 +73,7 @@ def compute_trajectory_kernels(
     engine = NtkEngine(
         make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
         logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
-        memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype,
+        memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype, model=model,
     )
     store = CheckpointStore(info.directory / "checkpoints")
     trajectory = KernelTrajectory(info.directory / "kernels" / spec.output)

@@ -128,7 +128,8 @@ def run_features(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo], e
         store.close()
         idx = probe_set(data, spec)
         apply = make_apply_fn(model, "standard", "frozen")
-        kernels = NtkEngine(apply, "classwise", memory_budget=int(spec.memory_budget_gb * 2**30))(
+        budget = int(spec.memory_budget_gb * 2**30)
+        kernels = NtkEngine(apply, "classwise", memory_budget=budget, model=model)(
             None, state.params, state.batch_stats, data.x_train[idx])
         wanted = classes if classes is not None else list(range(min(data.num_classes, 10)))
         images = eigen_features(apply, state.params, state.batch_stats, data.x_train[idx],

@@ -72,5 +72,6 @@ def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     """Prints the summary table and where the files are, on stdout."""
     stdout = stdout_console()
     stdout.print(summary_table(rows))
-    stdout.print(f"results: {out / 'results.csv'}, {out / 'summary.csv'}, {out / 'results.json'}")
+    stdout.print(f"results: {out / 'results.csv'}, {out / 'summary.csv'}, "
+                 f"{out / 'summary.md'}, {out / 'results.json'}")
     stdout.print("(code 'X-' is the phase-1 network itself at the switch epoch)")

@@ -42,25 +42,33 @@ def expected(full: np.ndarray, output: Output, logit: int) -> np.ndarray:
     }[output]
 
 
-def _setup(name: str, dynamics: str):
+def _setup(name: str, dynamics: str, with_model: bool = False):
     model, params, bs = tiny_model(name, num_classes=O)
     apply = make_apply_fn(model, dynamics, "frozen")
     moved = jax.tree.map(lambda p: p + 0.05, params)  # kernels at parameters off the anchor
     anchor = None if dynamics == "standard" else Anchor(params, bs)
     x = np.random.default_rng(0).uniform(size=(N, 8, 8, 1)).astype(np.float32)
+    if with_model:
+        return apply, anchor, moved, bs, x, model
     return apply, anchor, moved, bs, x
 
 
+# "blocked" runs twice: with dense-layer factors (given the model) and with plain Jacobians.
+IMPLEMENTATIONS = ["blocked+factors", *Implementation]
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
-@pytest.mark.parametrize("implementation", list(Implementation))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_implementation_and_output_against_jacobian_product(name, implementation, dtype):
-    apply, anchor, params, bs, x = _setup(name, "standard")
+    apply, anchor, params, bs, x, model = _setup(name, "standard", with_model=True)
     full = reference_full(apply, anchor, params, bs, x)
     scale = np.abs(full).max()
+    factors = implementation == "blocked+factors"
     for output in Output:
-        engine = NtkEngine(apply, output, logit=2, implementation=implementation,
-                           block_size=3, dtype=dtype)
+        engine = NtkEngine(apply, output, logit=2, block_size=3, dtype=dtype,
+                           implementation="blocked" if factors else implementation,
+                           model=model if factors else None)
         k = engine(anchor, params, bs, x)
         assert k.shape == kernel_shape(output, N, O) and k.dtype == np.dtype(dtype)
         np.testing.assert_allclose(k / scale, expected(full, output, 2) / scale,
@@ -99,8 +107,8 @@ def test_streaming_under_a_tiny_budget_equals_cached():
 
 
 def test_no_recompilation_across_checkpoints():
-    apply, anchor, params, bs, x = _setup("cnn", "standard")
-    engine = NtkEngine(apply, "classwise", block_size=3)
+    apply, anchor, params, bs, x, model = _setup("cnn", "standard", with_model=True)
+    engine = NtkEngine(apply, "classwise", block_size=3, model=model)
     engine(anchor, params, bs, x)
     traces = engine.traces
     assert traces == 2  # the Jacobian program and the tile contraction
@@ -122,7 +130,7 @@ SHARDED = textwrap.dedent("""
             x = np.random.default_rng(n).uniform(size=(n, 8, 8, 1)).astype(np.float32)
             for output in Output:
                 one = NtkEngine(apply, output, block_size=2, devices=jax.devices()[:1])
-                four = NtkEngine(apply, output, block_size=2)
+                four = NtkEngine(apply, output, block_size=2, model=model)
                 a, b = one(None, params, bs, x), four(None, params, bs, x)
                 assert four.last_plan["devices"] == 4
                 np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())

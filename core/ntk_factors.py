@@ -1,0 +1,136 @@
+"""Per-input Jacobian *factors*: what the blocked NTK engine contracts.
+
+A dense layer y = a W + b contributes to the Jacobian of logit o the outer product
+d f_o / d W = a (x) delta_o, with a [d_in] the layer's input and delta_o = d f_o / d y [d_out],
+and d f_o / d b = delta_o. Its kernel contribution therefore never needs W's Jacobian:
+
+    K_dense[i, j, o, q] = (a_i . a_j + 1) (delta_io . delta_jq)
+
+which costs O(d_in + d_out) per pair instead of O(d_in d_out). Every other parameter (convolutions,
+BatchNorm scales, ...) keeps its explicit Jacobian [O', ...]. Dense layers are found with a flax
+method interceptor that records each ``nn.Dense`` input (``sow``) and adds a zero perturbation
+to its output (``perturb``), whose gradient is delta.
+
+The generic form (``structured=False`` or models that are not flax modules) has no dense factors:
+the whole parameter tree is a Jacobian.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+Factors = dict[str, Any]
+"""{"dense": {path: (a [..., d_in], delta [..., O', d_out])}, "jac": {path: [..., O', ...]}
+(the Jacobians of the non-dense parameters)}."""
+
+
+def _intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, nn.Dense) and context.method_name == "__call__" and args[0].ndim == 2:
+        module.sow("intermediates", "dense_input", args[0])
+        return module.perturb("dense_output", next_fun(*args, **kwargs))
+    return next_fun(*args, **kwargs)
+
+
+def dense_layers(
+    model: nn.Module | None, params: Any, batch_stats: Any, x: jax.Array
+) -> tuple[frozenset[tuple], frozenset[str]]:
+    """Module paths of the dense layers with 2-D inputs (those that get factors), and the
+    joined paths of those with a bias. Shapes only; call once outside jit."""
+    if model is None:
+        return frozenset(), frozenset()
+    with nn.intercept_methods(_intercept):
+        _, state = jax.eval_shape(
+            lambda p: model.apply({"params": p, "batch_stats": batch_stats}, x, train=False,
+                                  mutable=["intermediates", "perturbations"]), params)
+    dense = frozenset(path[:-1] for path in traverse_util.flatten_dict(state.get(
+        "perturbations", {})))
+    flat_params = traverse_util.flatten_dict(params)
+    biased = frozenset("/".join(p) for p in dense if (*p, "bias") in flat_params)
+    return dense, biased
+
+
+def make_factor_fn(
+    model: nn.Module | None, f: Callable[[Any, jax.Array], jax.Array], select: Callable,
+    batch_stats: Any, dense: frozenset[tuple],
+) -> Callable[[Any, jax.Array], Factors]:
+    """Returns ``factors(params, x [1, ...]) -> Factors`` of one input.
+
+    Args:
+      model: the flax module (used only when ``dense`` is not empty).
+      f: f(params, x) -> logits [1, O'] (O' = 1 for one logit): the generic path.
+      select: logits [1, O] -> [1, O'] (picks the logit for output mode ``logit``).
+      batch_stats: BatchNorm statistics (inference mode).
+      dense: the paths from ``dense_layers`` (empty: every parameter gets a Jacobian).
+    """
+    if not dense:
+        def generic(p, x):
+            jac = traverse_util.flatten_dict(jax.jacrev(f)(p, x))
+            return {"dense": {}, "jac": {"/".join(k): v[0] for k, v in jac.items()}}
+
+        return generic
+
+    def factors(p, x):
+        flat = traverse_util.flatten_dict(p)
+        is_dense = {k: k[:-1] in dense and k[-1] in ("kernel", "bias") for k in flat}
+        rest = {k: v for k, v in flat.items() if not is_dense[k]}
+        fixed = {k: v for k, v in flat.items() if is_dense[k]}
+
+        def logits(rest_params, perturbations):
+            full = traverse_util.unflatten_dict({**fixed, **rest_params})
+            variables = {"params": full, "batch_stats": batch_stats,
+                         "perturbations": perturbations}
+            with nn.intercept_methods(_intercept):
+                out, state = model.apply(variables, x, train=False, mutable=["intermediates"])
+            return select(out), state["intermediates"]
+
+        with nn.intercept_methods(_intercept):
+            _, shapes = model.apply({"params": p, "batch_stats": batch_stats}, x, train=False,
+                                    mutable=["perturbations"])
+        zeros = jax.tree.map(jnp.zeros_like, shapes["perturbations"])
+        jac_rest, jac_pert = jax.jacrev(lambda r, z: logits(r, z)[0], argnums=(0, 1))(rest, zeros)
+        inputs = traverse_util.flatten_dict(logits(rest, zeros)[1])
+        deltas = traverse_util.flatten_dict(jac_pert)
+        out: Factors = {"dense": {}, "jac": {"/".join(k): v[0] for k, v in jac_rest.items()}}
+        for path in dense:
+            a = inputs[(*path, "dense_input")][0][0]  # sow keeps a tuple; batch of one
+            delta = deltas[(*path, "dense_output")][0, :, 0]  # [O', d_out]
+            out["dense"]["/".join(path)] = (a, delta)
+        return out
+
+    return factors
+
+
+def contract_factors(
+    fa: Factors, fb: Factors, spec: str, output_full: bool, biased: frozenset[str]
+) -> jax.Array:
+    """Kernel block of two blocks of factors (leading axes [Ba] and [Bb]).
+
+    ``spec`` is the einsum of the generic contraction ("iop,jop->oij", ...); dense layers use
+    the same index pattern on delta, times the input Gram matrix (a_i . a_j + 1 with a bias).
+    """
+    hp = jax.lax.Precision.HIGHEST
+
+    def generic(a, b):
+        a = a.reshape(a.shape[0], a.shape[1], -1)
+        b = b.reshape(b.shape[0], b.shape[1], -1)
+        return jnp.einsum(spec, a, b, precision=hp)
+
+    total = sum(jax.tree.leaves(jax.tree.map(generic, fa["jac"], fb["jac"])), start=0.0)
+    for path, (a_in, d_a) in fa["dense"].items():
+        b_in, d_b = fb["dense"][path]
+        gram = jnp.einsum("ik,jk->ij", a_in, b_in, precision=hp) + (path in biased)
+        dd = jnp.einsum(spec, d_a, d_b, precision=hp)
+        if output_full:  # [i, j, o, q]
+            total = total + gram[:, :, None, None] * dd
+        elif dd.ndim == 3:  # class-wise [o, i, j]
+            total = total + gram[None] * dd
+        else:  # [i, j]: one logit, or the trace (sum_o delta_io . delta_jo)
+            total = total + gram * dd
+    return total
