@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from core.dynamics import ApplyFn
-from core.ntk_factors import contract_factors, dense_layers, make_factor_fn
+from core.ntk_factors import contract_factors, dense_layers, make_factor_fn, output_major
 
 
 class Output(enum.StrEnum):
@@ -77,15 +77,6 @@ def kernel_shape(output: Output | str, n: int, num_classes: int) -> tuple[int, .
         Output.CLASSWISE: (num_classes, n, n),
         Output.FULL: (n, n, num_classes, num_classes),
     }[output]
-
-
-SPECS = {
-    Output.LOGIT: "iop,jop->ij",
-    Output.TRACE: "iop,jop->ij",
-    Output.CLASSWISE: "iop,jop->oij",
-    Output.FULL: "iop,jqp->ijoq",
-}
-"""Contraction of per-input Jacobians [Ba, O', P] x [Bb, O', P] for each output mode."""
 
 
 def _mirror(block: np.ndarray, output: Output) -> np.ndarray:
@@ -213,7 +204,6 @@ class NtkEngine:
         replicated = NamedSharding(self.mesh, PS())
         model = self.model if (anchor is None and self.structured) else None
         dense, biased = dense_layers(model, params, batch_stats, x[:1])
-        spec, full = SPECS[self.output], self.output is Output.FULL
 
         def select(logits):
             if self.output is Output.LOGIT:
@@ -226,14 +216,14 @@ class NtkEngine:
             self.traces += 1
             fn = make_factor_fn(self.model, self._f(anchor, batch_stats), select, batch_stats,
                                 dense)
-            return jax.vmap(jax.vmap(lambda xi: fn(params, xi[None])))(xs)
+            return output_major(jax.vmap(jax.vmap(lambda xi: fn(params, xi[None])))(xs))
 
         def tile(f_rows, f_cols):
             """Kernel blocks of D row blocks (sharded) against D column blocks (replicated)."""
             self.traces += 1
             f_rows = jax.lax.with_sharding_constraint(f_rows, sharded)
             f_cols = jax.lax.with_sharding_constraint(f_cols, replicated)  # all-gather
-            pair = lambda a, b: contract_factors(a, b, spec, full, biased)  # noqa: E731
+            pair = lambda a, b: contract_factors(a, b, self.output, biased)  # noqa: E731
             return jax.vmap(lambda fr: jax.vmap(lambda fc: pair(fr, fc))(f_cols))(f_rows)
 
         # The per-device Jacobian pass runs as a local program (shard_map): XLA's SPMD

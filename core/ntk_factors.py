@@ -94,8 +94,9 @@ def make_factor_fn(
             _, shapes = model.apply({"params": p, "batch_stats": batch_stats}, x, train=False,
                                     mutable=["perturbations"])
         zeros = jax.tree.map(jnp.zeros_like, shapes["perturbations"])
-        jac_rest, jac_pert = jax.jacrev(lambda r, z: logits(r, z)[0], argnums=(0, 1))(rest, zeros)
-        inputs = traverse_util.flatten_dict(logits(rest, zeros)[1])
+        (jac_rest, jac_pert), inputs = jax.jacrev(logits, argnums=(0, 1), has_aux=True)(
+            rest, zeros)  # the layer inputs come out of the same forward pass
+        inputs = traverse_util.flatten_dict(inputs)
         deltas = traverse_util.flatten_dict(jac_pert)
         out: Factors = {"dense": {}, "jac": {"/".join(k): v[0] for k, v in jac_rest.items()}}
         for path in dense:
@@ -107,15 +108,23 @@ def make_factor_fn(
     return factors
 
 
-def contract_factors(
-    fa: Factors, fb: Factors, spec: str, output_full: bool, biased: frozenset[str]
-) -> jax.Array:
-    """Kernel block of two blocks of factors (leading axes [Ba] and [Bb]).
+def output_major(factors: Factors) -> Factors:
+    """Blocks of factors with leaves [D, B, O', ...] -> [D, O', B, ...] (a stays [D, B, d_in]),
+    so that every contraction is a batched matrix product over O' with no transposes."""
+    swap = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
+    return {"jac": jax.tree.map(swap, factors["jac"]),
+            "dense": {k: (a, swap(d)) for k, (a, d) in factors["dense"].items()}}
 
-    ``spec`` is the einsum of the generic contraction ("iop,jop->oij", ...); dense layers use
-    the same index pattern on delta, times the input Gram matrix (a_i . a_j + 1 with a bias).
+
+def contract_factors(fa: Factors, fb: Factors, output: str, biased: frozenset[str]) -> jax.Array:
+    """Kernel block of two blocks of output-major factors ([O', Ba, ...] and [O', Bb, ...]).
+
+    Computes the class-wise blocks K[o, i, j] (or the full K[i, j, o, q]); output ``logit``
+    keeps the only one, ``trace`` sums over o. A dense layer adds (a_i . a_j + 1) times the
+    same contraction of its deltas.
     """
     hp = jax.lax.Precision.HIGHEST
+    spec = "oip,qjp->ijoq" if output == "full" else "oip,ojp->oij"
 
     def generic(a, b):
         a = a.reshape(a.shape[0], a.shape[1], -1)
@@ -127,10 +136,9 @@ def contract_factors(
         b_in, d_b = fb["dense"][path]
         gram = jnp.einsum("ik,jk->ij", a_in, b_in, precision=hp) + (path in biased)
         dd = jnp.einsum(spec, d_a, d_b, precision=hp)
-        if output_full:  # [i, j, o, q]
-            total = total + gram[:, :, None, None] * dd
-        elif dd.ndim == 3:  # class-wise [o, i, j]
-            total = total + gram[None] * dd
-        else:  # [i, j]: one logit, or the trace (sum_o delta_io . delta_jo)
-            total = total + gram * dd
+        total = total + (gram[:, :, None, None] if output == "full" else gram[None]) * dd
+    if output == "logit":
+        return total[0]
+    if output == "trace":
+        return total.sum(0)
     return total

@@ -30,7 +30,7 @@ from core.kernel_store import KernelRecord, KernelTrajectory
 from core.kernels import cross_distance, summary, trajectory_distances
 from core.models import init_model, make_model
 from core.ntk import NtkEngine
-from core.train import init_state
+from core.train import TrainState, init_state
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,40 @@ def probe_set(data: Dataset, spec: KernelSpec) -> np.ndarray:
     return balanced_subset(data.y_train, spec.probe_size, key, data.num_classes)
 
 
-def compute_trajectory_kernels(
-    info: TrajectoryInfo, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
-) -> KernelTrajectory:
-    """Computes (or finds already stored) the kernel at each requested phase-1 checkpoint."""
+@dataclass(frozen=True)
+class OpenTrajectory:
+    """What restoring a trajectory's checkpoints needs: data, model, store, a template state."""
+
+    data: Dataset
+    model: Any
+    store: CheckpointStore
+    template: TrainState
+
+    def epochs(self) -> dict[float, int]:
+        """{epoch: step} of the stored checkpoints."""
+        return {self.store.meta(s)["epoch"]: s for s in self.store.steps()}
+
+    def restore(self, step: int) -> TrainState:
+        return self.store.restore(step, self.template)[0]
+
+
+def open_trajectory(info: TrajectoryInfo) -> OpenTrajectory:
+    """Loads the trajectory's dataset and model and opens its checkpoint store."""
     cfg = info.config
     ds = cfg.dataset
     data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
     model = make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs())
     params, batch_stats = init_model(model, jax.random.PRNGKey(0), data.x_train.shape[1:])
     template = init_state(params, batch_stats, cfg.phase1.momentum, jax.random.PRNGKey(0))
+    return OpenTrajectory(data, model, CheckpointStore(info.directory / "checkpoints"), template)
+
+
+def compute_trajectory_kernels(
+    info: TrajectoryInfo, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
+) -> KernelTrajectory:
+    """Computes (or finds already stored) the kernel at each requested phase-1 checkpoint."""
+    cfg, traj = info.config, open_trajectory(info)
+    data, model, store = traj.data, traj.model, traj.store
     idx = probe_set(data, spec)
     x_probe = data.x_train[idx]
     engine = NtkEngine(
@@ -75,14 +99,13 @@ def compute_trajectory_kernels(
         logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
         memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype, model=model,
     )
-    store = CheckpointStore(info.directory / "checkpoints")
     trajectory = KernelTrajectory(info.directory / "kernels" / spec.output)
     wanted = None if spec.epochs is None else set(spec.epochs)
     for step in store.steps():
         epoch = store.meta(step)["epoch"]
         if (wanted is not None and epoch not in wanted) or trajectory.has(epoch):
             continue
-        state, _ = store.restore(step, template)
+        state = traj.restore(step)
         kernel = engine(None, state.params, state.batch_stats, x_probe)
         meta = {"model": cfg.model.name, "epoch": epoch, "step": step, "output": spec.output,
                 "logit": spec.logit, "dtype": spec.dtype, "mode": info.mode, "seed": info.seed,

@@ -102,30 +102,20 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
 def run_features(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo], epoch: float,
                  classes: list[int] | None, steps: int) -> list[Path]:
     """Eigen-feature grids (``core.features``) of every trajectory at ``epoch``."""
-    import jax
-
-    from core.checkpoints import CheckpointStore
     from core.dynamics import make_apply_fn
     from core.features import eigen_features, write_grid
-    from core.models import init_model, make_model
     from core.ntk import NtkEngine
-    from core.train import init_state
+    from core.trajectory_kernels import open_trajectory
 
     out, paths = stdout_console(), []
     for info in infos:
-        cfg = info.config
-        ds = cfg.dataset
-        data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
-        model = make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs())
-        params, bs = init_model(model, jax.random.PRNGKey(0), data.x_train.shape[1:])
-        template = init_state(params, bs, cfg.phase1.momentum, jax.random.PRNGKey(0))
-        store = CheckpointStore(info.directory / "checkpoints")
-        steps_at = {store.meta(s)["epoch"]: s for s in store.steps()}
+        traj = open_trajectory(info)
+        data, model, steps_at = traj.data, traj.model, traj.epochs()
         if epoch not in steps_at:
             raise DataError(f"--epoch {epoch:g}: trajectory {info.id} has checkpoints at "
                             f"{sorted(steps_at)}")
-        state, _ = store.restore(steps_at[epoch], template)
-        store.close()
+        state = traj.restore(steps_at[epoch])
+        traj.store.close()
         idx = probe_set(data, spec)
         apply = make_apply_fn(model, "standard", "frozen")
         budget = int(spec.memory_budget_gb * 2**30)
