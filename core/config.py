@@ -99,7 +99,7 @@ class PhaseSpec(_Strict):
 
 
 class Phase2Spec(PhaseSpec):
-    epochs: float | None = Field(100, ge=0)
+    epochs: float = Field(100, ge=0)
     lr: float = Field(0.01, gt=0)
     lr_decay_epochs: tuple[float, ...] = ()
     dynamics: Literal["centered", "linearized", "standard"] = "centered"

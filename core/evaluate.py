@@ -2,7 +2,7 @@
 
 The test set is cut into fixed-size batches (the last one padded and masked) so one compiled
 program serves every batch, every checkpoint and every switch point. Batch b of attack a uses
-the key ``fold_in(fold_in(key, a), b)``.
+the key ``fold_in(fold_in(key, b), a)``.
 """
 
 from __future__ import annotations

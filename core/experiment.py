@@ -100,6 +100,16 @@ def checkpoint_epochs(cfg: ExperimentConfig) -> list[float]:
     return sorted(p for p in points if p <= last)
 
 
+def checkpoint_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> dict[int, float]:
+    """{step: epoch} of phase-1 checkpoints. Where several epochs round to one step, a whole
+    epoch or a switch point names it rather than a fractional checkpoint."""
+    named = {*range(int(math.floor(cfg.phase1_epochs)) + 1), *cfg.switch_points}
+    steps: dict[int, float] = {}
+    for e in sorted(checkpoint_epochs(cfg), key=lambda e: e in named):  # named ones last: win
+        steps[epoch_to_step(e, steps_per_epoch)] = e
+    return steps
+
+
 def _phase_steps(ctx: _Context, phase: str) -> dict[bool, Any]:
     """Jitted clean and adversarial steps of a phase (built once per experiment)."""
     if phase in ctx.fns:
@@ -162,10 +172,14 @@ def train_phase1(
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
     state = init_state(*init, spec.momentum, key)
     template = state
-    ckpt_steps = {epoch_to_step(e, spe): e for e in checkpoint_epochs(cfg)}
+    ckpt_steps = checkpoint_steps(cfg, spe)
     total = epoch_to_step(cfg.phase1_epochs, spe)
     history: list[dict[str, float]] = []
-    done = [s for s in store.steps() if s <= total]
+    stored = store.steps()
+    missing = [s for s in ckpt_steps if s not in stored]
+    # Continue from the latest checkpoint before the first one still missing (a new switch
+    # point may fall before what an earlier, shorter experiment stored).
+    done = [s for s in stored if s <= min(missing, default=total)]
     if done:
         state, meta = store.restore(done[-1], template)
         history = meta["history"]

@@ -5,7 +5,7 @@ Layout under an experiment's output directory::
 
     trajectories/<id>/trajectory.json            mode, seed, config (written by phase 1)
     trajectories/<id>/checkpoints/<step>/        orbax checkpoints
-    trajectories/<id>/kernels/<output>/epoch_*.npz
+    trajectories/<id>/kernels/<output>-<hash>/epoch_*.npz    (hash of probe set, logit, dtype)
 
 The probe set is drawn from ``kernel.probe_seed`` only (not the run's seed), so kernels of
 different seeds and data modes are computed on the same images and can be compared.
@@ -13,6 +13,7 @@ different seeds and data modes are computed on the same images and can be compar
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,13 @@ def open_trajectory(info: TrajectoryInfo) -> OpenTrajectory:
     return OpenTrajectory(data, model, CheckpointStore(info.directory / "checkpoints"), template)
 
 
+def kernel_directory(info: TrajectoryInfo, spec: KernelSpec) -> Path:
+    """``kernels/<output>-<hash>``: kernels of other probe sets, logits or dtypes never mix."""
+    key = {k: getattr(spec, k) for k in ("probe_size", "probe_seed", "output", "logit", "dtype")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return info.directory / "kernels" / f"{spec.output}-{digest}"
+
+
 def compute_trajectory_kernels(
     info: TrajectoryInfo, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
 ) -> KernelTrajectory:
@@ -99,15 +107,17 @@ def compute_trajectory_kernels(
         logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
         memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype, model=model,
     )
-    trajectory = KernelTrajectory(info.directory / "kernels" / spec.output)
+    trajectory = KernelTrajectory(kernel_directory(info, spec))
     wanted = None if spec.epochs is None else set(spec.epochs)
     for step in store.steps():
-        epoch = store.meta(step)["epoch"]
+        record = store.meta(step)
+        epoch = record["epoch"]
         if (wanted is not None and epoch not in wanted) or trajectory.has(epoch):
             continue
         state = traj.restore(step)
         kernel = engine(None, state.params, state.batch_stats, x_probe)
         meta = {"model": cfg.model.name, "epoch": epoch, "step": step, "output": spec.output,
+                "exact_epoch": record.get("exact_epoch", epoch),
                 "logit": spec.logit, "dtype": spec.dtype, "mode": info.mode, "seed": info.seed,
                 "trajectory": info.id, "implementation": spec.implementation}
         trajectory.save(KernelRecord(kernel, idx, data.y_train[idx], meta))
@@ -129,8 +139,9 @@ def trajectory_measures(trajectory: KernelTrajectory, num_classes: int) -> list[
     spectrum; class-wise values averaged over classes."""
     epochs, kernels = trajectory.stack()
     record = trajectory.load(epochs[0])
+    exact = [trajectory.load(e).meta.get("exact_epoch", e) for e in epochs]
     k = _per_kernel(kernels, record.meta["output"])
-    dist = trajectory_distances(k, epochs)
+    dist = trajectory_distances(k, np.asarray(exact))  # velocities over the true step gaps
     per = summary(k, record.labels, num_classes)
     rows = []
     for t, epoch in enumerate(epochs):

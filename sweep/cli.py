@@ -97,9 +97,14 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     if problem := _check_writable(out):
         return _fail(problem)
 
+    from core.train import Divergence
     from sweep.report import print_summary, run_with_progress
 
-    rows = run_with_progress(cfg, out, quiet=args.quiet)
+    try:
+        rows = run_with_progress(cfg, out, quiet=args.quiet)
+    except Divergence as e:
+        print(f"ntk-sweep: training failed: {e}", file=sys.stderr)
+        return 1
     print_summary(rows, out)
     return 0
 

@@ -20,6 +20,7 @@ from core.trajectory_kernels import (
     compute_trajectory_kernels,
     cross_trajectory_distances,
     find_trajectories,
+    open_trajectory,
     probe_set,
     trajectory_measures,
 )
@@ -49,7 +50,15 @@ def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[T
         if spec.probe_size > len(data.y_train):
             raise DataError(f"kernel.probe_size: {spec.probe_size} exceeds the "
                             f"{len(data.y_train)} training images")
+        if spec.logit >= data.num_classes:
+            raise DataError(f"kernel.logit: {spec.logit} is not a class of {ds.name} "
+                            f"(0 to {data.num_classes - 1})")
         probe_set(data, spec)  # raises if a class is too small
+        if spec.epochs is not None:
+            stored = set(open_trajectory(infos[0]).epochs())
+            if not stored & set(spec.epochs):
+                raise DataError(f"kernel.epochs: none of {list(spec.epochs)} is a checkpoint; "
+                                f"checkpoints are at {sorted(stored)}")
     return spec, infos
 
 
@@ -94,7 +103,7 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
         writer.writerows(flat)
-    out.print(f"kernels: {run_dir}/trajectories/*/kernels/{spec.output}/; measures: "
+    out.print(f"kernels: {run_dir}/trajectories/*/kernels/{spec.output}-*/; measures: "
               f"{run_dir / 'kernel_measures.csv'}")
     return result
 
@@ -105,7 +114,6 @@ def run_features(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo], e
     from core.dynamics import make_apply_fn
     from core.features import eigen_features, write_grid
     from core.ntk import NtkEngine
-    from core.trajectory_kernels import open_trajectory
 
     out, paths = stdout_console(), []
     for info in infos:
@@ -122,6 +130,10 @@ def run_features(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo], e
         kernels = NtkEngine(apply, "classwise", memory_budget=budget, model=model)(
             None, state.params, state.batch_stats, data.x_train[idx])
         wanted = classes if classes is not None else list(range(min(data.num_classes, 10)))
+        present = set(data.y_train[idx].tolist())
+        if bad := [c for c in wanted if c not in present]:
+            raise DataError(f"--classes: {bad} not in the probe set's classes "
+                            f"(0 to {data.num_classes - 1})")
         images = eigen_features(apply, state.params, state.batch_stats, data.x_train[idx],
                                 data.y_train[idx], kernels, wanted, steps=steps)
         path = write_grid(images, run_dir / "features" / f"{info.mode}-seed{info.seed}-"

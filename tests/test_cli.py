@@ -85,14 +85,22 @@ def test_experiment_smoke_all_four_codes(tmp_path):
     assert {float(m["epoch"]) for m in measures} == {0.0, 0.25, 0.5, 0.75, 1.0}
     assert all(float(m["to_init"]) < 1e-5 for m in measures if float(m["epoch"]) == 0)
     assert re.search(r"distance [AC]/seed 0 vs [AC]/seed 0 at epoch 1: 0\.\d+", kern.stdout)
-    kernels = list(out.glob("trajectories/*/kernels/classwise/epoch_*.npz"))
+    kernels = list(out.glob("trajectories/*/kernels/classwise-*/epoch_*.npz"))
     assert len(kernels) == 2 * len(steps)
     feat = _cli("features", str(out), "--epoch", "1", "--classes", "0,3", "--steps", "5",
                 "--set", "kernel.probe_size=30")
     assert feat.returncode == 0, feat.stderr
     assert len(list((out / "features").glob("*.png"))) == 2
-    bad = _cli("kernel", str(out), "--set", "kernel.probe_size=5000")
-    assert bad.returncode == 2 and "kernel.probe_size: 5000 exceeds" in bad.stderr
+    for args, message in [
+        (("kernel", "--set", "kernel.probe_size=5000"), "kernel.probe_size: 5000 exceeds"),
+        (("kernel", "--set", "kernel.logit=10", "--set", "kernel.output=logit"),
+         "kernel.logit: 10 is not a class of digits"),
+        (("kernel", "--set", "kernel.epochs=[7]"), "kernel.epochs: none of [7.0]"),
+        (("features", "--epoch", "1", "--classes", "0,42"), "--classes: [42] not in"),
+        (("features", "--epoch", "3"), "--epoch 3: trajectory"),
+    ]:
+        bad = _cli(args[0], str(out), *args[1:])
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr[-500:])
 
 
 def test_invalid_config_exits_2_and_names_the_field(tmp_path):
