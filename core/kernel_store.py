@@ -55,6 +55,12 @@ def load_kernel(path: str | Path) -> KernelRecord:
                             json.loads(str(z["meta"])))
 
 
+def load_meta(path: str | Path) -> dict[str, Any]:
+    """Only the JSON record of a kernel file (the kernel itself is not decompressed)."""
+    with np.load(path, allow_pickle=False) as z:
+        return json.loads(str(z["meta"]))
+
+
 class KernelTrajectory:
     """The kernels of one trajectory and output mode, stored under ``directory``."""
 
@@ -66,7 +72,7 @@ class KernelTrajectory:
 
     def epochs(self) -> list[float]:
         """Epochs with a stored kernel, ascending."""
-        return sorted(load_kernel(p).meta["epoch"] for p in self.directory.glob("epoch_*.npz"))
+        return sorted(load_meta(p)["epoch"] for p in self.directory.glob("epoch_*.npz"))
 
     def has(self, epoch: float) -> bool:
         return self.path(epoch).is_file()

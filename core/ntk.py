@@ -26,8 +26,9 @@ Implementations (``Implementation``):
   fit in the memory budget they are kept and reused; otherwise column Jacobians are recomputed
   per row tile (streaming), so memory stays within the budget whatever N is.
 * ``nt_jacobian_contraction`` / ``nt_ntk_vector_products``: neural-tangents'
-  ``empirical_ntk_fn`` (imported lazily, it imports TensorFlow), one device, no tiling: the
-  first wins for narrow outputs and few parameters, the second avoids materialising J.
+  ``empirical_ntk_fn`` (imported lazily, it imports TensorFlow), one device, no tiling, traced
+  anew for every call (the model's constants are closed over): for comparison. The first
+  materialises J; the second avoids it but asks XLA for large intermediates on convolutions.
 
 Parameters derivatives only: BatchNorm statistics and the dynamics' anchor are constants, and
 the model runs in inference mode (``apply(..., train=False)``).

@@ -137,12 +137,12 @@ def _per_kernel(kernels: np.ndarray, output: str) -> np.ndarray:
 def trajectory_measures(trajectory: KernelTrajectory, num_classes: int) -> list[dict[str, Any]]:
     """One row per stored epoch: distances to init/previous/final, velocity, alignment,
     spectrum; class-wise values averaged over classes."""
-    epochs, kernels = trajectory.stack()
-    record = trajectory.load(epochs[0])
-    exact = [trajectory.load(e).meta.get("exact_epoch", e) for e in epochs]
-    k = _per_kernel(kernels, record.meta["output"])
+    epochs = trajectory.epochs()
+    records = [trajectory.load(e) for e in epochs]
+    exact = [r.meta.get("exact_epoch", e) for r, e in zip(records, epochs, strict=True)]
+    k = _per_kernel(np.stack([r.kernel for r in records]), records[0].meta["output"])
     dist = trajectory_distances(k, np.asarray(exact))  # velocities over the true step gaps
-    per = summary(k, record.labels, num_classes)
+    per = summary(k, records[0].labels, num_classes)
     rows = []
     for t, epoch in enumerate(epochs):
         row: dict[str, Any] = {"epoch": float(epoch)}
