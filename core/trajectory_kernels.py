@@ -127,7 +127,7 @@ def compute_trajectory_kernels(
     return trajectory
 
 
-def _per_kernel(kernels: np.ndarray, output: str) -> np.ndarray:
+def per_kernel(kernels: np.ndarray, output: str) -> np.ndarray:
     """[T, ..., N, N] -> [T, C, N, N]: class-wise stacks stay, single kernels get C = 1."""
     if output == "full":  # [T, N, N, O, O] -> class-wise diagonal blocks [T, O, N, N]
         return np.einsum("tijoo->toij", kernels)
@@ -140,7 +140,7 @@ def trajectory_measures(trajectory: KernelTrajectory, num_classes: int) -> list[
     epochs = trajectory.epochs()
     records = [trajectory.load(e) for e in epochs]
     exact = [r.meta.get("exact_epoch", e) for r, e in zip(records, epochs, strict=True)]
-    k = _per_kernel(np.stack([r.kernel for r in records]), records[0].meta["output"])
+    k = per_kernel(np.stack([r.kernel for r in records]), records[0].meta["output"])
     dist = trajectory_distances(k, np.asarray(exact))  # velocities over the true step gaps
     per = summary(k, records[0].labels, num_classes)
     rows = []
@@ -159,5 +159,5 @@ def cross_trajectory_distances(a: KernelTrajectory, b: KernelTrajectory) -> list
     _, ka = a.stack(common)
     _, kb = b.stack(common)
     output = a.load(common[0]).meta["output"]
-    d = cross_distance(_per_kernel(ka, output), _per_kernel(kb, output)).mean(axis=-1)
+    d = cross_distance(per_kernel(ka, output), per_kernel(kb, output)).mean(axis=-1)
     return [{"epoch": float(e), "distance": float(v)} for e, v in zip(common, d, strict=True)]

@@ -70,8 +70,12 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
 
 def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     """Prints the summary table and where the files are, on stdout."""
+    from sweep.plots import switch_point_plot
+
     stdout = stdout_console()
     stdout.print(summary_table(rows))
+    plot = switch_point_plot(summarize(rows), out / "switch_point.png")
     stdout.print(f"results: {out / 'results.csv'}, {out / 'summary.csv'}, "
                  f"{out / 'summary.md'}, {out / 'results.json'}")
+    stdout.print(f"plot: {plot}")
     stdout.print("(code 'X-' is the phase-1 network itself at the switch epoch)")

@@ -61,6 +61,7 @@ def test_experiment_smoke_all_four_codes(tmp_path):
         for k in ("accuracy", "robust_linf", "robust_l2"):
             assert 0.0 <= float(r[k]) <= 1.0
         assert float(r["robust_linf"]) <= float(r["accuracy"])
+    assert (out / "switch_point.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert len(summary) == 18
     trajectories = list((out / "trajectories").iterdir())
@@ -85,6 +86,9 @@ def test_experiment_smoke_all_four_codes(tmp_path):
     assert {float(m["epoch"]) for m in measures} == {0.0, 0.25, 0.5, 0.75, 1.0}
     assert all(float(m["to_init"]) < 1e-5 for m in measures if float(m["epoch"]) == 0)
     assert re.search(r"distance [AC]/seed 0 vs [AC]/seed 0 at epoch 1: 0\.\d+", kern.stdout)
+    for plot in ("kernel_distances.png", "kernel_heatmap_A_seed0.png",
+                 "kernel_heatmap_C_seed0.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG", plot
     kernels = list(out.glob("trajectories/*/kernels/classwise-*/epoch_*.npz"))
     assert len(kernels) == 2 * len(steps)
     feat = _cli("features", str(out), "--epoch", "1", "--classes", "0,3", "--steps", "5",

@@ -1,0 +1,83 @@
+"""Plots written beside a run: accuracy against switch point, kernel distance curves, heatmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CODE_STYLE = {"CC": "tab:blue", "AC": "tab:red", "CA": "tab:green", "AA": "tab:purple",
+              "C-": "tab:gray", "A-": "black"}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
+    """Clean and PGD L-inf accuracy (%) against switch epoch per code, ± std over seeds.
+
+    The phase-1 networks (C-, A-) are dashed; the x axis is symlog so epoch 0 is shown.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    codes = sorted({r["code"] for r in summary}, key=lambda c: (c.endswith("-"), c))
+    for ax, key, title in ((axes[0], "robust_linf", "PGD L-inf accuracy (%)"),
+                           (axes[1], "accuracy", "clean accuracy (%)")):
+        for code in codes:
+            rows = sorted((r for r in summary if r["code"] == code),
+                          key=lambda r: r["switch_epoch"])
+            x = [r["switch_epoch"] for r in rows]
+            y = np.array([100 * r[f"{key}_mean"] for r in rows])
+            err = np.array([100 * r[f"{key}_std"] for r in rows])
+            style = "--" if code.endswith("-") else "-"
+            label = f"{code[0]} network" if code.endswith("-") else code
+            ax.errorbar(x, y, yerr=err, fmt=style + "o", ms=4, capsize=3,
+                        color=CODE_STYLE.get(code), label=label)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("switch epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def kernel_distance_plot(trajectories: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Distance to the initial and to the final kernel, and velocity, against epoch."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for traj in trajectories.values():
+        rows = traj["rows"]
+        epochs = [r["epoch"] for r in rows]
+        color = "tab:red" if traj["mode"] == "A" else "tab:blue" if traj["mode"] == "C" else None
+        label = f"{traj['mode']} seed {traj['seed']}"
+        for ax, key in zip(axes, ("to_init", "to_final", "velocity"), strict=True):
+            ax.plot(epochs, [r[key] for r in rows], "o-", ms=3, color=color, label=label)
+    for ax, title in zip(axes, ("S(k_t, k_0)", "S(k_t, k_T)", "kernel velocity"), strict=True):
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def heatmap_plot(epochs: np.ndarray, distances: np.ndarray, title: str, path: Path) -> Path:
+    """The epoch-by-epoch kernel distance matrix S(k_s, k_t) [T, T]."""
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    im = ax.imshow(distances, cmap="viridis", origin="lower")
+    labels = [f"{e:g}" for e in epochs]
+    ax.set_xticks(range(len(epochs)), labels, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(epochs)), labels, fontsize=6)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("epoch")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="kernel distance")
+    return _save(fig, path)
