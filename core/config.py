@@ -180,9 +180,9 @@ def _suggest(key: str, model: type[BaseModel] | None) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
     """The pydantic model class that owns the field at ``loc`` (for suggestions)."""
-    model: Any = ExperimentConfig
+    model: Any = root
     for part in loc[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
@@ -196,14 +196,16 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def format_errors(error: ValidationError) -> str:
-    """One line per problem: ``field.path: message``."""
+def format_errors(error: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """One line per problem: ``field.path: message``; unknown keys get a suggestion from the
+    fields of ``root`` (default ``ExperimentConfig``) at that path."""
+    root = root or ExperimentConfig
     lines = []
     for e in error.errors():
         loc = tuple(p for p in e["loc"] if p not in ("function-after",))
         path = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key{_suggest(str(loc[-1]), _model_at(loc))}")
+            lines.append(f"{path}: unknown key{_suggest(str(loc[-1]), _model_at(loc, root))}")
         else:
             lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -247,8 +249,8 @@ def config_from_dict(raw: Any, source: str = "config") -> ExperimentConfig:
         raise ConfigError(f"{source}: invalid configuration\n{format_errors(e)}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Reads a YAML experiment config and applies ``key.path=value`` overrides."""
+def read_config_file(path: str | Path, overrides: list[str] | None = None) -> Any:
+    """The YAML document at ``path`` with ``key.path=value`` overrides merged in."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -258,4 +260,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: malformed YAML ({e})") from None
     if isinstance(raw, dict):
         raw = _merge(raw, parse_overrides(overrides or []))
-    return config_from_dict(raw, str(path))
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Reads a YAML experiment config and applies ``key.path=value`` overrides."""
+    return config_from_dict(read_config_file(path, overrides), str(path))

@@ -110,9 +110,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
+    from core.config import ConfigError, read_config_file
+    from search_spaces import resolve
+    from sweep.space import parse_space
 
     try:
+        path = resolve(args.config)
+        raw = read_config_file(path, args.overrides)
+        if isinstance(raw, dict) and "sweep" in raw:
+            space = parse_space(raw, str(path))
+            print(f"{args.config}: valid sweep, {space.trial_count()} trials over "
+                  f"{', '.join(space.distributions) or 'no distributions'}")
+            return 0
         cfg = _load(args.config, args.overrides)
     except ConfigError as e:
         return _fail(str(e))

@@ -45,7 +45,7 @@ def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[T
     try:
         spec = KernelSpec.model_validate({**base, **extra.get("kernel", {})})
     except ValidationError as e:
-        lines = "\n".join(f"kernel.{line}" for line in format_errors(e).splitlines())
+        lines = "\n".join(f"kernel.{line}" for line in format_errors(e, KernelSpec).splitlines())
         raise ConfigError(f"invalid kernel settings\n{lines}") from None
     if infos:
         ds = infos[0].config.dataset

@@ -14,7 +14,8 @@ from sweep.cli import main
 
 KEYS = ["name", "seeds", "dataset", "model", "codes", "switch_points", "phase1", "phase2",
         "eval", "kernel", "fractional_checkpoints", "epochs", "lr", "eps", "iters", "norm",
-        "batch_size", "widths", "width", "phase_1", "attack", "probe_size", "dynamics", "bn"]
+        "batch_size", "widths", "width", "phase_1", "attack", "probe_size", "dynamics", "bn",
+        "sweep", "grid", "choice", "uniform", "loguniform", "randint", "num_samples", "resources"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**6),
@@ -30,7 +31,7 @@ values = st.recursive(
 configs = st.one_of(st.dictionaries(st.sampled_from(KEYS), values, max_size=6), values)
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=configs)
 def test_validate_never_raises(tmp_path_factory, capsys, raw):
@@ -56,3 +57,32 @@ def test_overrides_never_raise(tmp_path_factory, capsys, sets):
     code = main(["validate", str(path), *args])
     capsys.readouterr()
     assert code in (0, 2)
+
+
+distributions = st.builds(
+    lambda kind, args: {kind: args},
+    st.sampled_from(["grid", "choice", "uniform", "loguniform", "randint", "gird"]),
+    st.one_of(st.lists(scalars, max_size=3), scalars),
+)
+sweeps = st.fixed_dictionaries(
+    {"sweep": st.one_of(st.none(), st.dictionaries(
+        st.sampled_from(["num_samples", "metric", "mode", "scheduler", "resources", "shceduler"]),
+        values, max_size=3))},
+    optional={"phase2": st.fixed_dictionaries({}, optional={"lr": distributions,
+                                                            "epochs": distributions}),
+              "seeds": st.one_of(distributions, st.lists(st.integers(0, 3), max_size=3)),
+              "eval": st.fixed_dictionaries({}, optional={"linf": st.fixed_dictionaries(
+                  {}, optional={"iters": distributions, "eps": distributions})})},
+)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=sweeps)
+def test_validate_never_raises_on_sweeps(tmp_path_factory, capsys, raw):
+    path = tmp_path_factory.mktemp("cfg") / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["validate", str(path)])
+    out = capsys.readouterr()
+    assert code in (0, 2)
+    assert ("valid sweep" in out.out) if code == 0 else ("ntk-sweep: error:" in out.err)

@@ -1,0 +1,189 @@
+"""Sweep definitions: an experiment config whose leaves may be distributions, plus a ``sweep``
+section. Validated completely before Ray starts.
+
+A leaf is a distribution when it is a mapping with exactly one of these keys::
+
+    {grid: [v1, v2, ...]}       every value, in every trial combination (Tune grid_search)
+    {choice: [v1, v2, ...]}     one value drawn per sample
+    {uniform: [low, high]}      a float drawn uniformly
+    {loguniform: [low, high]}   a float drawn log-uniformly (0 < low)
+    {randint: [low, high]}      an integer in [low, high)
+
+``seeds: [s1, s2, ...]`` is a grid: each trial runs one seed. Every grid and choice value, and
+both ends of every range, is checked by substituting it into the experiment config, so an
+error names the field and the value (``phase2.lr.grid[2]``) before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from core.config import ConfigError, ExperimentConfig, config_from_dict, format_errors
+
+KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cpus: float = Field(1, gt=0)
+    gpus: float = Field(0, ge=0)
+
+
+class SweepSettings(BaseModel):
+    """The ``sweep`` section: how trials are sampled, scheduled and given resources."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_samples: int = Field(1, ge=1, description="samples of the random distributions")
+    metric: str = Field("robust_linf", description="what ASHA and 'best trial' compare")
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    max_concurrent_trials: int = Field(0, ge=0, description="0: as many as resources allow")
+    resources: Resources = Resources()
+
+
+@dataclass(frozen=True)
+class Distribution:
+    kind: str
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    """A parsed sweep: settings, the experiment config with distributions taken out, and the
+    distributions by dotted path."""
+
+    settings: SweepSettings
+    base: dict[str, Any]
+    distributions: dict[str, Distribution]
+
+    def trial_count(self) -> int:
+        """Trials Tune will run: the product of grid sizes times ``num_samples``."""
+        grids = [len(d.args) for d in self.distributions.values() if d.kind == "grid"]
+        return math.prod(grids) * self.settings.num_samples
+
+    def config(self, values: dict[str, Any]) -> ExperimentConfig:
+        """The experiment config of one trial, given a value for every distribution path."""
+        return config_from_dict(_substitute(self.base, values), "trial")
+
+
+def _is_distribution(node: Any) -> bool:
+    return isinstance(node, dict) and len(node) == 1 and next(iter(node)) in KINDS
+
+
+def _looks_like_misspelt_distribution(node: Any) -> str | None:
+    if isinstance(node, dict) and len(node) == 1:
+        key = str(next(iter(node)))
+        close = difflib.get_close_matches(key, KINDS, n=1, cutoff=0.75)
+        if close and key not in KINDS:
+            return close[0]
+    return None
+
+
+def _substitute(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _check_args(path: str, kind: str, args: Any) -> tuple[Any, ...]:
+    where = f"{path}.{kind}"
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{where}: expected a non-empty list, got {args!r}")
+    if kind in ("grid", "choice"):
+        return tuple(args)
+    if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool)
+                                 for a in args):
+        raise ConfigError(f"{where}: expected [low, high] numbers, got {args!r}")
+    low, high = args
+    if not low < high:
+        raise ConfigError(f"{where}: low {low} must be below high {high}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: low must be > 0 for a log-uniform range, got {low}")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise ConfigError(f"{where}: expected integers, got {args!r}")
+    return (low, high)
+
+
+def _extract(node: Any, path: str, found: dict[str, Distribution]) -> Any:
+    """Replaces distributions in ``node`` by None and records them by path."""
+    if _is_distribution(node):
+        kind, args = next(iter(node.items()))
+        found[path] = Distribution(kind, _check_args(path, kind, args))
+        return None
+    if misspelt := _looks_like_misspelt_distribution(node):
+        raise ConfigError(f"{path}: unknown distribution {next(iter(node))!r} "
+                          f"(did you mean {misspelt!r}?)")
+    if isinstance(node, dict):
+        return {k: _extract(v, f"{path}.{k}" if path else str(k), found) for k, v in node.items()}
+    return node
+
+
+def _candidates(dist: Distribution) -> list[tuple[str, Any]]:
+    """(label, value) pairs that must all give valid configs."""
+    if dist.kind in ("grid", "choice"):
+        return [(f"{dist.kind}[{i}]", v) for i, v in enumerate(dist.args)]
+    low, high = dist.args
+    return [(f"{dist.kind} low", low), (f"{dist.kind} high", high - 1 if dist.kind == "randint"
+                                                              else high)]
+
+
+def parse_space(raw: Any, source: str = "sweep") -> SweepSpace:
+    """Validates a sweep mapping completely; raises ConfigError naming the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
+    raw = dict(raw)
+    try:
+        settings = SweepSettings.model_validate(raw.pop("sweep", None) or {})
+    except ValidationError as e:
+        lines = "\n".join(f"sweep.{line}" for line in format_errors(e, SweepSettings).splitlines())
+        raise ConfigError(f"{source}: invalid sweep settings\n{lines}") from None
+    found: dict[str, Distribution] = {}
+    try:
+        base = _extract(raw, "", found)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    seeds = base.get("seeds")
+    if isinstance(seeds, list) and len(seeds) > 1 and "seeds" not in found:
+        found["seeds"] = Distribution("grid", tuple([s] for s in seeds))
+    space = SweepSpace(settings, base, found)
+    first = {p: _candidates(d)[0][1] for p, d in found.items()}
+    checks = [(None, None, None)] + [(p, label, v) for p, d in found.items()
+                                     for label, v in _candidates(d)]
+    for path, label, value in checks:
+        try:
+            space.config(first if path is None else {**first, path: value})
+        except ConfigError as e:
+            detail = str(e).split("\n", 1)[-1]
+            named = {line.split(":", 1)[0] for line in detail.splitlines()}
+            if path is None and named & set(found):
+                continue  # a distribution's value: the checks below say which
+            if path not in named:  # the fixed part of the config is wrong
+                raise ConfigError(f"{source}: invalid configuration\n{detail}") from None
+            raise ConfigError(f"{source}: {path}.{label} = {value!r} is invalid\n{detail}"
+                              ) from None
+    return space
+
+
+def to_param_space(space: SweepSpace) -> dict[str, Any]:
+    """Ray Tune's ``param_space``: one entry per distribution path (imports Ray)."""
+    from ray import tune
+
+    build = {
+        "grid": lambda a: tune.grid_search(list(a)),
+        "choice": lambda a: tune.choice(list(a)),
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+    }
+    return {path: build[d.kind](d.args) for path, d in space.distributions.items()}
