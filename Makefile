@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/ntk-sweep experiment digits-demo --out $(OUT)/demo
+	$(BIN)/ntk-sweep run quickstart --out $(OUT)/quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -16,7 +16,9 @@ a trajectory found there is continued from its latest checkpoint instead of retr
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import math
@@ -56,6 +58,18 @@ class Hooks:
     on_epoch: Callable[[str, int, dict[str, float]], None] | None = None
 
 
+@contextlib.contextmanager
+def trajectory_lock(directory: Path):
+    """An exclusive lock (``flock``) on ``<directory>.lock``, held while the block runs."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @dataclass
 class _Context:
     cfg: ExperimentConfig
@@ -67,6 +81,7 @@ class _Context:
     model: Any
     out: Path
     hooks: Hooks
+    store_root: Path
     fns: dict[str, Any] = field(default_factory=dict)
 
 
@@ -168,43 +183,44 @@ def train_phase1(
     cfg, spec = ctx.cfg, ctx.cfg.phase1
     spe = len(ctx.y_train) // spec.batch_size
     tid = trajectory_id(cfg, mode, seed)
-    store = CheckpointStore(ctx.out / "trajectories" / tid / "checkpoints")
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-    state = init_state(*init, spec.momentum, key)
-    template = state
-    ckpt_steps = checkpoint_steps(cfg, spe)
-    total = epoch_to_step(cfg.phase1_epochs, spe)
-    history: list[dict[str, float]] = []
-    stored = store.steps()
-    missing = [s for s in ckpt_steps if s not in stored]
-    # Continue from the latest checkpoint before the first one still missing (a new switch
-    # point may fall before what an earlier, shorter experiment stored).
-    done = [s for s in stored if s <= min(missing, default=total)]
-    if done:
-        state, meta = store.restore(done[-1], template)
-        history = meta["history"]
-        ctx.hooks.log(f"trajectory {tid} ({mode}, seed {seed}): continuing at step {done[-1]}")
-    (ctx.out / "trajectories" / tid / "trajectory.json").write_text(
-        json.dumps({"id": tid, "mode": mode, "seed": seed, "config": cfg.model_dump(mode="json")},
-                   indent=1)
-    )
+    # Trials of a sweep that share this trajectory wait here; the next one finds the
+    # checkpoints and trains nothing.
+    with trajectory_lock(ctx.store_root / "trajectories" / tid):
+        store = CheckpointStore(ctx.store_root / "trajectories" / tid / "checkpoints")
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
+        state = init_state(*init, spec.momentum, key)
+        template = state
+        ckpt_steps = checkpoint_steps(cfg, spe)
+        total = epoch_to_step(cfg.phase1_epochs, spe)
+        history: list[dict[str, float]] = []
+        stored = store.steps()
+        missing = [s for s in ckpt_steps if s not in stored]
+        # Continue from the latest checkpoint before the first one still missing (a new switch
+        # point may fall before what an earlier, shorter experiment stored).
+        done = [s for s in stored if s <= min(missing, default=total)]
+        if done:
+            state, meta = store.restore(done[-1], template)
+            history = meta["history"]
+            ctx.hooks.log(f"trajectory {tid} ({mode}, seed {seed}): continuing at step {done[-1]}")
+        record = {"id": tid, "mode": mode, "seed": seed, "config": cfg.model_dump(mode="json")}
+        (store.directory.parent / "trajectory.json").write_text(json.dumps(record, indent=1))
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        history.append({"epoch": epoch, **metrics})
-        if ctx.hooks.on_epoch:
-            ctx.hooks.on_epoch(f"phase1/{mode}/seed{seed}", epoch, metrics)
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            history.append({"epoch": epoch, **metrics})
+            if ctx.hooks.on_epoch:
+                ctx.hooks.on_epoch(f"phase1/{mode}/seed{seed}", epoch, metrics)
 
-    def on_checkpoint(s: TrainState, step: int) -> None:
-        meta = {"epoch": ckpt_steps[step], "exact_epoch": step / spe, "step": step, "mode": mode,
-                "seed": seed, "history": history}
-        store.save(step, s, meta)
+        def on_checkpoint(s: TrainState, step: int) -> None:
+            meta = {"epoch": ckpt_steps[step], "exact_epoch": step / spe, "step": step,
+                    "mode": mode, "seed": seed, "history": history}
+            store.save(step, s, meta)
 
-    run_phase(
-        state, None, _phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
-        flip_epoch=spec.flip_epoch, batch_size=spec.batch_size, total_steps=total,
-        checkpoint_steps=frozenset(ckpt_steps), on_checkpoint=on_checkpoint,
-        on_epoch=on_epoch, on_step=ctx.hooks.on_step,
-    )
+        run_phase(
+            state, None, _phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
+            flip_epoch=spec.flip_epoch, batch_size=spec.batch_size, total_steps=total,
+            checkpoint_steps=frozenset(ckpt_steps), on_checkpoint=on_checkpoint,
+            on_epoch=on_epoch, on_step=ctx.hooks.on_step,
+        )
     return store, spe, template
 
 
@@ -342,9 +358,14 @@ def write_results(out: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) 
 
 
 def run_experiment(
-    cfg: ExperimentConfig, out: str | Path, hooks: Hooks | None = None
+    cfg: ExperimentConfig, out: str | Path, hooks: Hooks | None = None,
+    store_root: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs the experiment and writes its tables under ``out``; returns the result rows."""
+    """Runs the experiment and writes its tables under ``out``; returns the result rows.
+
+    Phase-1 trajectories live under ``store_root/trajectories`` (default ``out``): experiments
+    given the same root share them, and never train a stored epoch again.
+    """
     hooks = hooks or Hooks()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -355,6 +376,7 @@ def run_experiment(
         cfg, data, jnp.asarray(data.x_train), jnp.asarray(data.y_train),
         data.x_test[:n_test], data.y_test[:n_test],
         make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs()), out, hooks,
+        Path(store_root) if store_root is not None else out,
     )
     hooks.planned_steps(planned_steps(cfg, len(data.y_train)))
     rows = [r for seed in cfg.seeds for r in run_seed(ctx, seed)]

@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     fea.add_argument("--steps", type=int, default=600, help="signed-gradient steps")
     fea.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="kernel settings, e.g. --set kernel.probe_size=100")
+    run = sub.add_parser("run", help="run a sweep as Ray Tune trials, recorded in MLflow")
+    run.add_argument("space", help="a sweep YAML file, or the name of a shipped one")
+    run.add_argument("--out", default=None, help="output directory (default runs/<name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a field, e.g. --set phase2.epochs=3")
     sub.add_parser("list", help="list the shipped experiment and sweep definitions")
     return parser
 
@@ -168,6 +173,39 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from core.config import ConfigError, read_config_file
+    from core.data import DataError
+    from search_spaces import resolve
+    from sweep.space import parse_space
+
+    try:
+        path = resolve(args.space)
+        space = parse_space(read_config_file(path, args.overrides), str(path))
+        _preflight(space.config({p: d.args[0] for p, d in space.distributions.items()}))
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    out = Path(args.out or Path("runs") / (space.base.get("name") or path.stem))
+    if problem := _check_writable(out):
+        return _fail(problem)
+
+    from sweep.console import stdout_console
+    from sweep.report import summary_table
+    from sweep.runner import run_sweep, sweep_rows, tracking_uri
+
+    records = run_sweep(space, out)
+    console = stdout_console()
+    console.print(summary_table(sweep_rows(out.absolute())))
+    failed = [r for r in records if r["error"]]
+    console.print(f"{len(records)} trials, {len(failed)} failed"
+                  + "".join(f"\n  failed: {r['error'][:300]}" for r in failed))
+    console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}")
+    console.print(f"plot: {out / 'switch_point.png'}")
+    console.print("open the results: .venv/bin/mlflow ui --backend-store-uri "
+                  f"{tracking_uri(out.absolute())}")
+    return 1 if failed else 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from search_spaces import FOLDER, names
 
@@ -181,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _parser().parse_args(argv)
     handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
-               "kernel": cmd_kernel, "features": cmd_features}
+               "kernel": cmd_kernel, "features": cmd_features, "run": cmd_run}
     return handler[args.command](args)
 
 

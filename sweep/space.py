@@ -69,7 +69,7 @@ class SweepSpace:
 
     def config(self, values: dict[str, Any]) -> ExperimentConfig:
         """The experiment config of one trial, given a value for every distribution path."""
-        return config_from_dict(_substitute(self.base, values), "trial")
+        return config_from_dict(substitute(self.base, values), "trial")
 
 
 def _is_distribution(node: Any) -> bool:
@@ -85,7 +85,8 @@ def _looks_like_misspelt_distribution(node: Any) -> str | None:
     return None
 
 
-def _substitute(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+def substitute(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with the value of each dotted path set."""
     out = copy.deepcopy(base)
     for path, value in values.items():
         *parents, leaf = path.split(".")

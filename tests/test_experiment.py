@@ -29,7 +29,7 @@ def test_whole_epochs_and_switch_points_name_colliding_steps():
 
 def test_a_new_earlier_switch_point_resumes_from_before_it(tmp_path):
     first = run_experiment(_cfg(switch_points=[0, 2], fractional_checkpoints=[]), tmp_path)
-    (traj,) = (tmp_path / "trajectories").iterdir()
+    (traj,) = [p for p in (tmp_path / "trajectories").iterdir() if p.is_dir()]
     assert CheckpointStore(traj / "checkpoints").steps() == [0, 4, 8]
     # Step 2 (epoch 0.5) was never stored: phase 1 reruns from step 0, deterministically.
     second = run_experiment(_cfg(switch_points=[0, 0.5, 2], fractional_checkpoints=[]), tmp_path)

@@ -1,0 +1,98 @@
+"""A real local Ray Tune sweep recorded in a real MLflow (SQLite): structure, reuse of
+phase-1 trajectories within and across sweeps."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sweep.runner import run_sweep, tracking_uri
+from sweep.space import parse_space
+
+SWEEP = {
+    "name": "tiny-sweep",
+    "dataset": {"name": "synthetic", "synthetic": {"n_train": 64, "n_test": 16, "num_classes": 3}},
+    "model": {"name": "mlp", "widths": [8]},
+    "codes": ["CC", "AC"],
+    "switch_points": [0, 1, 2],
+    "fractional_checkpoints": [],
+    "seeds": [0, 1],
+    "phase1": {"epochs": 2, "lr": 0.05, "batch_size": 16, "lr_decay_epochs": [],
+               "attack": {"eps": 0.1, "iters": 2}},
+    "phase2": {"epochs": 1, "batch_size": 16, "lr": {"grid": [0.01]}},
+    "eval": {"linf": {"eps": 0.1, "iters": 2}, "l2": None, "transfer": False},
+    "sweep": {"resources": {"cpus": 1}},
+}
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
+    space = parse_space(SWEEP)
+    records = run_sweep(space, tmp_path)
+    assert len(records) == 2 and not any(r["error"] for r in records)
+    # Per trial (one seed): a C and an A trajectory, each trained once to the longest switch
+    # point (2 epochs), although 3 switch points x 1 code use each of them.
+    assert sorted(r["phase1_epochs_trained"] for r in records) == [4, 4]
+    assert all(0 <= r["robust_linf"] <= r["accuracy"] <= 1 for r in records)
+
+    client = MlflowClient(tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("tiny-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_kind = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags.get("kind"), []).append(r)
+    (parent,) = by_kind["sweep"]
+    trials = by_kind["trial"]
+    assert len(trials) == 2
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+    switch_runs = by_kind["switch_run"]
+    assert len(switch_runs) == 2 * 2 * 3  # seeds x codes x switch points
+    trial_ids = {t.info.run_id for t in trials}
+    for run in switch_runs:
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] in trial_ids
+        assert tags["code"] in ("CC", "AC") and tags["dynamics"] == "centered"
+        assert tags["dataset"] == "synthetic" and tags["model"] == "mlp"
+        assert float(tags["switch_epoch"]) in (0, 1, 2)
+        assert "robust_linf" in run.data.metrics
+    assert len(by_kind["network"]) == 2 * 2 * 3  # the phase-1 networks at each switch point
+    # Metric histories with steps: phase-1 loss per epoch of each trajectory.
+    history = client.get_metric_history(trials[0].info.run_id, "phase1/C/s0/loss") or \
+        client.get_metric_history(trials[0].info.run_id, "phase1/C/s1/loss")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(trials[0].info.run_id)}
+    assert {"results.csv", "summary.md"} <= artifacts
+    # The sweep's summary over seeds, on the parent run and beside the sweep.
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.md", "switch_point.png"} <= parent_artifacts
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| AC | 2 | 2 |" in summary  # code AC, switch epoch 2, both seeds
+
+    # A second sweep over the same storage trains no phase-1 epoch.
+    again = run_sweep(space, tmp_path)
+    assert [r["phase1_epochs_trained"] for r in again] == [0, 0]
+    assert sorted(r["robust_linf"] for r in again) == sorted(r["robust_linf"] for r in records)
+
+
+def test_run_command_refuses_bad_sweeps_before_ray(tmp_path, capsys):
+    import ray
+    import yaml
+
+    from sweep.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP, "phase2": {"lr": {"loguniform": [0, 1]}}}))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "phase2.lr.loguniform: low must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not ray.is_initialized()
