@@ -23,6 +23,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _epoch_axis(ax, label: str, title: str) -> None:
+    """An epoch x axis on a symlog scale (epoch 0 stays visible), a title and a light grid."""
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel(label)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
     """Clean and PGD L-inf accuracy (%) against switch epoch per code, ± std over seeds.
 
@@ -42,10 +50,7 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
             label = f"{code[0]} network" if code.endswith("-") else code
             ax.errorbar(x, y, yerr=err, fmt=style + "o", ms=4, capsize=3,
                         color=CODE_STYLE.get(code), label=label)
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("switch epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax, "switch epoch", title)
     axes[0].legend(fontsize=8)
     return _save(fig, path)
 
@@ -61,10 +66,7 @@ def kernel_distance_plot(trajectories: dict[str, dict[str, Any]], path: Path) ->
         for ax, key in zip(axes, ("to_init", "to_final", "velocity"), strict=True):
             ax.plot(epochs, [r[key] for r in rows], "o-", ms=3, color=color, label=label)
     for ax, title in zip(axes, ("S(k_t, k_0)", "S(k_t, k_T)", "kernel velocity"), strict=True):
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax, "epoch", title)
     axes[0].legend(fontsize=8)
     return _save(fig, path)
 

@@ -35,13 +35,19 @@ configs = st.one_of(st.dictionaries(st.sampled_from(KEYS), values, max_size=6), 
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=configs)
 def test_validate_never_raises(tmp_path_factory, capsys, raw):
+    code, out = _validate(tmp_path_factory, capsys, raw)
+    if code == 2:
+        assert "ntk-sweep: error:" in out.err
+
+
+def _validate(tmp_path_factory, capsys, raw):
+    """Exit code and captured output of ``ntk-sweep validate`` on ``raw`` written as YAML."""
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     code = main(["validate", str(path)])
-    captured = capsys.readouterr()
+    out = capsys.readouterr()
     assert code in (0, 2)
-    if code == 2:
-        assert "ntk-sweep: error:" in captured.err
+    return code, out
 
 
 @settings(max_examples=60, deadline=None,
@@ -80,9 +86,5 @@ sweeps = st.fixed_dictionaries(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=sweeps)
 def test_validate_never_raises_on_sweeps(tmp_path_factory, capsys, raw):
-    path = tmp_path_factory.mktemp("cfg") / "s.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    code = main(["validate", str(path)])
-    out = capsys.readouterr()
-    assert code in (0, 2)
+    code, out = _validate(tmp_path_factory, capsys, raw)
     assert ("valid sweep" in out.out) if code == 0 else ("ntk-sweep: error:" in out.err)
