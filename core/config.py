@@ -117,6 +117,7 @@ class EvalSpec(_Strict):
 class KernelSpec(_Strict):
     """Empirical NTKs of phase-1 checkpoints on a class-balanced probe set (``core.ntk``)."""
 
+    enabled: bool = Field(True, description="sweeps: kernels and their measures per checkpoint")
     probe_size: int = Field(500, ge=2, description="class-balanced training images")
     probe_seed: int = Field(0, description="the probe set is shared by every trajectory")
     output: Literal["logit", "classwise", "trace", "full"] = "classwise"

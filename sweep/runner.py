@@ -93,10 +93,56 @@ def trial(config: dict[str, Any]) -> None:
         tracker.end(child)
     for name in ("results.csv", "summary.md"):
         tracker.artifact(run, trial_dir / name)
+    if cfg.kernel.enabled:
+        for path in log_kernels(tracker, run, cfg, out, trial_dir):
+            tracker.artifact(run, path)
     metrics = {**_summary_metrics(rows), "phase1_epochs_trained": trained["phase1_epochs"]}
     tracker.log(run, metrics)
     tracker.end(run)
     tune.report(metrics)
+
+
+KERNEL_MEASURES = ("to_init", "to_previous", "to_final", "velocity", "alignment",
+                   "centered_alignment", "top10_mass", "effective_rank")
+
+
+def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Path) -> list[Path]:
+    """Kernels of the trial's phase-1 trajectories at every checkpoint (computed once per
+    trajectory and stored with it), their measures as metrics ``kernel/<mode>/<measure>`` and
+    the distances between the trial's trajectories (``kernel/cross/<modes>/distance``), with
+    step = epoch x 1000; returns the plots written under ``trial_dir``."""
+    import numpy as np
+
+    from core.experiment import trajectory_id
+    from core.trajectory_kernels import (
+        compute_trajectory_kernels,
+        cross_trajectory_distances,
+        find_trajectories,
+        trajectory_measures,
+    )
+    from sweep.plots import kernel_distance_plot
+
+    seed = cfg.seeds[0]
+    ids = {trajectory_id(cfg, code[0], seed) for code in cfg.codes}
+    infos = [i for i in find_trajectories(store_root) if i.id in ids]
+    trajectories, stores = {}, {}
+    for info in infos:
+        stores[info.mode] = compute_trajectory_kernels(info, cfg.kernel)
+        first = stores[info.mode].load(stores[info.mode].epochs()[0])
+        rows = trajectory_measures(stores[info.mode], len(np.unique(first.labels)))
+        trajectories[info.id] = {"mode": info.mode, "seed": seed, "rows": rows}
+        for r in rows:
+            tracker.log(run, {f"kernel/{info.mode}/{k}": r[k] for k in KERNEL_MEASURES},
+                        step=round(1000 * r["epoch"]))
+    modes = sorted(stores)
+    for i, a in enumerate(modes):
+        for b in modes[i + 1:]:
+            for r in cross_trajectory_distances(stores[a], stores[b]):
+                tracker.log(run, {f"kernel/cross/{a}{b}/distance": r["distance"]},
+                            step=round(1000 * r["epoch"]))
+    if not trajectories:
+        return []
+    return [kernel_distance_plot(trajectories, trial_dir / "kernel_distances.png")]
 
 
 def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dict[str, Any]]:

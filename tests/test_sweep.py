@@ -21,6 +21,7 @@ SWEEP = {
                "attack": {"eps": 0.1, "iters": 2}},
     "phase2": {"epochs": 1, "batch_size": 16, "lr": {"grid": [0.01]}},
     "eval": {"linf": {"eps": 0.1, "iters": 2}, "l2": None, "transfer": False},
+    "kernel": {"probe_size": 12},
     "sweep": {"resources": {"cpus": 1}},
 }
 
@@ -71,7 +72,15 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
         client.get_metric_history(trials[0].info.run_id, "phase1/C/s1/loss")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(trials[0].info.run_id)}
-    assert {"results.csv", "summary.md"} <= artifacts
+    assert {"results.csv", "summary.md", "kernel_distances.png"} <= artifacts
+    # Kernel measures at each checkpoint (epochs 0, 1, 2), steps in milli-epochs.
+    for mode in ("C", "A"):
+        to_init = client.get_metric_history(trials[0].info.run_id, f"kernel/{mode}/to_init")
+        assert [m.step for m in to_init] == [0, 1000, 2000] and to_init[0].value < 1e-5
+        to_final = client.get_metric_history(trials[0].info.run_id, f"kernel/{mode}/to_final")
+        assert to_final[-1].value < 1e-5 and to_final[0].value > 0
+    cross = client.get_metric_history(trials[0].info.run_id, "kernel/cross/AC/distance")
+    assert len(cross) == 3 and cross[0].value < 1e-5  # same initial network for C and A
     # The sweep's summary over seeds, on the parent run and beside the sweep.
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.md", "switch_point.png"} <= parent_artifacts
