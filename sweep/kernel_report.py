@@ -15,19 +15,17 @@ from rich.table import Table
 
 from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
 from core.data import DataError, load_dataset
-from core.kernels import pairwise_distances
 from core.trajectory_kernels import (
     TrajectoryInfo,
     compute_trajectory_kernels,
     cross_trajectory_distances,
     find_trajectories,
     open_trajectory,
-    per_kernel,
     probe_set,
     trajectory_measures,
 )
 from sweep.console import stdout_console
-from sweep.plots import heatmap_plot, kernel_distance_plot
+from sweep.plots import kernel_distance_plot, trajectory_heatmap
 
 COLUMNS = ("epoch", "to_init", "to_previous", "velocity", "to_final", "alignment",
            "centered_alignment", "top10_mass", "effective_rank")
@@ -104,11 +102,9 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
     (run_dir / "kernel_measures.json").write_text(json.dumps(result, indent=1))
     plots = [kernel_distance_plot(result["trajectories"], run_dir / "kernel_distances.png")]
     for info in infos:
-        epochs, kernels = trajectories[info.id].stack()
-        output = trajectories[info.id].load(epochs[0]).meta["output"]
-        heat = pairwise_distances(per_kernel(kernels, output)).mean(axis=-1)
-        plots.append(heatmap_plot(epochs, heat, f"kernel distances, {info.mode} seed {info.seed}",
-                                  run_dir / f"kernel_heatmap_{info.mode}_seed{info.seed}.png"))
+        plots.append(trajectory_heatmap(
+            trajectories[info.id], f"kernel distances, {info.mode} seed {info.seed}",
+            run_dir / f"kernel_heatmap_{info.mode}_seed{info.seed}.png"))
     out.print("plots: " + ", ".join(str(p) for p in plots))
     with (run_dir / "kernel_measures.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))

@@ -11,6 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.kernel_store import KernelTrajectory  # noqa: E402
+from core.kernels import pairwise_distances  # noqa: E402
+from core.trajectory_kernels import per_kernel  # noqa: E402
+
 CODE_STYLE = {"CC": "tab:blue", "AC": "tab:red", "CA": "tab:green", "AA": "tab:purple",
               "C-": "tab:gray", "A-": "black"}
 
@@ -69,6 +73,14 @@ def kernel_distance_plot(trajectories: dict[str, dict[str, Any]], path: Path) ->
         _epoch_axis(ax, "epoch", title)
     axes[0].legend(fontsize=8)
     return _save(fig, path)
+
+
+def trajectory_heatmap(trajectory: KernelTrajectory, title: str, path: Path) -> Path:
+    """The heatmap of a stored kernel trajectory (class-wise distances averaged)."""
+    epochs, kernels = trajectory.stack()
+    output = trajectory.load(epochs[0]).meta["output"]
+    distances = pairwise_distances(per_kernel(kernels, output)).mean(axis=-1)
+    return heatmap_plot(epochs, distances, title, path)
 
 
 def heatmap_plot(epochs: np.ndarray, distances: np.ndarray, title: str, path: Path) -> Path:

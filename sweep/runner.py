@@ -110,7 +110,8 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
     """Kernels of the trial's phase-1 trajectories at every checkpoint (computed once per
     trajectory and stored with it), their measures as metrics ``kernel/<mode>/<measure>`` and
     the distances between the trial's trajectories (``kernel/cross/<modes>/distance``), with
-    step = epoch x 1000; returns the plots written under ``trial_dir``."""
+    step = epoch x 1000; returns the plots written under ``trial_dir`` (distance curves and
+    one epoch-by-epoch heatmap per trajectory)."""
     import numpy as np
 
     from core.experiment import trajectory_id
@@ -120,7 +121,7 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
         find_trajectories,
         trajectory_measures,
     )
-    from sweep.plots import kernel_distance_plot
+    from sweep.plots import kernel_distance_plot, trajectory_heatmap
 
     seed = cfg.seeds[0]
     ids = {trajectory_id(cfg, code[0], seed) for code in cfg.codes}
@@ -142,7 +143,11 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
                             step=round(1000 * r["epoch"]))
     if not trajectories:
         return []
-    return [kernel_distance_plot(trajectories, trial_dir / "kernel_distances.png")]
+    plots = [kernel_distance_plot(trajectories, trial_dir / "kernel_distances.png")]
+    for mode, store in stores.items():
+        plots.append(trajectory_heatmap(store, f"kernel distances, {mode} seed {seed}",
+                                        trial_dir / f"kernel_heatmap_{mode}.png"))
+    return plots
 
 
 def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dict[str, Any]]:

@@ -72,7 +72,8 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
         client.get_metric_history(trials[0].info.run_id, "phase1/C/s1/loss")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(trials[0].info.run_id)}
-    assert {"results.csv", "summary.md", "kernel_distances.png"} <= artifacts
+    assert {"results.csv", "summary.md", "kernel_distances.png", "kernel_heatmap_A.png",
+            "kernel_heatmap_C.png"} <= artifacts
     # Kernel measures at each checkpoint (epochs 0, 1, 2), steps in milli-epochs.
     for mode in ("C", "A"):
         to_init = client.get_metric_history(trials[0].info.run_id, f"kernel/{mode}/to_init")
