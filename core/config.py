@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.attacks import AttackConfig, AttackLoss, Norm
+from core.data import Dataset, load_dataset
 
 REFERENCE_FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 
@@ -39,6 +40,10 @@ class DatasetSpec(_Strict):
     name: Literal["digits", "cifar10", "cifar100", "synthetic"] = "digits"
     data_dir: str | None = None
     synthetic: SyntheticSpec = SyntheticSpec()
+
+    def load(self) -> Dataset:
+        """The dataset this spec names (synthetic data is drawn from seed 0)."""
+        return load_dataset(self.name, self.data_dir, seed=0, **self.synthetic.model_dump())
 
     @model_validator(mode="after")
     def _cifar_dir(self) -> DatasetSpec:

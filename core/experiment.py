@@ -35,7 +35,7 @@ import numpy as np
 
 from core.checkpoints import CheckpointStore
 from core.config import ExperimentConfig
-from core.data import Dataset, load_dataset
+from core.data import Dataset
 from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
 from core.evaluate import make_evaluator, make_transfer_evaluator
 from core.models import init_model, make_model
@@ -370,7 +370,7 @@ def run_experiment(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = cfg.dataset
-    data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+    data = ds.load()
     n_test = cfg.eval.max_test or len(data.y_test)
     ctx = _Context(
         cfg, data, jnp.asarray(data.x_train), jnp.asarray(data.y_train),

@@ -25,7 +25,7 @@ import numpy as np
 
 from core.checkpoints import CheckpointStore
 from core.config import ExperimentConfig, KernelSpec, config_from_dict
-from core.data import Dataset, balanced_subset, load_dataset
+from core.data import Dataset, balanced_subset
 from core.dynamics import BatchNormMode, Dynamics, make_apply_fn
 from core.kernel_store import KernelRecord, KernelTrajectory
 from core.kernels import cross_distance, summary, trajectory_distances
@@ -80,7 +80,7 @@ def open_trajectory(info: TrajectoryInfo) -> OpenTrajectory:
     """Loads the trajectory's dataset and model and opens its checkpoint store."""
     cfg = info.config
     ds = cfg.dataset
-    data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+    data = ds.load()
     model = make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs())
     params, batch_stats = init_model(model, jax.random.PRNGKey(0), data.x_train.shape[1:])
     template = init_state(params, batch_stats, cfg.phase1.momentum, jax.random.PRNGKey(0))

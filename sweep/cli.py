@@ -76,10 +76,9 @@ def _load(config: str, overrides: list[str]):
 def _preflight(cfg) -> None:
     """Checks that need the data: the dataset loads and each batch fits the training set."""
     from core.config import ConfigError
-    from core.data import load_dataset
 
     ds = cfg.dataset
-    data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+    data = ds.load()
     n = len(data.y_train)
     for phase in ("phase1", "phase2"):
         if getattr(cfg, phase).batch_size > n:

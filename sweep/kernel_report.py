@@ -14,7 +14,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
-from core.data import DataError, load_dataset
+from core.data import DataError
 from core.trajectory_kernels import (
     TrajectoryInfo,
     compute_trajectory_kernels,
@@ -47,7 +47,7 @@ def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[T
         raise ConfigError(f"invalid kernel settings\n{lines}") from None
     if infos:
         ds = infos[0].config.dataset
-        data = load_dataset(ds.name, ds.data_dir, seed=0, **ds.synthetic.model_dump())
+        data = ds.load()
         if spec.probe_size > len(data.y_train):
             raise DataError(f"kernel.probe_size: {spec.probe_size} exceeds the "
                             f"{len(data.y_train)} training images")
