@@ -136,13 +136,36 @@ class KernelSpec(_Strict):
     memory_budget_gb: float = Field(2.0, gt=0, description="per device")
 
 
+class SwitchRule(_Strict):
+    """A switch point found during phase 1 from the kernels of its checkpoints.
+
+    At each phase-1 checkpoint t >= 1 (in epoch order) the rule reads a class-wise mean measure
+    of the probe-set kernels: ``to_previous`` S(K_t, K_{t-1}) or ``velocity``
+    S(K_{t-1}, K_t) / (e_t - e_{t-1}) (``core.kernels.trajectory_distances``). It triggers at
+    the first checkpoint at epoch >= ``after`` where the measure has been below ``below`` for
+    ``checkpoints`` consecutive checkpoints; that epoch becomes a switch point. Phase 1 stops
+    there (unless a listed switch point lies later) and never runs past ``phase1.epochs``.
+    """
+
+    measure: Literal["velocity", "to_previous"] = "velocity"
+    below: float = Field(gt=0)
+    checkpoints: int = Field(1, ge=1, le=1000, description="consecutive checkpoints below")
+    after: float = Field(0, ge=0, description="the earliest epoch it may trigger at")
+
+    def label(self) -> str:
+        """A short name for tables and tags, e.g. ``velocity<0.05x3``."""
+        return f"{self.measure}<{self.below:g}x{self.checkpoints}" + (
+            f"@{self.after:g}" if self.after else "")
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seeds: tuple[int, ...] = Field((0,), min_length=1)
     dataset: DatasetSpec = DatasetSpec()
     model: ModelSpec = ModelSpec()
     codes: tuple[str, ...] = Field(("CC", "AC", "CA", "AA"), min_length=1)
-    switch_points: tuple[float, ...] = Field((0, 1, 2, 5, 10, 30), min_length=1)
+    switch_points: tuple[float, ...] = Field((0, 1, 2, 5, 10, 30))
+    switch_rule: SwitchRule | None = None
     phase1: PhaseSpec = PhaseSpec()
     phase2: Phase2Spec = Phase2Spec()
     eval: EvalSpec = EvalSpec()
@@ -166,16 +189,27 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _switch_within_phase1(self) -> ExperimentConfig:
-        last = max(self.switch_points)
+        if not self.switch_points and self.switch_rule is None:
+            raise ValueError("switch_points: give at least one switch point or a switch_rule")
+        if self.switch_rule is not None and self.phase1.epochs is None:
+            raise ValueError(
+                "phase1.epochs: required with switch_rule (the latest epoch it may switch at)"
+            )
+        last = max(self.switch_points, default=0)
         if self.phase1.epochs is not None and last > self.phase1.epochs:
             raise ValueError(
                 f"switch_points: {last} is beyond phase1.epochs = {self.phase1.epochs}"
+            )
+        rule = self.switch_rule
+        if rule is not None and self.phase1.epochs is not None and rule.after > self.phase1.epochs:
+            raise ValueError(
+                f"switch_rule.after: {rule.after} is beyond phase1.epochs = {self.phase1.epochs}"
             )
         return self
 
     @property
     def phase1_epochs(self) -> float:
-        """Epochs of phase 1: as configured, else the largest switch point."""
+        """Epochs of phase 1 at most: as configured, else the largest switch point."""
         return self.phase1.epochs if self.phase1.epochs is not None else max(self.switch_points)
 
 

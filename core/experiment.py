@@ -43,11 +43,9 @@ from core.train import TrainState, init_state, learning_rate, make_step, run_pha
 
 MODES = "CAF"
 RESULT_FIELDS = (
-    "seed", "code", "dynamics", "switch_epoch", "accuracy", "robust_linf", "robust_l2",
-    "transfer_linf", "train_loss", "train_accuracy", "seconds",
+    "seed", "code", "dynamics", "switch_epoch", "switch_rule", "accuracy", "robust_linf",
+    "robust_l2", "transfer_linf", "train_loss", "train_accuracy", "seconds",
 )
-
-
 @dataclass
 class Hooks:
     """Callbacks through which a caller watches an experiment (progress bars, logging)."""
@@ -175,18 +173,66 @@ def _evaluate(ctx: _Context, phase: str, anchor, params, batch_stats, key) -> di
     return ev(anchor, params, batch_stats, ctx.x_test, ctx.y_test, key, ctx.cfg.eval.batch_size)
 
 
-def train_phase1(
-    ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]
-) -> tuple[CheckpointStore, int, TrainState]:
-    """Trains (or continues) the phase-1 trajectory of ``mode``; returns its store and
-    steps per epoch, and a template state for restoring."""
+@dataclass
+class Phase1:
+    """A trained phase-1 trajectory: its checkpoints, steps per epoch, a template state for
+    restoring, and the epoch at which the switch rule triggered (None: no rule, or it did
+    not trigger within ``phase1.epochs``)."""
+
+    store: CheckpointStore
+    steps_per_epoch: int
+    template: TrainState
+    rule_epoch: float | None = None
+
+
+class _RuleWatch:
+    """Evaluates ``cfg.switch_rule`` at each phase-1 checkpoint from the probe-set kernels of
+    the checkpoints so far (computed once, stored with the trajectory for later measures)."""
+
+    def __init__(self, ctx: _Context, directory: Path, mode: str, seed: int, tid: str):
+        from core.trajectory_kernels import KernelRecorder
+
+        self.rule = ctx.cfg.switch_rule
+        self.recorder = KernelRecorder(directory, ctx.cfg.kernel, ctx.data, ctx.model,
+                                       {"model": ctx.cfg.model.name, "mode": mode,
+                                        "seed": seed, "trajectory": tid})
+        self.records: dict[int, Any] = {}  # step -> KernelRecord
+        self.epoch: float | None = None
+
+    def check(self, store: CheckpointStore, template: TrainState, steps: list[int],
+              state: TrainState) -> float | None:
+        """The trigger epoch over checkpoints ``steps`` (ascending, all stored; the last is
+        ``state``'s), computing the kernels still missing."""
+        from core.trajectory_kernels import switch_rule_trigger
+
+        if self.epoch is not None:
+            return self.epoch
+        for step in steps:
+            if step in self.records:
+                continue
+            meta = store.meta(step)
+            if not self.recorder.trajectory.has(meta["epoch"]):
+                at = state if step == steps[-1] else store.restore(step, template)[0]
+                self.recorder.record(at, step, meta)
+            self.records[step] = self.recorder.trajectory.load(meta["epoch"])
+        self.epoch = switch_rule_trigger([self.records[s] for s in steps], self.rule)
+        return self.epoch
+
+
+def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> Phase1:
+    """Trains (or continues) the phase-1 trajectory of ``mode`` up to the largest switch
+    point, or with a switch rule until it triggers (and the listed switch points are
+    reached) or ``phase1.epochs`` ends."""
     cfg, spec = ctx.cfg, ctx.cfg.phase1
     spe = len(ctx.y_train) // spec.batch_size
     tid = trajectory_id(cfg, mode, seed)
+    directory = ctx.store_root / "trajectories" / tid
     # Trials of a sweep that share this trajectory wait here; the next one finds the
     # checkpoints and trains nothing.
-    with trajectory_lock(ctx.store_root / "trajectories" / tid):
-        store = CheckpointStore(ctx.store_root / "trajectories" / tid / "checkpoints")
+    with trajectory_lock(directory):
+        store = CheckpointStore(directory / "checkpoints")
+        watch = _RuleWatch(ctx, directory, mode, seed, tid) if cfg.switch_rule else None
+        listed_last = epoch_to_step(max(cfg.switch_points, default=0), spe)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
         state = init_state(*init, spec.momentum, key)
         template = state
@@ -210,10 +256,15 @@ def train_phase1(
             if ctx.hooks.on_epoch:
                 ctx.hooks.on_epoch(f"phase1/{mode}/seed{seed}", epoch, metrics)
 
-        def on_checkpoint(s: TrainState, step: int) -> None:
+        def on_checkpoint(s: TrainState, step: int) -> bool:
             meta = {"epoch": ckpt_steps[step], "exact_epoch": step / spe, "step": step,
                     "mode": mode, "seed": seed, "history": history}
             store.save(step, s, meta)
+            if watch is None:
+                return False
+            triggered = watch.check(store, template, [k for k in sorted(ckpt_steps)
+                                                      if k <= step], s)
+            return triggered is not None and step >= listed_last
 
         run_phase(
             state, None, _phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
@@ -221,7 +272,14 @@ def train_phase1(
             checkpoint_steps=frozenset(ckpt_steps), on_checkpoint=on_checkpoint,
             on_epoch=on_epoch, on_step=ctx.hooks.on_step,
         )
-    return store, spe, template
+    phase1 = Phase1(store, spe, template)
+    if watch is not None:
+        phase1.rule_epoch = watch.epoch
+        rule = cfg.switch_rule.label()
+        ctx.hooks.log(f"seed {seed} {mode}: switch rule {rule} " + (
+            f"triggered at epoch {watch.epoch:g}" if watch.epoch is not None
+            else f"did not trigger within {cfg.phase1_epochs:g} epochs"))
+    return phase1
 
 
 def run_phase2(
@@ -252,8 +310,10 @@ def run_phase2(
 
 
 def _row(seed, code, dynamics, switch, metrics, train, transfer, t0) -> dict[str, Any]:
+    """One result row (the fields of ``RESULT_FIELDS``)."""
     return {
         "seed": seed, "code": code, "dynamics": dynamics, "switch_epoch": switch,
+        "switch_rule": "",
         "accuracy": metrics["accuracy"], "robust_linf": metrics["robust_linf"],
         "robust_l2": metrics.get("robust_l2", float("nan")), "transfer_linf": transfer,
         "train_loss": train.get("loss", float("nan")),
@@ -270,8 +330,15 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
     eval_key = jax.random.fold_in(root, 3)
     rows: list[dict[str, Any]] = []
     for mode1 in sorted({c[0] for c in cfg.codes}, key=MODES.index):
-        store, spe, template = train_phase1(ctx, mode1, seed, init)
-        for switch in cfg.switch_points:
+        phase1 = train_phase1(ctx, mode1, seed, init)
+        store, spe, template = phase1.store, phase1.steps_per_epoch, phase1.template
+        # switch epoch -> labels of its rows: "" for a listed switch point, the rule's label
+        # for the epoch a switch rule chose (a shared epoch is trained and evaluated once).
+        switches: dict[float, list[str]] = {e: [""] for e in cfg.switch_points}
+        if phase1.rule_epoch is not None:
+            switches.setdefault(phase1.rule_epoch, []).append(cfg.switch_rule.label())
+        for switch in sorted(switches):
+            first = len(rows)
             t0 = time.perf_counter()
             step = epoch_to_step(switch, spe)
             state, meta = store.restore(step, template)
@@ -296,6 +363,11 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
                     )
                 rows.append(_row(seed, code, cfg.phase2.dynamics, switch, metrics, train,
                                  transfer, t0))
+            labels = switches[switch]
+            made = rows[first:]
+            for r in made:
+                r["switch_rule"] = labels[0]
+            rows += [{**r, "switch_rule": label} for label in labels[1:] for r in made]
         store.close()
     return rows
 
@@ -305,18 +377,24 @@ def planned_steps(cfg: ExperimentConfig, n_train: int) -> int:
     spe1 = n_train // cfg.phase1.batch_size
     spe2 = n_train // cfg.phase2.batch_size
     phase1 = len({c[0] for c in cfg.codes}) * epoch_to_step(cfg.phase1_epochs, spe1)
-    phase2 = len(cfg.codes) * len(cfg.switch_points) * epoch_to_step(cfg.phase2.epochs, spe2)
+    switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
+    phase2 = len(cfg.codes) * switches * epoch_to_step(cfg.phase2.epochs, spe2)
     return len(cfg.seeds) * (phase1 + phase2)
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds for each (code, switch epoch)."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    """Mean and standard deviation over seeds for each (code, switch epoch), and for each
+    (code, switch rule), whose ``switch_epoch`` is the mean epoch the rule chose."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["code"], r["switch_epoch"]), []).append(r)
+        rule = r.get("switch_rule", "")
+        groups.setdefault((r["code"], rule, 0.0 if rule else r["switch_epoch"]), []).append(r)
     out = []
-    for (code, switch), rs in groups.items():
-        row: dict[str, Any] = {"code": code, "switch_epoch": switch, "seeds": len(rs)}
+    for (code, rule, switch), rs in groups.items():
+        epochs = [r["switch_epoch"] for r in rs]
+        row: dict[str, Any] = {
+            "code": code, "switch_epoch": statistics.fmean(epochs) if rule else switch,
+            "switch_epoch_std": statistics.pstdev(epochs), "switch_rule": rule, "seeds": len(rs)}
         for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
             vals = [r[k] for r in rs if not math.isnan(r[k])]
             row[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
@@ -325,17 +403,23 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def switch_label(row: dict[str, Any]) -> str:
+    """``2`` for a listed switch point; ``velocity<0.05x3 → 2.4`` for a switch rule."""
+    rule = row.get("switch_rule", "")
+    return f"{rule} → {row['switch_epoch']:.3g}" if rule else f"{row['switch_epoch']:g}"
+
+
 def summary_markdown(summary: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table: clean and PGD accuracy (%), mean ± std over seeds."""
     lines = ["| code | switch epoch | seeds | clean | PGD L-inf | PGD L2 | transfer L-inf |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(summary, key=lambda r: (MODES.index(r["code"][0]), r["code"],
-                                            r["switch_epoch"])):
+                                            r.get("switch_rule", ""), r["switch_epoch"])):
         cells = []
         for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
             mean, std = r[f"{k}_mean"], r[f"{k}_std"]
             cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
-        lines.append(f"| {r['code']} | {r['switch_epoch']:g} | {r['seeds']} | "
+        lines.append(f"| {r['code']} | {switch_label(r)} | {r['seeds']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -346,9 +430,11 @@ def write_results(out: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) 
              "markdown": out / "summary.md", "json": out / "results.json"}
     summary = summarize(rows)
     paths["markdown"].write_text(summary_markdown(summary))
-    for path, table in ((paths["results"], rows), (paths["summary"], summary)):
+    summary_fields = list(summary[0]) if summary else ["code", "switch_epoch", "seeds"]
+    for path, table, fields in ((paths["results"], rows, RESULT_FIELDS),
+                                (paths["summary"], summary, summary_fields)):
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(table)
     paths["json"].write_text(json.dumps(

@@ -148,14 +148,15 @@ def run_phase(
     batch_size: int,
     total_steps: int,
     checkpoint_steps: frozenset[int] = frozenset(),
-    on_checkpoint: Callable[[TrainState, int], None] | None = None,
+    on_checkpoint: Callable[[TrainState, int], bool | None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> TrainState:
     """Runs a phase from ``state.step`` up to ``total_steps`` minibatch steps.
 
     ``on_checkpoint(state, s)`` is called with the state after s steps for each s in
-    ``checkpoint_steps`` (including 0 and ``total_steps``); ``on_epoch(epoch, metrics)`` after
+    ``checkpoint_steps`` (including 0 and ``total_steps``); when it returns True the phase
+    stops there (a switch rule has triggered); ``on_epoch(epoch, metrics)`` after
     each completed epoch with the epoch's mean loss and accuracy.
 
     Raises:
@@ -168,8 +169,8 @@ def run_phase(
     s = int(state.step)
     batches, history = None, []
     while True:
-        if s in checkpoint_steps and on_checkpoint is not None:
-            on_checkpoint(state, s)
+        if s in checkpoint_steps and on_checkpoint is not None and on_checkpoint(state, s):
+            return state
         if s >= total_steps:
             return state
         epoch, i = divmod(s, spe)

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from core.checkpoints import CheckpointStore
-from core.config import ExperimentConfig, KernelSpec, config_from_dict
+from core.config import ExperimentConfig, KernelSpec, SwitchRule, config_from_dict
 from core.data import Dataset, balanced_subset
 from core.dynamics import BatchNormMode, Dynamics, make_apply_fn
 from core.kernel_store import KernelRecord, KernelTrajectory
@@ -87,44 +87,86 @@ def open_trajectory(info: TrajectoryInfo) -> OpenTrajectory:
     return OpenTrajectory(data, model, CheckpointStore(info.directory / "checkpoints"), template)
 
 
-def kernel_directory(info: TrajectoryInfo, spec: KernelSpec) -> Path:
+def kernel_directory(trajectory_dir: Path, spec: KernelSpec) -> Path:
     """``kernels/<output>-<hash>``: kernels of other probe sets, logits or dtypes never mix."""
     key = {k: getattr(spec, k) for k in ("probe_size", "probe_seed", "output", "logit", "dtype")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    return info.directory / "kernels" / f"{spec.output}-{digest}"
+    return Path(trajectory_dir) / "kernels" / f"{spec.output}-{digest}"
+
+
+class KernelRecorder:
+    """Computes and stores the probe-set kernel of checkpoints of one trajectory.
+
+    Used after training (``compute_trajectory_kernels``) and during phase 1 (switch rules);
+    both write the same files, so a kernel is never computed twice.
+    """
+
+    def __init__(self, trajectory_dir: Path, spec: KernelSpec, data: Dataset, model: Any,
+                 meta: dict[str, Any]):
+        self.spec = spec
+        self.indices = probe_set(data, spec)
+        self.x_probe = data.x_train[self.indices]
+        self.labels = data.y_train[self.indices]
+        self.meta = meta  # model, mode, seed, trajectory id
+        self.engine = NtkEngine(
+            make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
+            logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
+            memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype, model=model,
+        )
+        self.trajectory = KernelTrajectory(kernel_directory(trajectory_dir, spec))
+
+    def record(self, state: TrainState, step: int, checkpoint_meta: dict[str, Any]) -> None:
+        """Computes and saves the kernel of ``state`` (checkpoint ``step``) unless stored."""
+        epoch = checkpoint_meta["epoch"]
+        if self.trajectory.has(epoch):
+            return
+        kernel = self.engine(None, state.params, state.batch_stats, self.x_probe)
+        spec = self.spec
+        meta = {**self.meta, "epoch": epoch, "step": step, "output": spec.output,
+                "exact_epoch": checkpoint_meta.get("exact_epoch", epoch), "logit": spec.logit,
+                "dtype": spec.dtype, "implementation": spec.implementation}
+        self.trajectory.save(KernelRecord(kernel, self.indices, self.labels, meta))
 
 
 def compute_trajectory_kernels(
     info: TrajectoryInfo, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
 ) -> KernelTrajectory:
     """Computes (or finds already stored) the kernel at each requested phase-1 checkpoint."""
-    cfg, traj = info.config, open_trajectory(info)
-    data, model, store = traj.data, traj.model, traj.store
-    idx = probe_set(data, spec)
-    x_probe = data.x_train[idx]
-    engine = NtkEngine(
-        make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
-        logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
-        memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype, model=model,
-    )
-    trajectory = KernelTrajectory(kernel_directory(info, spec))
+    traj = open_trajectory(info)
+    recorder = KernelRecorder(info.directory, spec, traj.data, traj.model,
+                              {"model": info.config.model.name, "mode": info.mode,
+                               "seed": info.seed, "trajectory": info.id})
     wanted = None if spec.epochs is None else set(spec.epochs)
-    for step in store.steps():
-        record = store.meta(step)
+    for step in traj.store.steps():
+        record = traj.store.meta(step)
         epoch = record["epoch"]
-        if (wanted is not None and epoch not in wanted) or trajectory.has(epoch):
+        if (wanted is not None and epoch not in wanted) or recorder.trajectory.has(epoch):
             continue
-        state = traj.restore(step)
-        kernel = engine(None, state.params, state.batch_stats, x_probe)
-        meta = {"model": cfg.model.name, "epoch": epoch, "step": step, "output": spec.output,
-                "exact_epoch": record.get("exact_epoch", epoch),
-                "logit": spec.logit, "dtype": spec.dtype, "mode": info.mode, "seed": info.seed,
-                "trajectory": info.id, "implementation": spec.implementation}
-        trajectory.save(KernelRecord(kernel, idx, data.y_train[idx], meta))
+        recorder.record(traj.restore(step), step, record)
         if on_kernel is not None:
             on_kernel(epoch)
-    store.close()
-    return trajectory
+    traj.store.close()
+    return recorder.trajectory
+
+
+def switch_rule_trigger(records: list[KernelRecord], rule: SwitchRule) -> float | None:
+    """The epoch at which ``rule`` triggers on the kernels of consecutive checkpoints
+    ``records`` (ascending epochs), or None: the first checkpoint at epoch >= ``rule.after``
+    that ends a run of ``rule.checkpoints`` consecutive checkpoints (t >= 1) whose class-wise
+    mean ``rule.measure`` is below ``rule.below`` (the values ``trajectory_measures`` gives).
+    """
+    if len(records) < 2:
+        return None
+    epochs = [r.meta["epoch"] for r in records]
+    exact = np.asarray([r.meta.get("exact_epoch", r.meta["epoch"]) for r in records])
+    k = per_kernel(np.stack([r.kernel for r in records]), records[0].meta["output"])
+    values = trajectory_distances(k, exact)[rule.measure].reshape(len(records), -1).mean(axis=1)
+    run = 0
+    for t in range(1, len(records)):
+        run = run + 1 if values[t] < rule.below else 0
+        if run >= rule.checkpoints and epochs[t] >= rule.after:
+            return float(epochs[t])
+    return None
 
 
 def per_kernel(kernels: np.ndarray, output: str) -> np.ndarray:

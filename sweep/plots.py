@@ -38,15 +38,16 @@ def _epoch_axis(ax, label: str, title: str) -> None:
 def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
     """Clean and PGD L-inf accuracy (%) against switch epoch per code, ± std over seeds.
 
-    The phase-1 networks (C-, A-) are dashed; the x axis is symlog so epoch 0 is shown.
+    The phase-1 networks (C-, A-) are dashed; a switch rule's result is a star at the mean
+    epoch it chose (horizontal bar: std over seeds); the x axis is symlog so epoch 0 is shown.
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     codes = sorted({r["code"] for r in summary}, key=lambda c: (c.endswith("-"), c))
     for ax, key, title in ((axes[0], "robust_linf", "PGD L-inf accuracy (%)"),
                            (axes[1], "accuracy", "clean accuracy (%)")):
         for code in codes:
-            rows = sorted((r for r in summary if r["code"] == code),
-                          key=lambda r: r["switch_epoch"])
+            rows = sorted((r for r in summary if r["code"] == code
+                           and not r.get("switch_rule")), key=lambda r: r["switch_epoch"])
             x = [r["switch_epoch"] for r in rows]
             y = np.array([100 * r[f"{key}_mean"] for r in rows])
             err = np.array([100 * r[f"{key}_std"] for r in rows])
@@ -54,6 +55,11 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
             label = f"{code[0]} network" if code.endswith("-") else code
             ax.errorbar(x, y, yerr=err, fmt=style + "o", ms=4, capsize=3,
                         color=CODE_STYLE.get(code), label=label)
+            for r in (r for r in summary if r["code"] == code and r.get("switch_rule")):
+                ax.errorbar([r["switch_epoch"]], [100 * r[f"{key}_mean"]],
+                            yerr=[100 * r[f"{key}_std"]], xerr=[r.get("switch_epoch_std", 0)],
+                            fmt="*", ms=11, capsize=3, color=CODE_STYLE.get(code),
+                            label=f"{code} {r['switch_rule']}")
         _epoch_axis(ax, "switch epoch", title)
     axes[0].legend(fontsize=8)
     return _save(fig, path)

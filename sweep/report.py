@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from core.config import ExperimentConfig
-from core.experiment import Hooks, run_experiment, summarize
+from core.experiment import Hooks, run_experiment, summarize, switch_label
 from sweep.console import stdout_console
 
 console = Console(stderr=True)
@@ -58,10 +58,11 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="results (mean ± std over seeds, %)")
     for col in ("code", "switch", "seeds", "clean", "PGD linf", "PGD l2", "transfer linf"):
         table.add_column(col, justify="right")
-    for r in sorted(summarize(rows), key=lambda r: (r["code"], r["switch_epoch"])):
+    for r in sorted(summarize(rows),
+                    key=lambda r: (r["code"], r["switch_rule"], r["switch_epoch"])):
         n = r["seeds"]
         table.add_row(
-            r["code"], f"{r['switch_epoch']:g}", str(n),
+            r["code"], switch_label(r), str(n),
             *(_pct(r[f"{k}_mean"], r[f"{k}_std"], n)
               for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf")),
         )

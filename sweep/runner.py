@@ -82,12 +82,16 @@ def trial(config: dict[str, Any]) -> None:
         tracker.end(run, "FAILED")
         raise
     for r in rows:
+        rule = f" ({r['switch_rule']})" if r["switch_rule"] else ""
         child = tracker.start(
-            ctx["experiment_id"], f"{r['code']} t={r['switch_epoch']:g} seed {r['seed']}",
+            ctx["experiment_id"], f"{r['code']} t={r['switch_epoch']:g}{rule} seed {r['seed']}",
             {"kind": "switch_run" if not r["code"].endswith("-") else "network",
              "code": r["code"], "dynamics": r["dynamics"], "switch_epoch": r["switch_epoch"],
-             "seed": r["seed"], "dataset": cfg.dataset.name, "model": cfg.model.name},
+             "switch_rule": r["switch_rule"], "seed": r["seed"], "dataset": cfg.dataset.name,
+             "model": cfg.model.name},
             parent=run)
+        if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
+            tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
         tracker.log(child, {k: r[k] for k in ("accuracy", "robust_linf", "robust_l2",
                                               "transfer_linf") if not math.isnan(r[k])})
         tracker.end(child)

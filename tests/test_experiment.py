@@ -1,10 +1,12 @@
-"""The experiment driver: checkpoint naming, resuming trajectories, reproducibility."""
+"""The experiment driver: checkpoint naming, resuming trajectories, switch rules."""
 
 from __future__ import annotations
 
+import pytest
+
 from core.checkpoints import CheckpointStore
 from core.config import config_from_dict
-from core.experiment import checkpoint_steps, run_experiment
+from core.experiment import Hooks, checkpoint_steps, run_experiment
 
 BASE = {
     "dataset": {"name": "synthetic", "synthetic": {"n_train": 64, "n_test": 16, "num_classes": 3}},
@@ -40,3 +42,71 @@ def test_a_new_earlier_switch_point_resumes_from_before_it(tmp_path):
     same = [r for r in strip(second) if r["switch_epoch"] != 0.5]
     assert same == strip(first)
     assert {r["switch_epoch"] for r in second} == {0, 0.5, 2}
+
+
+def test_switch_rule_triggers_where_the_velocities_say(tmp_path):
+    from core.trajectory_kernels import (
+        compute_trajectory_kernels,
+        find_trajectories,
+        trajectory_measures,
+    )
+
+    common = {"codes": ["AC"], "fractional_checkpoints": [0.5, 1.5, 2.5],
+              "phase1": {**BASE["phase1"], "epochs": 4,
+                         "attack": {"eps": 0.1, "iters": 2}},
+              "kernel": {"probe_size": 12}}
+    # The reference: all of phase 1, with the velocities a sweep logs at every checkpoint.
+    ref = _cfg(**common, switch_points=[0, 4])
+    run_experiment(ref, tmp_path / "ref")
+    (info,) = find_trajectories(tmp_path / "ref")
+    rows = trajectory_measures(compute_trajectory_kernels(info, ref.kernel), 3)
+    epochs, vel = [r["epoch"] for r in rows], [r["velocity"] for r in rows]
+    # A threshold that two consecutive checkpoints meet before the last one, and the first
+    # checkpoint where they do, read plainly from the logged velocities.
+    v = min(max(vel[t - 1], vel[t]) for t in range(2, len(vel) - 1)) * (1 + 1e-6)
+    expected = next(epochs[t] for t in range(2, len(vel)) if vel[t - 1] < v and vel[t] < v)
+    assert expected < 4
+
+    rule = {"measure": "velocity", "below": v, "checkpoints": 2}
+    cfg = _cfg(**common, switch_points=[0], switch_rule=rule)
+    result = run_experiment(cfg, tmp_path / "rule")
+    label = cfg.switch_rule.label()
+    ruled = [r for r in result if r["switch_rule"] == label]
+    assert {r["code"] for r in ruled} == {"A-", "AC"}
+    assert {r["switch_epoch"] for r in ruled} == {expected}
+    # Phase 1 stopped at the trigger: nothing was trained past it.
+    (traj,) = [p for p in (tmp_path / "rule" / "trajectories").iterdir() if p.is_dir()]
+    steps = CheckpointStore(traj / "checkpoints").steps()
+    assert steps[-1] == round(expected * 4)  # 4 steps per epoch
+    assert {r["switch_epoch"] for r in result if not r["switch_rule"]} == {0}
+
+
+def test_switch_rule_that_never_triggers_runs_phase1_to_its_end(tmp_path):
+    cfg = _cfg(switch_points=[], fractional_checkpoints=[],
+               switch_rule={"measure": "to_previous", "below": 1e-12, "checkpoints": 1},
+               kernel={"probe_size": 12})
+    messages = []
+    assert run_experiment(cfg, tmp_path, Hooks(log=messages.append)) == []
+    assert any("did not trigger within 2 epochs" in m for m in messages)
+    (traj,) = [p for p in (tmp_path / "trajectories").iterdir() if p.is_dir()]
+    assert CheckpointStore(traj / "checkpoints").steps() == [0, 4, 8]
+
+
+def test_switch_rule_schema_errors():
+    from core.config import ConfigError
+
+    cases = {
+        "phase1.epochs: required with switch_rule": {
+            "phase1": {"lr": 0.05}, "switch_rule": {"below": 0.1}},
+        "switch_points: give at least one switch point or a switch_rule": {
+            "switch_points": []},
+        "switch_rule.below: Input should be greater than 0": {"switch_rule": {"below": -1}},
+        "switch_rule.measure: Input should be 'velocity' or 'to_previous'": {
+            "switch_rule": {"below": 0.1, "measure": "speed"}},
+        "switch_rule.checkpoint: unknown key (did you mean 'checkpoints'?)": {
+            "switch_rule": {"below": 0.1, "checkpoint": 2}},
+    }
+    for message, changes in cases.items():
+        with pytest.raises(ConfigError) as error:
+            _cfg(**changes)
+        assert message in str(error.value)
