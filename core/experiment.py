@@ -54,6 +54,7 @@ class Hooks:
     log: Callable[[str], None] = lambda message: None
     planned_steps: Callable[[int], None] = lambda n: None
     on_epoch: Callable[[str, int, dict[str, float]], None] | None = None
+    on_result: Callable[[dict[str, Any]], None] | None = None  # each evaluated model's row
 
 
 @contextlib.contextmanager
@@ -368,6 +369,8 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             for r in made:
                 r["switch_rule"] = labels[0]
             rows += [{**r, "switch_rule": label} for label in labels[1:] for r in made]
+            for r in rows[first:] if ctx.hooks.on_result else ():
+                ctx.hooks.on_result(r)
         store.close()
     return rows
 

@@ -89,15 +89,17 @@ def trajectory_heatmap(trajectory: KernelTrajectory, title: str, path: Path) -> 
     return heatmap_plot(epochs, distances, title, path)
 
 
-def heatmap_plot(epochs: np.ndarray, distances: np.ndarray, title: str, path: Path) -> Path:
-    """The epoch-by-epoch kernel distance matrix S(k_s, k_t) [T, T]."""
+def heatmap_plot(epochs, distances: np.ndarray, title: str, path: Path,
+                 axis: str = "epoch") -> Path:
+    """A kernel distance matrix [T, T]: epoch by epoch S(k_s, k_t), or between trajectories
+    (``epochs`` then holds their names and ``axis`` says what they are)."""
     fig, ax = plt.subplots(figsize=(5, 4.3))
     im = ax.imshow(distances, cmap="viridis", origin="lower")
-    labels = [f"{e:g}" for e in epochs]
+    labels = [f"{e:g}" if isinstance(e, int | float | np.number) else str(e) for e in epochs]
     ax.set_xticks(range(len(epochs)), labels, rotation=90, fontsize=6)
     ax.set_yticks(range(len(epochs)), labels, fontsize=6)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("epoch")
+    ax.set_xlabel(axis)
+    ax.set_ylabel(axis)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="kernel distance")
     return _save(fig, path)

@@ -42,7 +42,7 @@ def tracking_uri(out: Path) -> str:
 
 
 def _summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Means over the trial's phase-2 runs (what Tune compares), and per-code means."""
+    """Means over the trial's phase-2 runs so far (what Tune compares)."""
     phase2 = [r for r in rows if not r["code"].endswith("-")]
     out: dict[str, float] = {}
     for key in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
@@ -52,9 +52,46 @@ def _summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def trial(config: dict[str, Any]) -> None:
-    """One Ray Tune trial (runs in a Ray worker)."""
+TRIAL_STATE = "trial.json"
+
+
+def _trial_checkpoint(state: dict[str, Any]):
+    """A Tune checkpoint holding the trial's MLflow run id: a retried trial continues the
+    same run (its training state lives in the content-hashed trajectory store)."""
+    import tempfile
+
     from ray import tune
+
+    directory = Path(tempfile.mkdtemp(prefix="ntk-sweep-trial-"))
+    (directory / TRIAL_STATE).write_text(json.dumps(state))
+    return tune.Checkpoint.from_directory(str(directory))
+
+
+def _restored_state() -> dict[str, Any] | None:
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return json.loads((Path(directory) / TRIAL_STATE).read_text())
+
+
+def _run_name(r: dict[str, Any]) -> str:
+    rule = f" ({r['switch_rule']})" if r["switch_rule"] else ""
+    return f"{r['code']} t={r['switch_epoch']:g}{rule} seed {r['seed']}"
+
+
+def trial(config: dict[str, Any]) -> None:
+    """One Ray Tune trial (runs in a Ray worker).
+
+    Reports to Tune after every epoch (training loss and accuracy) and after every evaluated
+    model (running means of the evaluation metrics, ``models_evaluated``: ASHA's time axis).
+    A retried trial continues its MLflow run and logs no (metric, step) twice.
+    """
+    from ray import tune
+
+    from core.experiment import trajectory_id
 
     ctx = config[CONTEXT_KEY]
     values = {path: config[path] for path in ctx["paths"]}
@@ -62,60 +99,81 @@ def trial(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id() or "trial"
     out = Path(ctx["out"])
     tracker = Tracker(ctx["tracking_uri"])
-    tags = {"kind": "trial", "dataset": cfg.dataset.name, "model": cfg.model.name,
-            "seed": cfg.seeds[0], "trial_id": trial_id}
-    run = tracker.start(ctx["experiment_id"], trial_id, tags, parent=ctx["parent_run"])
-    tracker.params(run, {path: value for path, value in values.items()})
+    restored = _restored_state()
+    if restored is not None:
+        run = restored["run_id"]
+        tracker.reopen(run)
+        seen, children = tracker.logged(run), tracker.children(run)
+    else:
+        seed = cfg.seeds[0]
+        tags = {"kind": "trial", "dataset": cfg.dataset.name, "model": cfg.model.name,
+                "seed": seed, "trial_id": trial_id,
+                **{f"trajectory/{m}": trajectory_id(cfg, m, seed)
+                   for m in sorted({c[0] for c in cfg.codes})}}
+        run = tracker.start(ctx["experiment_id"], trial_id, tags, parent=ctx["parent_run"])
+        tracker.params(run, {path: value for path, value in values.items()})
+        seen, children = set(), {}
+        tune.report({"models_evaluated": 0}, checkpoint=_trial_checkpoint({"run_id": run}))
     trained = {"phase1_epochs": 0}
+    rows: list[dict[str, Any]] = []
 
     def on_epoch(label: str, epoch: int, metrics: dict[str, float]) -> None:
         # label: phase1/<mode>/seed<s> or phase2/<mode>/seed<s>/step<switch step>
         if label.startswith("phase1"):
             trained["phase1_epochs"] += 1
         name = label.replace("/seed", "/s").replace("/step", "/t")
-        tracker.log(run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch)
+        tracker.log(run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch, skip=seen)
+        tune.report({"stage": name, "epoch": epoch, "train_loss": metrics["loss"],
+                     "train_accuracy": metrics["accuracy"], "models_evaluated": len(rows),
+                     **_summary_metrics(rows)})
+
+    def on_result(r: dict[str, Any]) -> None:
+        rows.append(r)
+        if _run_name(r) not in children:  # a retried trial does not log a model twice
+            child = tracker.start(
+                ctx["experiment_id"], _run_name(r),
+                {"kind": "switch_run" if not r["code"].endswith("-") else "network",
+                 "code": r["code"], "dynamics": r["dynamics"], "switch_epoch": r["switch_epoch"],
+                 "switch_rule": r["switch_rule"], "seed": r["seed"],
+                 "dataset": cfg.dataset.name, "model": cfg.model.name},
+                parent=run)
+            tracker.log(child, {k: r[k] for k in ("accuracy", "robust_linf", "robust_l2",
+                                                  "transfer_linf") if not math.isnan(r[k])})
+            tracker.end(child)
+        if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
+            tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
+        tune.report({"models_evaluated": len(rows), **_summary_metrics(rows)})
 
     trial_dir = out / "trials" / trial_id
     try:
-        rows = run_experiment(cfg, trial_dir, Hooks(on_epoch=on_epoch), store_root=out)
+        run_experiment(cfg, trial_dir, Hooks(on_epoch=on_epoch, on_result=on_result),
+                       store_root=out)
     except Exception:
         tracker.end(run, "FAILED")
         raise
-    for r in rows:
-        rule = f" ({r['switch_rule']})" if r["switch_rule"] else ""
-        child = tracker.start(
-            ctx["experiment_id"], f"{r['code']} t={r['switch_epoch']:g}{rule} seed {r['seed']}",
-            {"kind": "switch_run" if not r["code"].endswith("-") else "network",
-             "code": r["code"], "dynamics": r["dynamics"], "switch_epoch": r["switch_epoch"],
-             "switch_rule": r["switch_rule"], "seed": r["seed"], "dataset": cfg.dataset.name,
-             "model": cfg.model.name},
-            parent=run)
-        if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
-            tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
-        tracker.log(child, {k: r[k] for k in ("accuracy", "robust_linf", "robust_l2",
-                                              "transfer_linf") if not math.isnan(r[k])})
-        tracker.end(child)
     for name in ("results.csv", "summary.md"):
         tracker.artifact(run, trial_dir / name)
     if cfg.kernel.enabled:
-        for path in log_kernels(tracker, run, cfg, out, trial_dir):
+        for path in log_kernels(tracker, run, cfg, out, trial_dir, seen):
             tracker.artifact(run, path)
     metrics = {**_summary_metrics(rows), "phase1_epochs_trained": trained["phase1_epochs"]}
-    tracker.log(run, metrics)
+    tracker.log(run, metrics, skip=seen)
     tracker.end(run)
-    tune.report(metrics)
+    tune.report({**metrics, "models_evaluated": len(rows), "finished": 1})
 
 
 KERNEL_MEASURES = ("to_init", "to_previous", "to_final", "velocity", "alignment",
                    "centered_alignment", "top10_mass", "effective_rank")
 
 
-def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Path) -> list[Path]:
+def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Path,
+                seen: set[tuple[str, int]] | None = None) -> list[Path]:
     """Kernels of the trial's phase-1 trajectories at every checkpoint (computed once per
     trajectory and stored with it), their measures as metrics ``kernel/<mode>/<measure>`` and
     the distances between the trial's trajectories (``kernel/cross/<modes>/distance``), with
-    step = epoch x 1000; returns the plots written under ``trial_dir`` (distance curves and
-    one epoch-by-epoch heatmap per trajectory)."""
+    step = epoch x 1000. The kernel files at the switch points and the last checkpoint (the
+    kernels phase 2 trains with) become artifacts ``kernels/<mode>/``. Returns the plots
+    written under ``trial_dir`` (distance curves, one epoch-by-epoch heatmap per trajectory)."""
     import numpy as np
 
     from core.experiment import trajectory_id
@@ -138,13 +196,16 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
         trajectories[info.id] = {"mode": info.mode, "seed": seed, "rows": rows}
         for r in rows:
             tracker.log(run, {f"kernel/{info.mode}/{k}": r[k] for k in KERNEL_MEASURES},
-                        step=round(1000 * r["epoch"]))
+                        step=round(1000 * r["epoch"]), skip=seen)
+        epochs = stores[info.mode].epochs()
+        for epoch in sorted({*cfg.switch_points, epochs[-1]} & set(epochs)):
+            tracker.artifact(run, stores[info.mode].path(epoch), f"kernels/{info.mode}")
     modes = sorted(stores)
     for i, a in enumerate(modes):
         for b in modes[i + 1:]:
             for r in cross_trajectory_distances(stores[a], stores[b]):
                 tracker.log(run, {f"kernel/cross/{a}{b}/distance": r["distance"]},
-                            step=round(1000 * r["epoch"]))
+                            step=round(1000 * r["epoch"]), skip=seen)
     if not trajectories:
         return []
     plots = [kernel_distance_plot(trajectories, trial_dir / "kernel_distances.png")]
@@ -154,9 +215,34 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
     return plots
 
 
-def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dict[str, Any]]:
-    """Runs every trial of ``space``; returns one record per trial (config values, metrics)."""
+SWEEP_STATE = "sweep.json"
+
+
+def _storage(out: Path) -> str:
+    return os.environ.get("NTK_SWEEP_STORAGE") or str(out / "ray")
+
+
+def _init_ray() -> None:
     import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=False)
+
+
+def models_per_trial(space: SweepSpace) -> int:
+    """Evaluated models of one trial (phase-1 networks and phase-2 runs), for progress."""
+    cfg = space.config({p: d.args[0] for p, d in space.distributions.items()})
+    switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
+    return switches * (len(cfg.codes) + len({c[0] for c in cfg.codes}))
+
+
+def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dict[str, Any]]:
+    """Runs every trial of ``space``; returns one record per trial (config values, metrics).
+
+    Writes ``<out>/sweep.json`` first (the space, the MLflow parent run, the Tune experiment),
+    so that ``resume_sweep`` can finish an interrupted sweep.
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -170,25 +256,72 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
     context = {"base": space.base, "paths": list(space.distributions), "out": str(out),
                "tracking_uri": tracker.uri, "experiment_id": experiment_id,
                "parent_run": parent}
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=False)
-    resources = {"cpu": settings.resources.cpus, "gpu": settings.resources.gpus}
+    state = {"name": name, "space": space.raw, "storage": _storage(out),
+             "tracking_uri": tracker.uri, "experiment_id": experiment_id, "parent_run": parent}
+    (out / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+    _init_ray()
     scheduler = None
     if settings.scheduler == "asha":
-        scheduler = ASHAScheduler(metric=settings.metric, mode=settings.mode)
+        scheduler = ASHAScheduler(time_attr="models_evaluated", metric=settings.metric,
+                                  mode=settings.mode, max_t=models_per_trial(space),
+                                  grace_period=1)
     tuner = tune.Tuner(
-        tune.with_resources(trial, resources),
+        _trainable(space),
         param_space={**to_param_space(space), CONTEXT_KEY: context},
         tune_config=tune.TuneConfig(
             num_samples=settings.num_samples, scheduler=scheduler,
             max_concurrent_trials=settings.max_concurrent_trials or None,
         ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=os.environ.get("NTK_SWEEP_STORAGE") or str(out / "ray"),
-            verbose=1, failure_config=tune.FailureConfig(max_failures=2),
-        ),
+        run_config=_run_config(space, name, state["storage"]),
     )
+    return _finish(tuner, space, out, tracker, parent)
+
+
+def _trainable(space: SweepSpace):
+    from ray import tune
+
+    resources = space.settings.resources
+    return tune.with_resources(trial, {"cpu": resources.cpus, "gpu": resources.gpus})
+
+
+def _run_config(space: SweepSpace, name: str, storage: str):
+    from ray import tune
+
+    from sweep.progress import SweepProgress
+
+    return tune.RunConfig(
+        name=name, storage_path=storage, verbose=0,
+        failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+        callbacks=[SweepProgress(space.trial_count(), models_per_trial(space),
+                                 space.settings.metric, space.settings.mode)],
+    )
+
+
+MAX_FAILURES = 3  # retries of a trial whose worker died (preemption, OOM kill, lost node)
+
+
+def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
+    """Finishes the sweep recorded in ``<out>/sweep.json``: Tune restores its experiment,
+    finished trials are kept, unfinished and failed ones run again (continuing their MLflow
+    runs and stored trajectories), and the parent run gets the summary."""
+    from ray import tune
+
+    from sweep.space import parse_space
+
+    out = out.absolute()
+    state = json.loads((out / SWEEP_STATE).read_text())
+    space = parse_space(state["space"], str(out / SWEEP_STATE))
+    tracker = Tracker(state["tracking_uri"])
+    tracker.reopen(state["parent_run"])
+    _init_ray()
+    path = f"{state['storage'].rstrip('/')}/{state['name']}"
+    tuner = tune.Tuner.restore(path, _trainable(space), resume_unfinished=True,
+                               resume_errored=True)
+    return space, _finish(tuner, space, out, tracker, state["parent_run"])
+
+
+def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
+            parent: str) -> list[dict[str, Any]]:
     try:
         grid = tuner.fit()
     except BaseException:
@@ -199,14 +332,72 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
         values = {p: result.config[p] for p in space.distributions}
         metrics = {k: v for k, v in (result.metrics or {}).items()
                    if k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf",
-                            "phase1_epochs_trained")}
+                            "phase1_epochs_trained", "models_evaluated", "finished")}
         records.append({**values, **metrics, "error": str(result.error or "")})
     tracker.log(parent, {"trials": len(records),
                          "trials_failed": sum(bool(r["error"]) for r in records)})
     for path in write_sweep_summary(out):
         tracker.artifact(parent, path)
+    for path in log_cross_trajectories(tracker, parent, out):
+        tracker.artifact(parent, path)
     tracker.end(parent)
     return records
+
+
+def log_cross_trajectories(tracker: Tracker, parent: str, out: Path) -> list[Path]:
+    """Kernel distances between the sweep's trajectories, on the parent run: for every pair
+    of trajectories (data mode x seed) of one phase-1 configuration, S(K^a_t, K^b_t) at their
+    common checkpoints as ``kernel/cross/<mode><seed>-<mode><seed>/distance`` (step = epoch x
+    1000, a configuration prefix when the sweep varies it), and one matrix plot per
+    configuration at the last common epoch. Seed vs seed shows how much of a kernel's
+    evolution is the data mode rather than the initialisation."""
+    import numpy as np
+
+    from core.experiment import trajectory_id
+    from core.kernel_store import KernelTrajectory
+    from core.trajectory_kernels import (
+        cross_trajectory_distances,
+        find_trajectories,
+        kernel_directory,
+    )
+    from sweep.plots import heatmap_plot
+
+    specs = {}  # trajectory id -> the kernel settings of a trial that used it
+    for path in sorted(out.glob("trials/*/results.json")):
+        cfg = config_from_dict(json.loads(path.read_text())["config"], str(path))
+        if cfg.kernel.enabled:
+            specs |= {trajectory_id(cfg, code[0], cfg.seeds[0]): cfg.kernel for code in cfg.codes}
+    families: dict[str, dict[str, KernelTrajectory]] = {}
+    for info in find_trajectories(out):
+        if info.id not in specs:
+            continue
+        store = KernelTrajectory(kernel_directory(info.directory, specs[info.id]))
+        if not store.epochs():
+            continue
+        # Trajectories of one family differ only in data mode and seed.
+        family = trajectory_id(info.config, "A", 0) + json.dumps(
+            specs[info.id].model_dump(mode="json"), sort_keys=True)
+        families.setdefault(family, {})[f"{info.mode}{info.seed}"] = store
+    plots = []
+    for index, (_, stores) in enumerate(sorted(families.items())):
+        names = sorted(stores)
+        if len(names) < 2:
+            continue
+        prefix = f"config{index}/" if len(families) > 1 else ""
+        matrix = np.zeros((len(names), len(names)))
+        for i, a in enumerate(names):
+            for j in range(i + 1, len(names)):
+                b = names[j]
+                rows = cross_trajectory_distances(stores[a], stores[b])
+                for r in rows:
+                    tracker.log(parent, {f"kernel/cross/{prefix}{a}-{b}/distance": r["distance"]},
+                                step=round(1000 * r["epoch"]))
+                matrix[i, j] = matrix[j, i] = rows[-1]["distance"] if rows else np.nan
+        plots.append(heatmap_plot(
+            names, matrix, "kernel distance between trajectories (last common epoch)",
+            out / f"cross_trajectory{index if len(families) > 1 else ''}.png",
+            axis="trajectory (data mode, seed)"))
+    return plots
 
 
 def sweep_rows(out: Path) -> list[dict[str, Any]]:

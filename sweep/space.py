@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,6 +61,7 @@ class SweepSpace:
     settings: SweepSettings
     base: dict[str, Any]
     distributions: dict[str, Distribution]
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)  # as written
 
     def trial_count(self) -> int:
         """Trials Tune will run: the product of grid sizes times ``num_samples``."""
@@ -143,7 +144,7 @@ def parse_space(raw: Any, source: str = "sweep") -> SweepSpace:
     """Validates a sweep mapping completely; raises ConfigError naming the field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
-    raw = dict(raw)
+    written, raw = copy.deepcopy(raw), dict(raw)
     try:
         settings = SweepSettings.model_validate(raw.pop("sweep", None) or {})
     except ValidationError as e:
@@ -157,7 +158,7 @@ def parse_space(raw: Any, source: str = "sweep") -> SweepSpace:
     seeds = base.get("seeds")
     if isinstance(seeds, list) and len(seeds) > 1 and "seeds" not in found:
         found["seeds"] = Distribution("grid", tuple([s] for s in seeds))
-    space = SweepSpace(settings, base, found)
+    space = SweepSpace(settings, base, found, written)
     first = {p: _candidates(d)[0][1] for p, d in found.items()}
     checks = [(None, None, None)] + [(p, label, v) for p, d in found.items()
                                      for label, v in _candidates(d)]

@@ -3,6 +3,7 @@ phase-1 trajectories within and across sweeps."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -15,6 +16,8 @@ SWEEP = {
     "model": {"name": "mlp", "widths": [8]},
     "codes": ["CC", "AC"],
     "switch_points": [0, 1, 2],
+    # Always true (distances are at most 2): switches at the first checkpoint after init.
+    "switch_rule": {"measure": "to_previous", "below": 10, "checkpoints": 1},
     "fractional_checkpoints": [],
     "seeds": [0, 1],
     "phase1": {"epochs": 2, "lr": 0.05, "batch_size": 16, "lr_decay_epochs": [],
@@ -57,7 +60,7 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     assert len(trials) == 2
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
     switch_runs = by_kind["switch_run"]
-    assert len(switch_runs) == 2 * 2 * 3  # seeds x codes x switch points
+    assert len(switch_runs) == 2 * 2 * 4  # seeds x codes x (3 switch points + the rule)
     trial_ids = {t.info.run_id for t in trials}
     for run in switch_runs:
         tags = run.data.tags
@@ -65,8 +68,10 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
         assert tags["code"] in ("CC", "AC") and tags["dynamics"] == "centered"
         assert tags["dataset"] == "synthetic" and tags["model"] == "mlp"
         assert float(tags["switch_epoch"]) in (0, 1, 2)
+        assert tags["switch_rule"] in ("", "to_previous<10x1")
+        assert float(tags["switch_epoch"]) == 1 or tags["switch_rule"] == ""
         assert "robust_linf" in run.data.metrics
-    assert len(by_kind["network"]) == 2 * 2 * 3  # the phase-1 networks at each switch point
+    assert len(by_kind["network"]) == 2 * 2 * 4  # the phase-1 networks at each switch
     # Metric histories with steps: phase-1 loss per epoch of each trajectory.
     history = client.get_metric_history(trials[0].info.run_id, "phase1/C/s0/loss") or \
         client.get_metric_history(trials[0].info.run_id, "phase1/C/s1/loss")
@@ -82,9 +87,30 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
         assert to_final[-1].value < 1e-5 and to_final[0].value > 0
     cross = client.get_metric_history(trials[0].info.run_id, "kernel/cross/AC/distance")
     assert len(cross) == 3 and cross[0].value < 1e-5  # same initial network for C and A
+    # The rule triggered where the logged distance to the previous kernel is below 10.
+    trial = client.get_run(trials[0].info.run_id)
+    assert trial.data.metrics["switch_rule/A/epoch"] == 1
+    to_prev = client.get_metric_history(trial.info.run_id, "kernel/A/to_previous")
+    assert [m.step for m in to_prev if m.value < 10][1] == 1000
+    # Trajectory ids as tags, kernels (switch points and last checkpoint) as artifacts.
+    assert len(trial.data.tags["trajectory/A"]) == 16
+    kernels = {a.path for a in client.list_artifacts(trial.info.run_id, "kernels/A")}
+    assert kernels == {f"kernels/A/epoch_{e:09.4f}.npz" for e in (0, 1, 2)}
+    local = client.download_artifacts(trial.info.run_id, "kernels/A/epoch_0002.0000.npz",
+                                      str(tmp_path / "download"))
+    with np.load(local, allow_pickle=False) as z:
+        assert z["kernel"].shape == (3, 12, 12)  # class-wise kernels on the probe set
+    # Seed vs seed and benign vs adversarial, on the parent (4 trajectories: 6 pairs).
+    parent_metrics = client.get_run(parent.info.run_id).data.metrics
+    pairs = {k for k in parent_metrics if k.startswith("kernel/cross/")}
+    assert pairs == {f"kernel/cross/{a}-{b}/distance" for a, b in
+                     [("A0", "A1"), ("A0", "C0"), ("A0", "C1"), ("A1", "C0"), ("A1", "C1"),
+                      ("C0", "C1")]}
+    assert parent_metrics["kernel/cross/A0-A1/distance"] > 0  # different initialisations
     # The sweep's summary over seeds, on the parent run and beside the sweep.
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.csv", "summary.md", "switch_point.png"} <= parent_artifacts
+    assert {"summary.csv", "summary.md", "switch_point.png",
+            "cross_trajectory.png"} <= parent_artifacts
     summary = (tmp_path / "summary.md").read_text()
     assert "| AC | 2 | 2 |" in summary  # code AC, switch epoch 2, both seeds
 
@@ -106,3 +132,32 @@ def test_run_command_refuses_bad_sweeps_before_ray(tmp_path, capsys):
     assert "phase2.lr.loguniform: low must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_ray_workers_log_to_a_real_mlflow_server(tmp_path, ray_local, monkeypatch):
+    from tests.servers import mlflow_server
+
+    small = {**SWEEP, "name": "server-sweep", "codes": ["CC"], "switch_rule": None,
+             "switch_points": [0, 1], "phase1": {**SWEEP["phase1"], "epochs": 1}}
+    with mlflow_server(tmp_path / "server") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        records = run_sweep(parse_space(small), tmp_path / "out")
+        assert [r["error"] for r in records] == ["", ""]
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("server-sweep")
+        assert exp.artifact_location.startswith("mlflow-artifacts:")  # served by the server
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+        assert len(trials) == 2
+        for t in trials:  # logged by Ray workers, through the server
+            history = client.get_metric_history(t.info.run_id,
+                                                f"phase1/C/s{t.data.tags['seed']}/loss")
+            assert [m.step for m in history] == [1]
+            assert t.info.status == "FINISHED" and "robust_linf" in t.data.metrics
+            names = {a.path for a in client.list_artifacts(t.info.run_id)}
+            assert {"results.csv", "summary.md", "kernel_distances.png"} <= names
+        assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 2 * 2
+    assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing went to the default store
+    stored = list((tmp_path / "server" / "artifacts").rglob("summary.md"))
+    assert len(stored) == 3  # two trials and the sweep's parent run

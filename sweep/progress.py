@@ -1,0 +1,61 @@
+"""The sweep's progress on the terminal, as a Ray Tune callback (imports Ray)."""
+
+from __future__ import annotations
+
+import time
+
+from ray.tune import Callback
+from rich.console import Console
+
+CONSOLE = Console(stderr=True, highlight=False)  # module level: Tune pickles its callbacks
+
+class SweepProgress(Callback):
+    """Progress lines on stderr: trials done and failed, the best finished trial on the
+    sweep's metric, and an ETA from the share of evaluated models (at most every 10 s, and
+    whenever a trial ends)."""
+
+    def __init__(self, trials: int, models: int, metric: str, mode: str):
+        """``trials`` of the sweep, ``models`` evaluated per trial; ``metric`` and ``mode``
+        as in the sweep settings."""
+        self.trials, self.models, self.metric, self.mode = trials, models, metric, mode
+        self.start, self.last = time.monotonic(), 0.0
+        self.progress: dict[str, float] = {}
+        self.best: tuple[float, str] | None = None
+        self.failed = 0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        done = result.get("models_evaluated", 0) / max(self.models, 1)
+        self.progress[trial.trial_id] = min(done, 1.0)
+        if result.get("finished") and self.metric in result:
+            value = result[self.metric]
+            better = self.best is None or (value > self.best[0] if self.mode == "max"
+                                           else value < self.best[0])
+            if better:
+                self.best = (value, trial.trial_id)
+        self._line(force=bool(result.get("finished")))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.progress[trial.trial_id] = 1.0
+        self._line(force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.progress[trial.trial_id] = 1.0
+        self.failed += 1
+        CONSOLE.print(f"[sweep] trial {trial.trial_id} failed (try {trial.num_failures}): "
+                           f"{trial.error_file}")
+        self._line(force=True)
+
+    def _line(self, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < 10:
+            return
+        self.last = now
+        finished = sum(v >= 1.0 for v in self.progress.values())
+        share = sum(self.progress.values()) / max(self.trials, 1)
+        elapsed = now - self.start
+        eta = f"{elapsed * (1 - share) / share:.0f} s" if share > 0 else "?"
+        best = (f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
+                if self.best else f"best {self.metric}: -")
+        CONSOLE.print(
+            f"[sweep] {finished}/{self.trials} trials done, {self.failed} failed; "
+            f"{best}; {elapsed:.0f} s elapsed, ETA {eta}")
