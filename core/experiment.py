@@ -53,6 +53,8 @@ class Hooks:
     on_step: Callable[[], None] | None = None
     log: Callable[[str], None] = lambda message: None
     planned_steps: Callable[[int], None] = lambda n: None
+    # (label, epoch, metrics) after each epoch; label phase1/<mode>/seed<s> or
+    # phase2/<code>/seed<s>/step<switch step>
     on_epoch: Callable[[str, int, dict[str, float]], None] | None = None
     on_result: Callable[[dict[str, Any]], None] | None = None  # each evaluated model's row
 
@@ -284,10 +286,11 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
 
 
 def run_phase2(
-    ctx: _Context, mode: str, seed: int, switch_step: int, anchor: Anchor
+    ctx: _Context, code: str, seed: int, switch_step: int, anchor: Anchor
 ) -> tuple[TrainState, dict[str, float]]:
-    """Phase 2 with data mode ``mode`` from the switch-point anchor; returns the final state
-    and the last epoch's training metrics."""
+    """Phase 2 of loader ``code`` (data mode ``code[1]``) from the switch-point anchor;
+    returns the final state and the last epoch's training metrics."""
+    mode = code[1]
     spec = ctx.cfg.phase2
     root = jax.random.PRNGKey(seed)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, 2), MODES.index(mode)),
@@ -298,7 +301,7 @@ def run_phase2(
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         last.update(metrics)
         if ctx.hooks.on_epoch:
-            ctx.hooks.on_epoch(f"phase2/{mode}/seed{seed}/step{switch_step}", epoch, metrics)
+            ctx.hooks.on_epoch(f"phase2/{code}/seed{seed}/step{switch_step}", epoch, metrics)
 
     state = init_state(anchor.params, anchor.batch_stats, spec.momentum, key)
     state = run_phase(
@@ -352,7 +355,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             for code in [c for c in cfg.codes if c[0] == mode1]:
                 t0 = time.perf_counter()
                 ctx.hooks.log(f"seed {seed} {code}: phase 2 from epoch {switch}")
-                final, train = run_phase2(ctx, code[1], seed, step, anchor)
+                final, train = run_phase2(ctx, code, seed, step, anchor)
                 metrics = _evaluate(ctx, "phase2", anchor, final.params, final.batch_stats,
                                     eval_key)
                 transfer = float("nan")

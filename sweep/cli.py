@@ -46,6 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output directory (default runs/<name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a field, e.g. --set phase2.epochs=3")
+    res = sub.add_parser("resume", help="finish an interrupted sweep (finished trials are kept)")
+    res.add_argument("out", help="the sweep's output directory (holds sweep.json)")
+    sta = sub.add_parser("status", help="the trials of a sweep: state, progress, metrics")
+    sta.add_argument("out", help="the sweep's output directory (holds sweep.json)")
+    rep = sub.add_parser("report", help="rebuild a sweep's tables and plots from MLflow")
+    rep.add_argument("out", nargs="?", default=None,
+                     help="the sweep's output directory (its MLflow store and experiment)")
+    rep.add_argument("--experiment", default=None, help="MLflow experiment (the sweep's name)")
+    rep.add_argument("--tracking-uri", default=None, help="default: the sweep's, or "
+                     "MLFLOW_TRACKING_URI")
+    rep.add_argument("--to", default=None, help="where to write (default <out>/report)")
+    cmp = sub.add_parser("compare", help="kernel distances between two phase-1 trajectories")
+    cmp.add_argument("run_a", help="trajectory id (prefix), directory, or <trial run id>/<mode>")
+    cmp.add_argument("run_b")
+    cmp.add_argument("--store", action="append", default=[],
+                     help="output directories to search (default runs/*)")
+    cmp.add_argument("--to", default="compare", help="where to write compare.csv/.png")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="kernel settings, e.g. --set kernel.probe_size=100")
     sub.add_parser("list", help="list the shipped experiment and sweep definitions")
     return parser
 
@@ -188,11 +207,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problem := _check_writable(out):
         return _fail(problem)
 
-    from sweep.console import stdout_console
-    from sweep.report import summary_table
-    from sweep.runner import run_sweep, sweep_rows, tracking_uri
+    from sweep.runner import run_sweep
 
     records = run_sweep(space, out)
+    return _sweep_done(out, records)
+
+
+def _sweep_done(out: Path, records: list[dict]) -> int:
+    """Prints the sweep's summary table, where its files are and how to open MLflow."""
+    from sweep.console import stdout_console
+    from sweep.report import summary_table
+    from sweep.runner import sweep_rows, tracking_uri
+
     console = stdout_console()
     console.print(summary_table(sweep_rows(out.absolute())))
     failed = [r for r in records if r["error"]]
@@ -200,9 +226,105 @@ def cmd_run(args: argparse.Namespace) -> int:
                   + "".join(f"\n  failed: {r['error'][:300]}" for r in failed))
     console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}")
     console.print(f"plot: {out / 'switch_point.png'}")
-    console.print("open the results: .venv/bin/mlflow ui --backend-store-uri "
-                  f"{tracking_uri(out.absolute())}")
+    uri = tracking_uri(out.absolute())
+    console.print(f"open the results: {uri}" if uri.startswith("http") else
+                  f"open the results: .venv/bin/mlflow ui --backend-store-uri {uri}")
     return 1 if failed else 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+    from sweep.inspect import sweep_state
+
+    out = Path(args.out)
+    try:
+        sweep_state(out)
+    except ConfigError as e:
+        return _fail(str(e))
+    from sweep.runner import resume_sweep
+
+    _, records = resume_sweep(out)
+    return _sweep_done(out, records)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from core.config import ConfigError
+    from sweep.console import stdout_console
+    from sweep.inspect import sweep_state, trial_status
+
+    out = Path(args.out)
+    try:
+        state = sweep_state(out)
+        records = trial_status(out)
+    except ConfigError as e:
+        return _fail(str(e))
+    from sweep.space import parse_space
+
+    planned = parse_space(state["space"]).trial_count()
+    table = Table(title=f"sweep {state['name']}: {len(records)} of {planned} trials started")
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    for c in columns:
+        table.add_column(c, justify="right")
+    for r in records:
+        table.add_row(*(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                        for c in columns))
+    console = stdout_console()
+    console.print(table)
+    console.print(f"MLflow: {state['tracking_uri']} (experiment {state['name']!r}, parent run "
+                  f"{state['parent_run']})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+    from sweep.console import stdout_console
+    from sweep.inspect import report, sweep_state
+    from sweep.report import summary_table
+
+    try:
+        state = sweep_state(Path(args.out)) if args.out else {}
+        uri = args.tracking_uri or state.get("tracking_uri") or os.environ.get(
+            "MLFLOW_TRACKING_URI")
+        experiment = args.experiment or state.get("name")
+        if not uri or not experiment:
+            raise ConfigError("report: give a sweep's output directory, or --experiment and "
+                              "--tracking-uri (or MLFLOW_TRACKING_URI)")
+        to = Path(args.to or Path(args.out or ".") / "report")
+        if problem := _check_writable(to):
+            return _fail(problem)
+        rows, paths = report(uri, experiment, to)
+    except ConfigError as e:
+        return _fail(str(e))
+    console = stdout_console()
+    console.print(summary_table(rows))
+    console.print("rebuilt from MLflow: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from core.config import ConfigError
+    from core.data import DataError
+    from sweep.console import stdout_console
+    from sweep.inspect import compare, resolve_trajectory
+
+    stores = [Path(s) for s in args.store] or sorted(Path("runs").glob("*/"))
+    try:
+        a = resolve_trajectory(args.run_a, stores)
+        b = resolve_trajectory(args.run_b, stores)
+        if problem := _check_writable(Path(args.to)):
+            return _fail(problem)
+        rows = compare(a, b, Path(args.to), args.overrides)
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    console = stdout_console()
+    console.print(f"kernel distance S(a_t, b_t), a = {a.name}, b = {b.name}")
+    for r in rows:
+        console.print(f"  epoch {r['epoch']:>8g}  {r['distance']:.4f}   "
+                      f"(to init: a {r['a_to_init']:.4f}, b {r['b_to_init']:.4f})")
+    console.print(f"written: {Path(args.to) / 'compare.csv'}, {Path(args.to) / 'compare.png'}")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -218,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = _parser().parse_args(argv)
     handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
-               "kernel": cmd_kernel, "features": cmd_features, "run": cmd_run}
+               "kernel": cmd_kernel, "features": cmd_features, "run": cmd_run,
+               "resume": cmd_resume, "status": cmd_status, "report": cmd_report,
+               "compare": cmd_compare}
     return handler[args.command](args)
 
 

@@ -19,7 +19,7 @@ CODE_STYLE = {"CC": "tab:blue", "AC": "tab:red", "CA": "tab:green", "AA": "tab:p
               "C-": "tab:gray", "A-": "black"}
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -27,7 +27,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _epoch_axis(ax, label: str, title: str) -> None:
+def epoch_axis(ax, label: str, title: str) -> None:
     """An epoch x axis on a symlog scale (epoch 0 stays visible), a title and a light grid."""
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel(label)
@@ -60,9 +60,9 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
                             yerr=[100 * r[f"{key}_std"]], xerr=[r.get("switch_epoch_std", 0)],
                             fmt="*", ms=11, capsize=3, color=CODE_STYLE.get(code),
                             label=f"{code} {r['switch_rule']}")
-        _epoch_axis(ax, "switch epoch", title)
+        epoch_axis(ax, "switch epoch", title)
     axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def kernel_distance_plot(trajectories: dict[str, dict[str, Any]], path: Path) -> Path:
@@ -76,9 +76,9 @@ def kernel_distance_plot(trajectories: dict[str, dict[str, Any]], path: Path) ->
         for ax, key in zip(axes, ("to_init", "to_final", "velocity"), strict=True):
             ax.plot(epochs, [r[key] for r in rows], "o-", ms=3, color=color, label=label)
     for ax, title in zip(axes, ("S(k_t, k_0)", "S(k_t, k_T)", "kernel velocity"), strict=True):
-        _epoch_axis(ax, "epoch", title)
+        epoch_axis(ax, "epoch", title)
     axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def trajectory_heatmap(trajectory: KernelTrajectory, title: str, path: Path) -> Path:
@@ -102,4 +102,4 @@ def heatmap_plot(epochs, distances: np.ndarray, title: str, path: Path,
     ax.set_ylabel(axis)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="kernel distance")
-    return _save(fig, path)
+    return save_figure(fig, path)

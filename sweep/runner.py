@@ -52,19 +52,22 @@ def _summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-TRIAL_STATE = "trial.json"
+TRIAL_STATE = "trial.json"  # in the trial's Tune checkpoint: its MLflow run id
+FINAL_STATE = "final.json"  # in <out>/trials/<trial id>/ once the trial has finished
 
 
-def _trial_checkpoint(state: dict[str, Any]):
-    """A Tune checkpoint holding the trial's MLflow run id: a retried trial continues the
-    same run (its training state lives in the content-hashed trajectory store)."""
+def _report_with_state(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """Reports to Tune with a checkpoint holding ``state`` (the trial's MLflow run id): a
+    retried or restored trial continues the same run (its training state lives in the
+    content-hashed trajectory store). Tune persists the
+    checkpoint before ``report`` returns, so the temporary directory goes away after."""
     import tempfile
 
     from ray import tune
 
-    directory = Path(tempfile.mkdtemp(prefix="ntk-sweep-trial-"))
-    (directory / TRIAL_STATE).write_text(json.dumps(state))
-    return tune.Checkpoint.from_directory(str(directory))
+    with tempfile.TemporaryDirectory(prefix="ntk-sweep-trial-") as directory:
+        (Path(directory) / TRIAL_STATE).write_text(json.dumps(state))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
 def _restored_state() -> dict[str, Any] | None:
@@ -99,6 +102,11 @@ def trial(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id() or "trial"
     out = Path(ctx["out"])
     tracker = Tracker(ctx["tracking_uri"])
+    trial_dir = out / "trials" / trial_id
+    done = trial_dir / FINAL_STATE
+    if done.is_file():  # finished before its driver went away: report, do not run again
+        tune.report(json.loads(done.read_text())["final"])
+        return
     restored = _restored_state()
     if restored is not None:
         run = restored["run_id"]
@@ -113,12 +121,11 @@ def trial(config: dict[str, Any]) -> None:
         run = tracker.start(ctx["experiment_id"], trial_id, tags, parent=ctx["parent_run"])
         tracker.params(run, {path: value for path, value in values.items()})
         seen, children = set(), {}
-        tune.report({"models_evaluated": 0}, checkpoint=_trial_checkpoint({"run_id": run}))
+        _report_with_state({"models_evaluated": 0}, {"run_id": run})
     trained = {"phase1_epochs": 0}
     rows: list[dict[str, Any]] = []
 
     def on_epoch(label: str, epoch: int, metrics: dict[str, float]) -> None:
-        # label: phase1/<mode>/seed<s> or phase2/<mode>/seed<s>/step<switch step>
         if label.startswith("phase1"):
             trained["phase1_epochs"] += 1
         name = label.replace("/seed", "/s").replace("/step", "/t")
@@ -144,7 +151,6 @@ def trial(config: dict[str, Any]) -> None:
             tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
         tune.report({"models_evaluated": len(rows), **_summary_metrics(rows)})
 
-    trial_dir = out / "trials" / trial_id
     try:
         run_experiment(cfg, trial_dir, Hooks(on_epoch=on_epoch, on_result=on_result),
                        store_root=out)
@@ -159,7 +165,11 @@ def trial(config: dict[str, Any]) -> None:
     metrics = {**_summary_metrics(rows), "phase1_epochs_trained": trained["phase1_epochs"]}
     tracker.log(run, metrics, skip=seen)
     tracker.end(run)
-    tune.report({**metrics, "models_evaluated": len(rows), "finished": 1})
+    final = {**metrics, "models_evaluated": len(rows), "finished": 1}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"run_id": run, "final": final}))
+    tmp.replace(done)  # atomic: the trial is finished once this file exists
+    tune.report(final)
 
 
 KERNEL_MEASURES = ("to_init", "to_previous", "to_final", "velocity", "alignment",
@@ -226,7 +236,7 @@ def _init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=False)
 
 

@@ -1,0 +1,207 @@
+"""``ntk-sweep status``, ``report`` and ``compare``: looking at a sweep without re-running it.
+
+* status: each trial's state in Ray Tune's experiment (read offline), its values, metric and
+  progress, and the sweep's MLflow location;
+* report: the summary table, ``switch_point.png`` and ``kernel_distances.png`` rebuilt from
+  what MLflow holds (the child runs' tags and metrics, the trials' kernel metric histories),
+  so results are reproducible from the tracking server alone;
+* compare: kernel distances S(K^a_t, K^b_t) between two stored trajectories at their common
+  checkpoints, given as trajectory ids (the ``trajectory/<mode>`` tags of trial runs), id
+  prefixes, trajectory directories or ``<trial run id>/<mode>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from core.config import ConfigError
+from sweep.runner import SWEEP_STATE
+
+METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
+
+
+def sweep_state(out: Path) -> dict[str, Any]:
+    """The ``sweep.json`` that ``ntk-sweep run`` wrote in ``out``; ConfigError if missing."""
+    path = out / SWEEP_STATE
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (expected the output directory of 'ntk-sweep run')")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def trial_status(out: Path) -> list[dict[str, Any]]:
+    """One record per trial of the sweep's Tune experiment: id, status (as Tune last saved
+    it; a killed driver leaves its running trials RUNNING), failures, whether the trial wrote
+    its results, values of the swept paths, progress and metrics (of its last report)."""
+    from ray.tune import ExperimentAnalysis
+
+    from sweep.runner import CONTEXT_KEY
+
+    state = sweep_state(out)
+    path = f"{state['storage'].rstrip('/')}/{state['name']}"
+    try:
+        analysis = ExperimentAnalysis(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{path}: no Tune experiment state ({e})") from None
+    records = []
+    for t in analysis.trials:
+        last = t.last_result or {}
+        values = {k: v for k, v in t.config.items() if k != CONTEXT_KEY}
+        results = out / "trials" / t.trial_id / "results.json"
+        records.append({"trial": t.trial_id, "status": t.status, "failures": t.num_failures,
+                        "results": "written" if results.is_file() else "-", **values,
+                        "models_evaluated": last.get("models_evaluated", 0),
+                        **{k: last[k] for k in METRICS if k in last}})
+    return records
+
+
+def mlflow_rows(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Result rows (one per evaluated model) from the child runs of a sweep's MLflow
+    experiment, and its trial runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"MLflow at {tracking_uri} has no experiment {experiment!r}")
+    runs = client.search_runs([exp.experiment_id], max_results=50_000)
+    rows = []
+    for r in runs:
+        tags, metrics = r.data.tags, r.data.metrics
+        if tags.get("kind") not in ("switch_run", "network"):
+            continue
+        rows.append({"seed": int(tags["seed"]), "code": tags["code"],
+                     "dynamics": tags["dynamics"], "switch_epoch": float(tags["switch_epoch"]),
+                     "switch_rule": tags.get("switch_rule", ""),
+                     **{k: metrics.get(k, float("nan")) for k in METRICS}})
+    trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    return rows, trials
+
+
+def report(tracking_uri: str, experiment: str, out: Path) -> tuple[list[dict], list[Path]]:
+    """Rebuilds the sweep's tables and plots from MLflow into ``out``; returns the rows and
+    the files written."""
+    from mlflow.tracking import MlflowClient
+
+    from core.experiment import summarize, summary_markdown
+    from sweep.plots import kernel_distance_plot, switch_point_plot
+
+    rows, trials = mlflow_rows(tracking_uri, experiment)
+    if not rows:
+        raise ConfigError(f"MLflow experiment {experiment!r} has no evaluated models yet")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(rows)
+    (out / "summary.md").write_text(summary_markdown(summary))
+    with (out / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    paths = [out / "summary.csv", out / "summary.md",
+             switch_point_plot(summary, out / "switch_point.png")]
+    client = MlflowClient(tracking_uri)
+    curves = {}
+    for t in trials:
+        for mode in "CAF":
+            key = f"kernel/{mode}/to_init"
+            if key not in t.data.metrics:
+                continue
+            series = {m: {h.step: h.value for h in client.get_metric_history(
+                t.info.run_id, f"kernel/{mode}/{m}")} for m in ("to_init", "to_final",
+                                                               "velocity")}
+            steps = sorted(series["to_init"])
+            curves[f"{t.info.run_id}/{mode}"] = {
+                "mode": mode, "seed": t.data.tags.get("seed", "?"),
+                "rows": [{"epoch": s / 1000, **{m: series[m].get(s, float("nan"))
+                                                for m in series}} for s in steps]}
+    if curves:
+        paths.append(kernel_distance_plot(curves, out / "kernel_distances.png"))
+    return rows, paths
+
+
+def _trajectory_dirs(stores: list[Path]) -> list[Path]:
+    return [p.parent for s in stores for p in sorted(s.glob("trajectories/*/trajectory.json"))]
+
+
+def resolve_trajectory(ref: str, stores: list[Path]) -> Path:
+    """The trajectory directory ``ref`` names (see the module docstring)."""
+    path = Path(ref)
+    if (path / "trajectory.json").is_file():
+        return path
+    if "/" in ref and not path.exists():  # <trial run id>/<mode>
+        run_id, mode = ref.rsplit("/", 1)
+        for store in stores:
+            if (store / SWEEP_STATE).is_file():
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(sweep_state(store)["tracking_uri"])
+                try:
+                    tags = client.get_run(run_id).data.tags
+                except Exception:  # noqa: BLE001 - not this store's run
+                    continue
+                if f"trajectory/{mode}" in tags:
+                    ref = tags[f"trajectory/{mode}"]
+                    break
+        else:
+            raise ConfigError(f"{ref}: no trial run with a trajectory/{mode} tag in the "
+                              f"sweeps under {', '.join(map(str, stores))}")
+    found = [d for d in _trajectory_dirs(stores) if d.name.startswith(ref)]
+    if len(found) != 1:
+        what = "no trajectory" if not found else f"{len(found)} trajectories"
+        raise ConfigError(f"{ref}: {what} with this id under "
+                          f"{', '.join(str(s) for s in stores)}/trajectories")
+    return found[0]
+
+
+def compare(dir_a: Path, dir_b: Path, out: Path, overrides: list[str]) -> list[dict[str, Any]]:
+    """Kernel distances between two trajectories (computing kernels still missing): one row
+    per common checkpoint with S(K^a_t, K^b_t) and each trajectory's S(K_t, K_0); writes
+    ``compare.csv`` and ``compare.png`` into ``out``."""
+    import matplotlib.pyplot as plt
+
+    from core.trajectory_kernels import (
+        compute_trajectory_kernels,
+        cross_trajectory_distances,
+        find_trajectories,
+        trajectory_measures,
+    )
+    from sweep.kernel_report import kernel_spec
+    from sweep.plots import epoch_axis, save_figure
+
+    infos = []
+    for d in (dir_a, dir_b):
+        (info,) = [i for i in find_trajectories(d.parent.parent) if i.directory == d]
+        infos.append(info)
+    a, b = infos
+    if a.config.dataset != b.config.dataset:
+        raise ConfigError(f"{a.id} and {b.id} were trained on different datasets; their "
+                          "kernels are not on the same probe set")
+    spec, _ = kernel_spec(a.directory.parent.parent, overrides)
+    ka, kb = (compute_trajectory_kernels(i, spec) for i in infos)
+    cross = {r["epoch"]: r["distance"] for r in cross_trajectory_distances(ka, kb)}
+    if not cross:
+        raise ConfigError(f"{a.id} and {b.id} have no checkpoint epoch in common")
+    num_classes = len(set(ka.load(ka.epochs()[0]).labels.tolist()))
+    init = [{r["epoch"]: r["to_init"] for r in trajectory_measures(k, num_classes)}
+            for k in (ka, kb)]
+    rows = [{"epoch": e, "distance": d, "a_to_init": init[0][e], "b_to_init": init[1][e]}
+            for e, d in sorted(cross.items())]
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["distance"] for r in rows], "o-", color="black",
+            label=f"S(a_t, b_t)  a={a.mode} seed {a.seed}, b={b.mode} seed {b.seed}")
+    ax.plot(epochs, [r["a_to_init"] for r in rows], "--", label="S(a_t, a_0)")
+    ax.plot(epochs, [r["b_to_init"] for r in rows], "--", label="S(b_t, b_0)")
+    epoch_axis(ax, "epoch", f"kernel distance, {a.id} vs {b.id}")
+    ax.legend(fontsize=7)
+    save_figure(fig, out / "compare.png")
+    return rows

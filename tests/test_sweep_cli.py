@@ -1,0 +1,123 @@
+"""The sweep commands end to end, as a user runs them: ``run`` killed mid-sweep (SIGKILL of
+the driver's process group), then ``status``, ``resume``, ``report`` and ``compare``."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.servers import BIN
+from tests.test_sweep import SWEEP
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_ADDRESS": "",
+       "MLFLOW_TRACKING_URI": "", "NTK_SWEEP_STORAGE": ""}
+
+
+def ntk_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ntk-sweep"), *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+def _ray_processes(session_dir_marker: Path) -> list[int]:
+    """PIDs of processes whose command line mentions ``marker`` (the run's temp dir)."""
+    out = subprocess.run(["pgrep", "-f", str(session_dir_marker)], capture_output=True,
+                         text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.slow
+def test_killed_driver_then_status_resume_report_compare(tmp_path):
+    space = {**SWEEP, "name": "cli-sweep", "seeds": [0, 1, 2], "switch_rule": None,
+             "sweep": {"resources": {"cpus": 1}, "max_concurrent_trials": 1}}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out = tmp_path / "out"
+    # The killed driver's Ray session lives here (short: Ray's socket paths are limited).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    env = {**ENV, "RAY_TMPDIR": str(ray_tmp)}
+    driver = subprocess.Popen([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("trials/*/final.json")):  # a trial has finished
+            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in 300 s"
+            time.sleep(0.5)
+        time.sleep(1.0)  # let the finished trial's last report reach the driver
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    for pid in _ray_processes(ray_tmp):  # Ray daemons of the dead driver, if any survived
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    finished_before = {p.parent.name: (p.parent / "results.json").stat().st_mtime_ns
+                       for p in out.glob("trials/*/final.json")}
+    assert 1 <= len(finished_before) < 3
+
+    status = ntk_sweep("status", str(out))
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"cli-sweep: [123] of 3 trials started", status.stdout), status.stdout
+    assert status.stdout.count("written") == len(finished_before)
+
+    resumed = ntk_sweep("resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "3 trials, 0 failed" in resumed.stdout
+    # Finished trials were not run again; every trial has its results now.
+    for trial, mtime in finished_before.items():
+        assert (out / "trials" / trial / "results.json").stat().st_mtime_ns == mtime
+    assert len(list(out.glob("trials/*/results.json"))) == 3
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cli-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    assert sorted(r.data.tags["seed"] for r in trials) == ["0", "1", "2"]  # one run per trial
+    assert all(r.info.status == "FINISHED" for r in trials)
+    for r in trials:  # no metric step logged twice, interrupted or not
+        for key in r.data.metrics:
+            steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (r.data.tags["seed"], key, steps)
+    switch_runs = [r for r in runs if r.data.tags.get("kind") == "switch_run"]
+    assert len(switch_runs) == 3 * 2 * 3  # seeds x codes x switch points, none twice
+
+    # The report rebuilt from MLflow alone equals the one written from the trial files.
+    report = ntk_sweep("report", str(out))
+    assert report.returncode == 0, report.stderr
+    assert (out / "report" / "summary.md").read_text() == (out / "summary.md").read_text()
+    assert (out / "report" / "kernel_distances.png").stat().st_size > 0
+
+    # compare: trajectories named by trial run id and data mode, as MLflow shows them.
+    by_seed = {r.data.tags["seed"]: r.info.run_id for r in trials}
+    compared = ntk_sweep("compare", f"{by_seed['0']}/C", f"{by_seed['1']}/C", "--store",
+                         str(out), "--to", str(tmp_path / "cmp"))
+    assert compared.returncode == 0, compared.stderr
+    with (tmp_path / "cmp" / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["epoch"]) for r in rows] == [0, 1, 2]
+    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
+    history = client.get_metric_history(parent.info.run_id, "kernel/cross/C0-C1/distance")
+    assert [round(float(r["distance"]), 5) for r in rows] == \
+        [round(m.value, 5) for m in sorted(history, key=lambda m: m.step)]
+
+
+def test_sweep_commands_name_what_is_missing(tmp_path):
+    for command in ("status", "resume", "report"):
+        result = ntk_sweep(command, str(tmp_path))
+        assert result.returncode == 2
+        assert f"{tmp_path}/sweep.json: not found" in result.stderr
+    result = ntk_sweep("compare", "abc123", "def456", "--store", str(tmp_path))
+    assert result.returncode == 2 and "abc123: no trajectory with this id" in result.stderr
+    assert sys.executable  # the commands ran from this environment's bin
