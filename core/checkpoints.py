@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
+from core.timing import timed
+
 State = TypeVar("State")
 
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -36,11 +38,13 @@ class CheckpointStore:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Writes ``state`` and JSON-serialisable ``meta`` as checkpoint ``step`` (idempotent)."""
-        if step in self.steps():
-            return
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
+        with timed("checkpoint"):
+            if step in self.steps():
+                return
+            args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta))
+            self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
 
     def restore(self, step: int, like: State) -> tuple[State, dict[str, Any]]:
         """Restores checkpoint ``step`` into the structure of ``like`` (arrays or shape structs)."""
@@ -48,7 +52,8 @@ class CheckpointStore:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
         )
-        restored = self._manager.restore(step, args=args)
+        with timed("checkpoint"):
+            restored = self._manager.restore(step, args=args)
         return restored.state, restored.meta
 
     def meta(self, step: int) -> dict[str, Any]:

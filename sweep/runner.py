@@ -21,11 +21,13 @@ import json
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 from core.config import config_from_dict
 from core.experiment import Hooks, run_experiment
+from core.timing import since, snapshot, timed
 from sweep.space import SweepSpace, substitute, to_param_space
 from sweep.tracking import Tracker
 
@@ -65,9 +67,16 @@ def _report_with_state(metrics: dict[str, Any], state: dict[str, Any]) -> None:
 
     from ray import tune
 
-    with tempfile.TemporaryDirectory(prefix="ntk-sweep-trial-") as directory:
+    with timed("report"), tempfile.TemporaryDirectory(prefix="ntk-sweep-trial-") as directory:
         (Path(directory) / TRIAL_STATE).write_text(json.dumps(state))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def _report(metrics: dict[str, Any]) -> None:
+    from ray import tune
+
+    with timed("report"):
+        tune.report(metrics)
 
 
 def _restored_state() -> dict[str, Any] | None:
@@ -96,6 +105,7 @@ def trial(config: dict[str, Any]) -> None:
 
     from core.experiment import trajectory_id
 
+    started, before = time.perf_counter(), snapshot()
     ctx = config[CONTEXT_KEY]
     values = {path: config[path] for path in ctx["paths"]}
     cfg = config_from_dict(substitute(ctx["base"], values), "trial")
@@ -105,7 +115,7 @@ def trial(config: dict[str, Any]) -> None:
     trial_dir = out / "trials" / trial_id
     done = trial_dir / FINAL_STATE
     if done.is_file():  # finished before its driver went away: report, do not run again
-        tune.report(json.loads(done.read_text())["final"])
+        _report(json.loads(done.read_text())["final"])
         return
     restored = _restored_state()
     if restored is not None:
@@ -130,7 +140,7 @@ def trial(config: dict[str, Any]) -> None:
             trained["phase1_epochs"] += 1
         name = label.replace("/seed", "/s").replace("/step", "/t")
         tracker.log(run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch, skip=seen)
-        tune.report({"stage": name, "epoch": epoch, "train_loss": metrics["loss"],
+        _report({"stage": name, "epoch": epoch, "train_loss": metrics["loss"],
                      "train_accuracy": metrics["accuracy"], "models_evaluated": len(rows),
                      **_summary_metrics(rows)})
 
@@ -149,7 +159,7 @@ def trial(config: dict[str, Any]) -> None:
             tracker.end(child)
         if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
             tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
-        tune.report({"models_evaluated": len(rows), **_summary_metrics(rows)})
+        _report({"models_evaluated": len(rows), **_summary_metrics(rows)})
 
     try:
         run_experiment(cfg, trial_dir, Hooks(on_epoch=on_epoch, on_result=on_result),
@@ -162,14 +172,17 @@ def trial(config: dict[str, Any]) -> None:
     if cfg.kernel.enabled:
         for path in log_kernels(tracker, run, cfg, out, trial_dir, seen):
             tracker.artifact(run, path)
-    metrics = {**_summary_metrics(rows), "phase1_epochs_trained": trained["phase1_epochs"]}
+    spent = since(before)
+    metrics = {**_summary_metrics(rows), "phase1_epochs_trained": trained["phase1_epochs"],
+               "time/trial_s": time.perf_counter() - started,
+               **{f"time/{k}_s": spent.get(k, 0.0) for k in ("mlflow", "checkpoint", "report")}}
     tracker.log(run, metrics, skip=seen)
     tracker.end(run)
     final = {**metrics, "models_evaluated": len(rows), "finished": 1}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps({"run_id": run, "final": final}))
     tmp.replace(done)  # atomic: the trial is finished once this file exists
-    tune.report(final)
+    _report(final)
 
 
 KERNEL_MEASURES = ("to_init", "to_previous", "to_final", "velocity", "alignment",
@@ -342,7 +355,8 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
         values = {p: result.config[p] for p in space.distributions}
         metrics = {k: v for k, v in (result.metrics or {}).items()
                    if k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf",
-                            "phase1_epochs_trained", "models_evaluated", "finished")}
+                            "phase1_epochs_trained", "models_evaluated", "finished")
+                   or k.startswith("time/")}
         records.append({**values, **metrics, "error": str(result.error or "")})
     tracker.log(parent, {"trials": len(records),
                          "trials_failed": sum(bool(r["error"]) for r in records)})

@@ -10,7 +10,27 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from core.timing import timed
+
 PARENT_TAG = "mlflow.parentRunId"
+
+
+class _TimedClient:
+    """``MlflowClient`` whose calls add to the ``mlflow`` wall-time total."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with timed("mlflow"):
+                return attr(*args, **kwargs)
+
+        return call
 
 
 class Tracker:
@@ -18,7 +38,7 @@ class Tracker:
 
     def __init__(self, tracking_uri: str):
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = _TimedClient(MlflowClient(tracking_uri=tracking_uri))
 
     @property
     def local(self) -> bool:
