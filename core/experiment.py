@@ -389,17 +389,21 @@ def planned_steps(cfg: ExperimentConfig, n_train: int) -> int:
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds for each (code, switch epoch), and for each
-    (code, switch rule), whose ``switch_epoch`` is the mean epoch the rule chose."""
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    """Mean and standard deviation over seeds for each (variant, code, switch epoch), and for
+    each (variant, code, switch rule), whose ``switch_epoch`` is the mean epoch the rule chose.
+    A row's ``variant`` (sweeps: the trial's sampled values other than the seed, e.g.
+    ``phase1.attack.eps=0.1``) is empty for a single experiment."""
+    groups: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
     for r in rows:
         rule = r.get("switch_rule", "")
-        groups.setdefault((r["code"], rule, 0.0 if rule else r["switch_epoch"]), []).append(r)
+        key = (r.get("variant", ""), r["code"], rule, 0.0 if rule else r["switch_epoch"])
+        groups.setdefault(key, []).append(r)
     out = []
-    for (code, rule, switch), rs in groups.items():
+    for (variant, code, rule, switch), rs in groups.items():
         epochs = [r["switch_epoch"] for r in rs]
         row: dict[str, Any] = {
-            "code": code, "switch_epoch": statistics.fmean(epochs) if rule else switch,
+            "variant": variant, "code": code,
+            "switch_epoch": statistics.fmean(epochs) if rule else switch,
             "switch_epoch_std": statistics.pstdev(epochs), "switch_rule": rule, "seeds": len(rs)}
         for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
             vals = [r[k] for r in rs if not math.isnan(r[k])]
@@ -416,16 +420,22 @@ def switch_label(row: dict[str, Any]) -> str:
 
 
 def summary_markdown(summary: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table: clean and PGD accuracy (%), mean ± std over seeds."""
+    """The summary as a Markdown table: clean and PGD accuracy (%), mean ± std over seeds
+    (with a first column naming the variant when the rows come from a sweep that varies one)."""
+    variants = any(r.get("variant") for r in summary)
     lines = ["| code | switch epoch | seeds | clean | PGD L-inf | PGD L2 | transfer L-inf |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(summary, key=lambda r: (MODES.index(r["code"][0]), r["code"],
-                                            r.get("switch_rule", ""), r["switch_epoch"])):
+    if variants:
+        lines = ["| variant " + lines[0], "|---" + lines[1]]
+    for r in sorted(summary, key=lambda r: (r.get("variant", ""), MODES.index(r["code"][0]),
+                                            r["code"], r.get("switch_rule", ""),
+                                            r["switch_epoch"])):
         cells = []
         for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
             mean, std = r[f"{k}_mean"], r[f"{k}_std"]
             cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
-        lines.append(f"| {r['code']} | {switch_label(r)} | {r['seeds']} | "
+        lines.append((f"| {r['variant']} " if variants else "")
+                     + f"| {r['code']} | {switch_label(r)} | {r['seeds']} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -65,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--to", default="compare", help="where to write compare.csv/.png")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="kernel settings, e.g. --set kernel.probe_size=100")
+    k8s = sub.add_parser("k8s", help="Kubernetes manifests (KubeRay RayJob) for a sweep")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    ren = k8s_sub.add_parser("render", help="print a ConfigMap and a RayJob running SPACE")
+    ren.add_argument("space", help="a sweep YAML file, or the name of a shipped one")
+    ren.add_argument("--image", required=True, help="the ntk-sweep image (see Dockerfile)")
+    ren.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY=VALUE", help="override a field of the sweep")
+    ren.add_argument("--max-workers", type=int, default=4, help="autoscaling upper bound")
+    ren.add_argument("--worker-cpus", type=int, default=None,
+                     help="CPUs per worker pod (default: 4, or 8 with GPUs)")
+    ren.add_argument("--worker-memory", default=None, help="default 16Gi, or 48Gi with GPUs")
     sub.add_parser("list", help="list the shipped experiment and sweep definitions")
     return parser
 
@@ -225,7 +236,9 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
     console.print(f"{len(records)} trials, {len(failed)} failed"
                   + "".join(f"\n  failed: {r['error'][:300]}" for r in failed))
     console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}")
-    console.print(f"plot: {out / 'switch_point.png'}")
+    plots = [out / "switch_point.png", *sorted(out.glob("cross_trajectory*.png")),
+             *sorted(out.glob("trials/*/kernel_distances.png"))]
+    console.print("plots:" + "".join(f"\n  {p}" for p in plots if p.is_file()))
     uri = tracking_uri(out.absolute())
     console.print(f"open the results: {uri}" if uri.startswith("http") else
                   f"open the results: .venv/bin/mlflow ui --backend-store-uri {uri}")
@@ -327,6 +340,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_k8s(args: argparse.Namespace) -> int:
+    import math
+
+    import yaml
+
+    from core.config import ConfigError, read_config_file
+    from search_spaces import resolve
+    from sweep.k8s import dump, render_sweep
+    from sweep.space import parse_space
+
+    try:
+        path = resolve(args.space)
+        raw = read_config_file(path, args.overrides)
+        space = parse_space(raw, str(path))
+        if args.max_workers < 1:
+            raise ConfigError(f"--max-workers: expected at least 1, got {args.max_workers}")
+    except ConfigError as e:
+        return _fail(str(e))
+    gpus = math.ceil(space.settings.resources.gpus)
+    print(dump(render_sweep(
+        path.stem, yaml.safe_dump(raw, sort_keys=False) if args.overrides else path.read_text(),
+        args.image, gpus_per_worker=gpus, max_workers=args.max_workers,
+        worker_cpus=args.worker_cpus or (8 if gpus else 4),
+        worker_memory=args.worker_memory or ("48Gi" if gpus else "16Gi"),
+    )), end="")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from search_spaces import FOLDER, names
 
@@ -342,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
                "kernel": cmd_kernel, "features": cmd_features, "run": cmd_run,
                "resume": cmd_resume, "status": cmd_status, "report": cmd_report,
-               "compare": cmd_compare}
+               "compare": cmd_compare, "k8s": cmd_k8s}
     return handler[args.command](args)
 
 

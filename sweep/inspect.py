@@ -17,8 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from core.config import ConfigError
-from sweep.runner import SWEEP_STATE
+from sweep.runner import SWEEP_STATE, format_variant
+from sweep.tracking import PARENT_TAG
 
 METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
 
@@ -70,16 +73,21 @@ def mlflow_rows(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]
     if exp is None:
         raise ConfigError(f"MLflow at {tracking_uri} has no experiment {experiment!r}")
     runs = client.search_runs([exp.experiment_id], max_results=50_000)
+    trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    # A trial's params are its sampled values (as strings); its variant is all but the seed.
+    variants = {t.info.run_id: format_variant({k: yaml.safe_load(v)
+                                               for k, v in t.data.params.items()})
+                for t in trials}
     rows = []
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics
         if tags.get("kind") not in ("switch_run", "network"):
             continue
-        rows.append({"seed": int(tags["seed"]), "code": tags["code"],
+        rows.append({"variant": variants.get(tags.get(PARENT_TAG), ""),
+                     "seed": int(tags["seed"]), "code": tags["code"],
                      "dynamics": tags["dynamics"], "switch_epoch": float(tags["switch_epoch"]),
                      "switch_rule": tags.get("switch_rule", ""),
                      **{k: metrics.get(k, float("nan")) for k in METRICS}})
-    trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
     return rows, trials
 
 

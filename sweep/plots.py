@@ -40,28 +40,38 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
 
     The phase-1 networks (C-, A-) are dashed; a switch rule's result is a star at the mean
     epoch it chose (horizontal bar: std over seeds); the x axis is symlog so epoch 0 is shown.
+    A sweep that varies other values than the seed gets one line per code and variant, the
+    variants told apart by marker and shade.
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     codes = sorted({r["code"] for r in summary}, key=lambda c: (c.endswith("-"), c))
+    variants = sorted({r.get("variant", "") for r in summary})
+    markers = "osD^vP<>X"
     for ax, key, title in ((axes[0], "robust_linf", "PGD L-inf accuracy (%)"),
                            (axes[1], "accuracy", "clean accuracy (%)")):
         for code in codes:
-            rows = sorted((r for r in summary if r["code"] == code
-                           and not r.get("switch_rule")), key=lambda r: r["switch_epoch"])
-            x = [r["switch_epoch"] for r in rows]
-            y = np.array([100 * r[f"{key}_mean"] for r in rows])
-            err = np.array([100 * r[f"{key}_std"] for r in rows])
-            style = "--" if code.endswith("-") else "-"
-            label = f"{code[0]} network" if code.endswith("-") else code
-            ax.errorbar(x, y, yerr=err, fmt=style + "o", ms=4, capsize=3,
-                        color=CODE_STYLE.get(code), label=label)
-            for r in (r for r in summary if r["code"] == code and r.get("switch_rule")):
-                ax.errorbar([r["switch_epoch"]], [100 * r[f"{key}_mean"]],
-                            yerr=[100 * r[f"{key}_std"]], xerr=[r.get("switch_epoch_std", 0)],
-                            fmt="*", ms=11, capsize=3, color=CODE_STYLE.get(code),
-                            label=f"{code} {r['switch_rule']}")
+            for v, variant in enumerate(variants):
+                mine = [r for r in summary if r["code"] == code and r.get("variant", "") ==
+                        variant]
+                rows = sorted((r for r in mine if not r.get("switch_rule")),
+                              key=lambda r: r["switch_epoch"])
+                x = [r["switch_epoch"] for r in rows]
+                y = np.array([100 * r[f"{key}_mean"] for r in rows])
+                err = np.array([100 * r[f"{key}_std"] for r in rows])
+                style = "--" if code.endswith("-") else "-"
+                label = f"{code[0]} network" if code.endswith("-") else code
+                label += f" {variant}" if variant else ""
+                shade = 1.0 - 0.6 * v / max(len(variants) - 1, 1)
+                ax.errorbar(x, y, yerr=err, fmt=style + markers[v % len(markers)], ms=4,
+                            capsize=3, color=CODE_STYLE.get(code), alpha=shade, label=label)
+                for r in (r for r in mine if r.get("switch_rule")):
+                    ax.errorbar([r["switch_epoch"]], [100 * r[f"{key}_mean"]],
+                                yerr=[100 * r[f"{key}_std"]],
+                                xerr=[r.get("switch_epoch_std", 0)], fmt="*", ms=11, capsize=3,
+                                color=CODE_STYLE.get(code), alpha=shade,
+                                label=f"{label} {r['switch_rule']}")
         epoch_axis(ax, "switch epoch", title)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=6 if len(variants) > 2 else 8)
     return save_figure(fig, path)
 
 

@@ -7,7 +7,9 @@ import time
 from ray.tune import Callback
 from rich.console import Console
 
-CONSOLE = Console(stderr=True, highlight=False)  # module level: Tune pickles its callbacks
+# Module level: Tune pickles its callbacks, and a Console holds a lock.
+CONSOLE = Console(stderr=True, highlight=False, markup=False)
+
 
 class SweepProgress(Callback):
     """Progress lines on stderr: trials done and failed, the best finished trial on the

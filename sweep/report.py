@@ -56,13 +56,16 @@ def _pct(mean: float, std: float, seeds: int) -> str:
 def summary_table(rows: list[dict[str, Any]]) -> Table:
     """Clean, PGD L-inf, PGD L2 and transfer accuracy (%) per code and switch epoch."""
     table = Table(title="results (mean ± std over seeds, %)")
-    for col in ("code", "switch", "seeds", "clean", "PGD linf", "PGD l2", "transfer linf"):
+    summary = summarize(rows)
+    variants = any(r["variant"] for r in summary)
+    for col in ("variant",) * variants + ("code", "switch", "seeds", "clean", "PGD linf",
+                                          "PGD l2", "transfer linf"):
         table.add_column(col, justify="right")
-    for r in sorted(summarize(rows),
-                    key=lambda r: (r["code"], r["switch_rule"], r["switch_epoch"])):
+    for r in sorted(summary, key=lambda r: (r["variant"], r["code"], r["switch_rule"],
+                                            r["switch_epoch"])):
         n = r["seeds"]
         table.add_row(
-            r["code"], switch_label(r), str(n),
+            *(r["variant"],) * variants, r["code"], switch_label(r), str(n),
             *(_pct(r[f"{k}_mean"], r[f"{k}_std"], n)
               for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf")),
         )

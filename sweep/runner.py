@@ -56,6 +56,19 @@ def _summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 TRIAL_STATE = "trial.json"  # in the trial's Tune checkpoint: its MLflow run id
 FINAL_STATE = "final.json"  # in <out>/trials/<trial id>/ once the trial has finished
+VARIANT_FILE = "variant.json"  # in <out>/trials/<trial id>/: its sampled values but the seed
+
+
+def format_variant(values: dict[str, Any]) -> str:
+    """``phase1.attack.eps=0.1, phase2.lr=0.01``: a trial's sampled values but the seed."""
+    return ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}"
+                     for p, v in sorted(values.items()) if p != "seeds")
+
+
+def variant_label(trial_dir: Path) -> str:
+    """The ``format_variant`` of the trial whose directory is ``trial_dir``."""
+    path = trial_dir / VARIANT_FILE
+    return format_variant(json.loads(path.read_text()) if path.is_file() else {})
 
 
 def _report_with_state(metrics: dict[str, Any], state: dict[str, Any]) -> None:
@@ -161,6 +174,9 @@ def trial(config: dict[str, Any]) -> None:
             tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
         _report({"models_evaluated": len(rows), **_summary_metrics(rows)})
 
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / VARIANT_FILE).write_text(json.dumps(
+        {p: v for p, v in values.items() if p != "seeds"}))
     try:
         run_experiment(cfg, trial_dir, Hooks(on_epoch=on_epoch, on_result=on_result),
                        store_root=out)
@@ -381,33 +397,37 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path) -> list[Pat
     from core.kernel_store import KernelTrajectory
     from core.trajectory_kernels import (
         cross_trajectory_distances,
-        find_trajectories,
         kernel_directory,
     )
     from sweep.plots import heatmap_plot
 
-    specs = {}  # trajectory id -> the kernel settings of a trial that used it
+    # One family per phase-1 configuration and kernel setting (what a trial varies apart from
+    # the seed): its trajectories differ only in data mode and seed.
+    families: dict[str, dict[str, KernelTrajectory]] = {}
+    labels: dict[str, str] = {}
     for path in sorted(out.glob("trials/*/results.json")):
         cfg = config_from_dict(json.loads(path.read_text())["config"], str(path))
-        if cfg.kernel.enabled:
-            specs |= {trajectory_id(cfg, code[0], cfg.seeds[0]): cfg.kernel for code in cfg.codes}
-    families: dict[str, dict[str, KernelTrajectory]] = {}
-    for info in find_trajectories(out):
-        if info.id not in specs:
+        if not cfg.kernel.enabled:
             continue
-        store = KernelTrajectory(kernel_directory(info.directory, specs[info.id]))
-        if not store.epochs():
-            continue
-        # Trajectories of one family differ only in data mode and seed.
-        family = trajectory_id(info.config, "A", 0) + json.dumps(
-            specs[info.id].model_dump(mode="json"), sort_keys=True)
-        families.setdefault(family, {})[f"{info.mode}{info.seed}"] = store
+        family = json.dumps([cfg.dataset.model_dump(mode="json"),
+                             cfg.model.model_dump(mode="json"),
+                             cfg.phase1.model_dump(mode="json", exclude={"epochs"}),
+                             cfg.kernel.model_dump(mode="json")], sort_keys=True)
+        labels.setdefault(family, variant_label(path.parent))
+        seed = cfg.seeds[0]
+        for mode in sorted({c[0] for c in cfg.codes}):
+            directory = out / "trajectories" / trajectory_id(cfg, mode, seed)
+            store = KernelTrajectory(kernel_directory(directory, cfg.kernel))
+            if store.epochs():
+                families.setdefault(family, {})[f"{mode}{seed}"] = store
     plots = []
-    for index, (_, stores) in enumerate(sorted(families.items())):
+    for index, (family, stores) in enumerate(sorted(families.items())):
         names = sorted(stores)
         if len(names) < 2:
             continue
         prefix = f"config{index}/" if len(families) > 1 else ""
+        if prefix:  # metric names cannot hold the variant ('='): a tag says which it is
+            tracker.tags(parent, {f"kernel/cross/config{index}": labels[family]})
         matrix = np.zeros((len(names), len(names)))
         for i, a in enumerate(names):
             for j in range(i + 1, len(names)):
@@ -418,17 +438,19 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path) -> list[Pat
                                 step=round(1000 * r["epoch"]))
                 matrix[i, j] = matrix[j, i] = rows[-1]["distance"] if rows else np.nan
         plots.append(heatmap_plot(
-            names, matrix, "kernel distance between trajectories (last common epoch)",
+            names, matrix, "kernel distance between trajectories (last common epoch)"
+            + (f"\n{labels[family]}" if labels[family] else ""),
             out / f"cross_trajectory{index if len(families) > 1 else ''}.png",
             axis="trajectory (data mode, seed)"))
     return plots
 
 
 def sweep_rows(out: Path) -> list[dict[str, Any]]:
-    """Every result row of every finished trial under ``out/trials``."""
+    """Every result row of every finished trial under ``out/trials``, with its ``variant``."""
     rows = []
     for path in sorted(out.glob("trials/*/results.json")):
-        rows += json.loads(path.read_text())["rows"]
+        variant = variant_label(path.parent)
+        rows += [{**r, "variant": variant} for r in json.loads(path.read_text())["rows"]]
     return rows
 
 

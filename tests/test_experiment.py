@@ -110,3 +110,22 @@ def test_switch_rule_schema_errors():
         with pytest.raises(ConfigError) as error:
             _cfg(**changes)
         assert message in str(error.value)
+
+
+def test_summary_keeps_sweep_variants_apart():
+    from core.experiment import summarize, summary_markdown
+
+    def row(variant, seed, robust):
+        return {"variant": variant, "seed": seed, "code": "AC", "switch_epoch": 2.0,
+                "switch_rule": "", "accuracy": 0.9, "robust_linf": robust,
+                "robust_l2": float("nan"), "transfer_linf": float("nan")}
+
+    rows = [row("phase1.attack.eps=0.1", 0, 0.1), row("phase1.attack.eps=0.1", 1, 0.3),
+            row("phase1.attack.eps=0.3", 0, 0.5)]
+    summary = sorted(summarize(rows), key=lambda r: r["variant"])
+    assert [(r["variant"], r["seeds"]) for r in summary] == [("phase1.attack.eps=0.1", 2),
+                                                             ("phase1.attack.eps=0.3", 1)]
+    assert summary[0]["robust_linf_mean"] == pytest.approx(0.2)
+    table = summary_markdown(summary)
+    assert table.splitlines()[0].startswith("| variant | code |")
+    assert "| phase1.attack.eps=0.3 | AC | 2 | 1 | 90.0 ± 0.0 | 50.0 ± 0.0 |" in table
