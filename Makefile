@@ -1,4 +1,4 @@
-# make demo: install and run the default experiment end to end.
+# make demo: install and run the default sweep (quickstart) end to end.
 # make test: install and run the test suite (what CI runs through .ci/run).
 PYTHON ?= python3.11
 VENV   := .venv
@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= runs
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean postgres
 
 install: $(STAMP)
 
@@ -21,7 +21,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/ntk-sweep run quickstart --out $(OUT)/quickstart
 
-test: install
+# The multi-node test starts its own PostgreSQL server on loopback; install the Debian package
+# when no server program is found (as root, or through sudo).
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; \
+	then :; else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; \
+	fi
+
+test: install postgres
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -29,6 +38,8 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/attack.py --quick
+	$(BIN)/python benchmarks/ntk.py --quick
+	$(BIN)/python benchmarks/sweep.py --quick
 
 clean:
 	rm -rf $(VENV) $(OUT)

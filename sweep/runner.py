@@ -136,9 +136,12 @@ def trial(config: dict[str, Any]) -> None:
         tracker.reopen(run)
         seen, children = tracker.logged(run), tracker.children(run)
     else:
+        import ray
+
         seed = cfg.seeds[0]
         tags = {"kind": "trial", "dataset": cfg.dataset.name, "model": cfg.model.name,
                 "seed": seed, "trial_id": trial_id,
+                "ray_node": ray.get_runtime_context().get_node_id(),
                 **{f"trajectory/{m}": trajectory_id(cfg, m, seed)
                    for m in sorted({c[0] for c in cfg.codes})}}
         run = tracker.start(ctx["experiment_id"], trial_id, tags, parent=ctx["parent_run"])

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -69,3 +73,85 @@ def mlflow_server(directory: Path, backend_uri: str | None = None) -> Iterator[s
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(process)
+
+
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: on PATH, else the newest Debian install."""
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: install PostgreSQL ('make test' does)")
+    return found
+
+
+@contextlib.contextmanager
+def postgres_server(database: str = "mlflow") -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust authentication, loopback only) with
+    an empty ``database``; yields its libpq URI (SQLAlchemy, as MLflow's backend store:
+    ``postgresql+psycopg2://...``). As root, the server runs as the
+    ``postgres`` user (PostgreSQL refuses root)."""
+    directory = Path(tempfile.mkdtemp(prefix="pg", dir="/tmp"))  # short: socket paths
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(directory, "postgres")
+    port = free_port()
+    data = directory / "data"
+    pg_ctl = [*as_user, _postgres_bin("pg_ctl"), "-D", str(data)]
+    subprocess.run([*as_user, _postgres_bin("initdb"), "-D", str(data), "-U", "ntk",
+                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={directory}"
+    started = False
+    try:
+        subprocess.run([*pg_ctl, "-o", options, "-l", str(directory / "log"), "-w", "start"],
+                       check=True, capture_output=True, timeout=120)
+        started = True
+        import psycopg2
+
+        connection = psycopg2.connect(host="127.0.0.1", port=port, user="ntk", dbname="postgres")
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {database}")
+        connection.close()
+        yield f"postgresql://ntk@127.0.0.1:{port}/{database}"
+    finally:
+        if started:
+            subprocess.run([*pg_ctl, "-m", "immediate", "-w", "stop"], capture_output=True,
+                           timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of processes whose command line contains ``text``."""
+    out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+@contextlib.contextmanager
+def ray_cluster(nodes: int = 2, cpus: int = 1) -> Iterator[dict[str, str]]:
+    """A real Ray cluster on this machine, started with ``ray start``: a head and
+    ``nodes - 1`` more nodes of ``cpus`` CPUs each, token-authenticated. Yields the
+    environment a driver needs (``RAY_ADDRESS``, the token); every Ray process it started is
+    killed at the end."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are limited
+    env = {**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    port = free_port()
+    common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats"]
+    try:
+        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}",
+                        "--include-dashboard=false", f"--temp-dir={temp}", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        for _ in range(nodes - 1):
+            subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *common],
+                           env=env, check=True, capture_output=True, timeout=180)
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    finally:
+        for _ in range(3):
+            pids = processes_mentioning(temp)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if not pids:
+                break
+            time.sleep(1)
+        shutil.rmtree(temp, ignore_errors=True)

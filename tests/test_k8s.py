@@ -22,13 +22,28 @@ K8S_VERSION = "1.37.0"
 OVERLAYS = ["kind", "gpu"]
 
 
+def strict(schema: dict) -> dict:
+    """The schema with unknown fields refused, as ``kubectl apply`` does by default
+    (``--validate=strict``), except where the CRD preserves unknown fields."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if ("properties" in schema and "additionalProperties" not in schema
+                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
 def crd_schema(kind: str) -> dict:
     path = CRDS / f"ray.io_{kind.lower()}s.yaml"
     if not path.is_file():
         pytest.skip(f"{path} is not here (the KubeRay CRDs are shared reference data)")
     crd = yaml.safe_load(path.read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return version["schema"]["openAPIV3Schema"]
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: the API server's
+    return schema
 
 
 def validate(doc: dict) -> None:
@@ -95,7 +110,7 @@ def test_overlays_render_to_valid_resources(overlay):
     worker = workers["template"]["spec"]["containers"][0]
     (mlflow,) = [d for d in docs if d["kind"] == "Deployment"]
     args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert "--backend-store-uri=postgresql://" in args and "--serve-artifacts" in args
+    assert "--backend-store-uri=postgresql+psycopg2://" in args and "--serve-artifacts" in args
     storage = next(d for d in docs if d["metadata"]["name"] == "ntk-sweep-storage")
     if overlay == "gpu":
         assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -119,6 +134,12 @@ def test_validation_is_real():
     job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"] = "w"
     job["spec"]["shutdownAfterJobFinishes"] = "yes"
     with pytest.raises(jsonschema.ValidationError):
+        validate(job)
+    job["spec"]["shutdownAfterJobFinishes"] = True
+    validate(job)
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "resource"] = {}  # a misspelt field inside the pod template
+    with pytest.raises(jsonschema.ValidationError, match="resource"):
         validate(job)
     (deployment,) = [d for d in build(ROOT / "k8s" / "base") if d["kind"] == "Deployment"]
     deployment["spec"]["template"]["spec"]["containers"][0]["cpuLimit"] = 2

@@ -1,0 +1,62 @@
+"""The cluster path on loopback: a real two-node Ray cluster (``ray start`` twice), a real
+PostgreSQL server and a real ``mlflow server`` on it; ``ntk-sweep run`` reaches the cluster
+through ``RAY_ADDRESS`` and logs through the server, as on Kubernetes."""
+
+from __future__ import annotations
+
+import subprocess
+
+import psycopg2
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.servers import BIN, mlflow_server, postgres_server, processes_mentioning, ray_cluster
+from tests.test_sweep import SWEEP
+
+
+@pytest.mark.slow
+def test_sweep_on_two_ray_nodes_logs_to_postgres_backed_mlflow(tmp_path):
+    space = {**SWEEP, "name": "cluster-sweep", "switch_rule": None, "codes": ["CC", "AC"],
+             "switch_points": [0, 1], "phase1": {**SWEEP["phase1"], "epochs": 1}}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    with postgres_server() as database, \
+            mlflow_server(tmp_path / "mlflow", backend_uri=database.replace(
+                "postgresql://", "postgresql+psycopg2://")) as uri, \
+            ray_cluster(nodes=2, cpus=1) as env:
+        temp = env["RAY_TMPDIR"]
+        assert len(processes_mentioning(f"{temp}/")) > 0  # the cluster is up
+        done = subprocess.run(
+            [str(BIN / "ntk-sweep"), "run", str(path), "--out", str(tmp_path / "out")],
+            env={**env, "MLFLOW_TRACKING_URI": uri, "NTK_SWEEP_STORAGE": ""},
+            capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert "2 trials, 0 failed" in done.stdout
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("cluster-sweep")
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+        assert len(trials) == 2
+        # One CPU per node and one per trial: the two trials ran side by side, one per node.
+        assert len({t.data.tags["ray_node"] for t in trials}) == 2
+        for t in trials:
+            assert t.info.status == "FINISHED"
+            seed = t.data.tags["seed"]
+            assert [m.step for m in client.get_metric_history(
+                t.info.run_id, f"phase1/A/s{seed}/loss")] == [1]
+            assert len(client.get_metric_history(t.info.run_id, "kernel/C/to_init")) == 2
+            assert {"results.csv", "summary.md"} <= {a.path for a in
+                                                     client.list_artifacts(t.info.run_id)}
+        assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 2 * 2 * 2
+
+        # ... and all of it is in PostgreSQL, which the server uses as its store.
+        with psycopg2.connect(database) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM runs WHERE experiment_id = %s",
+                           (int(exp.experiment_id),))
+            assert cursor.fetchone()[0] == len(runs)
+            cursor.execute("SELECT count(DISTINCT run_uuid) FROM metrics "
+                           "WHERE key LIKE 'phase1/%%/loss'")
+            assert cursor.fetchone()[0] == 2
+    assert processes_mentioning(f"{temp}/") == []  # every Ray process it started is gone
