@@ -23,6 +23,15 @@ State = TypeVar("State")
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+class DamagedCheckpoint(RuntimeError):
+    """A stored checkpoint cannot be read back (truncated or half-written files)."""
+
+    def __init__(self, step: int, cause: BaseException):
+        super().__init__(f"checkpoint at step {step} is damaged ({type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0][:200] if str(cause) else ''})")
+        self.step = step
+
+
 class CheckpointStore:
     """Saves and restores states of one trajectory under ``directory/<step>``."""
 
@@ -47,19 +56,42 @@ class CheckpointStore:
             self._manager.wait_until_finished()
 
     def restore(self, step: int, like: State) -> tuple[State, dict[str, Any]]:
-        """Restores checkpoint ``step`` into the structure of ``like`` (arrays or shape structs)."""
+        """Restores checkpoint ``step`` into the structure of ``like`` (arrays or shape structs).
+
+        Raises:
+          DamagedCheckpoint: its files cannot be read back.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
         )
         with timed("checkpoint"):
-            restored = self._manager.restore(step, args=args)
+            try:
+                restored = self._manager.restore(step, args=args)
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+                raise DamagedCheckpoint(step, e) from e
         return restored.state, restored.meta
 
     def meta(self, step: int) -> dict[str, Any]:
-        """The JSON record of checkpoint ``step``."""
+        """The JSON record of checkpoint ``step`` (DamagedCheckpoint if unreadable)."""
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-        return self._manager.restore(step, args=args).meta
+        try:
+            meta = self._manager.restore(step, args=args).meta
+        except Exception as e:  # noqa: BLE001
+            raise DamagedCheckpoint(step, e) from e
+        if not isinstance(meta, dict):
+            raise DamagedCheckpoint(step, ValueError("no JSON record"))
+        return meta
+
+    def quarantine(self, step: int) -> Path:
+        """Moves a damaged checkpoint aside (``damaged-<step>-<time>``, kept for inspection)
+        so that it is no longer one of ``steps()``; returns where it went."""
+        import time
+
+        target = self.directory / f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         self._manager.close()

@@ -134,6 +134,8 @@ class KernelSpec(_Strict):
     dtype: Literal["float32", "float64"] = "float32"
     block_size: int | None = Field(None, ge=1)
     memory_budget_gb: float = Field(2.0, gt=0, description="per device")
+    storage_budget_gb: float = Field(
+        20.0, gt=0, description="refuse runs whose kernel files would exceed this (estimate)")
 
 
 class SwitchRule(_Strict):

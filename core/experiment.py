@@ -21,6 +21,7 @@ import csv
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import statistics
 import time
@@ -33,15 +34,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.checkpoints import CheckpointStore
+from core.checkpoints import CheckpointStore, DamagedCheckpoint
 from core.config import ExperimentConfig
 from core.data import Dataset
 from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
 from core.evaluate import make_evaluator, make_transfer_evaluator
 from core.models import init_model, make_model
-from core.train import TrainState, init_state, learning_rate, make_step, run_phase
+from core.train import (
+    Divergence,
+    TrainState,
+    init_state,
+    learning_rate,
+    make_step,
+    run_phase,
+)
 
 MODES = "CAF"
+LOG = logging.getLogger("ntk_sweep")
 RESULT_FIELDS = (
     "seed", "code", "dynamics", "switch_epoch", "switch_rule", "accuracy", "robust_linf",
     "robust_l2", "transfer_linf", "train_loss", "train_accuracy", "seconds",
@@ -114,6 +123,17 @@ def checkpoint_epochs(cfg: ExperimentConfig) -> list[float]:
     whole = range(int(math.floor(last)) + 1)
     points = {*whole, *cfg.fractional_checkpoints, *cfg.switch_points, last}
     return sorted(p for p in points if p <= last)
+
+
+def kernel_storage_bytes(cfg: ExperimentConfig, num_classes: int) -> int:
+    """Upper bound on the kernel files of one seed (every data mode's trajectory, each
+    checkpoint or ``kernel.epochs``), uncompressed: probe_size^2 x outputs x itemsize each."""
+    spec = cfg.kernel
+    outputs = {"logit": 1, "trace": 1, "classwise": num_classes, "full": num_classes ** 2}
+    per_kernel = spec.probe_size ** 2 * outputs[spec.output] * (8 if spec.dtype == "float64"
+                                                                 else 4)
+    checkpoints = len(checkpoint_epochs(cfg)) if spec.epochs is None else len(spec.epochs)
+    return per_kernel * checkpoints * len({c[0] for c in cfg.codes})
 
 
 def checkpoint_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> dict[int, float]:
@@ -222,6 +242,15 @@ class _RuleWatch:
         return self.epoch
 
 
+def _set_aside(ctx: _Context, store: CheckpointStore, tid: str, error: DamagedCheckpoint) -> None:
+    """Moves a damaged checkpoint aside and says so (progress log and a logging warning)."""
+    moved = store.quarantine(error.step)
+    message = (f"trajectory {tid}: {error}; moved to {moved.name}, continuing from the "
+               "checkpoint before it")
+    LOG.warning(message)
+    ctx.hooks.log(f"warning: {message}")
+
+
 def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> Phase1:
     """Trains (or continues) the phase-1 trajectory of ``mode`` up to the largest switch
     point, or with a switch rule until it triggers (and the listed switch points are
@@ -247,8 +276,14 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
         # Continue from the latest checkpoint before the first one still missing (a new switch
         # point may fall before what an earlier, shorter experiment stored).
         done = [s for s in stored if s <= min(missing, default=total)]
+        while done:
+            try:
+                state, meta = store.restore(done[-1], template)
+                break
+            except DamagedCheckpoint as e:  # use the one before; training remakes this one
+                _set_aside(ctx, store, tid, e)
+                done.pop()
         if done:
-            state, meta = store.restore(done[-1], template)
             history = meta["history"]
             ctx.hooks.log(f"trajectory {tid} ({mode}, seed {seed}): continuing at step {done[-1]}")
         record = {"id": tid, "mode": mode, "seed": seed, "config": cfg.model_dump(mode="json")}
@@ -269,12 +304,16 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
                                                       if k <= step], s)
             return triggered is not None and step >= listed_last
 
-        run_phase(
-            state, None, _phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
-            flip_epoch=spec.flip_epoch, batch_size=spec.batch_size, total_steps=total,
-            checkpoint_steps=frozenset(ckpt_steps), on_checkpoint=on_checkpoint,
-            on_epoch=on_epoch, on_step=ctx.hooks.on_step,
-        )
+        try:
+            run_phase(
+                state, None, _phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
+                flip_epoch=spec.flip_epoch, batch_size=spec.batch_size, total_steps=total,
+                checkpoint_steps=frozenset(ckpt_steps), on_checkpoint=on_checkpoint,
+                on_epoch=on_epoch, on_step=ctx.hooks.on_step,
+            )
+        except Divergence as e:
+            raise Divergence(f"phase 1 (data mode {mode}, seed {seed}, lr {spec.lr:g}): {e}"
+                             ) from None
     phase1 = Phase1(store, spe, template)
     if watch is not None:
         phase1.rule_epoch = watch.epoch
@@ -304,12 +343,16 @@ def run_phase2(
             ctx.hooks.on_epoch(f"phase2/{code}/seed{seed}/step{switch_step}", epoch, metrics)
 
     state = init_state(anchor.params, anchor.batch_stats, spec.momentum, key)
-    state = run_phase(
-        state, anchor, _phase_steps(ctx, "phase2"), ctx.x_train, ctx.y_train, mode=mode,
-        flip_epoch=spec.flip_epoch, batch_size=spec.batch_size,
-        total_steps=epoch_to_step(spec.epochs, spe), on_epoch=on_epoch,
-        on_step=ctx.hooks.on_step,
-    )
+    try:
+        state = run_phase(
+            state, anchor, _phase_steps(ctx, "phase2"), ctx.x_train, ctx.y_train, mode=mode,
+            flip_epoch=spec.flip_epoch, batch_size=spec.batch_size,
+            total_steps=epoch_to_step(spec.epochs, spe), on_epoch=on_epoch,
+            on_step=ctx.hooks.on_step,
+        )
+    except Divergence as e:
+        raise Divergence(f"phase 2 ({code} from switch step {switch_step}, seed {seed}, "
+                         f"lr {spec.lr:g}): {e}") from None
     return state, last
 
 
@@ -345,7 +388,14 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             first = len(rows)
             t0 = time.perf_counter()
             step = epoch_to_step(switch, spe)
-            state, meta = store.restore(step, template)
+            try:
+                state, meta = store.restore(step, template)
+            except DamagedCheckpoint as e:  # retrain it from the checkpoint before
+                _set_aside(ctx, store, trajectory_id(cfg, mode1, seed), e)
+                store.close()
+                phase1 = train_phase1(ctx, mode1, seed, init)
+                store = phase1.store
+                state, meta = store.restore(step, template)
             hist = meta["history"]
             ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
             net = _evaluate(ctx, "phase1", None, state.params, state.batch_stats, eval_key)

@@ -103,9 +103,14 @@ def _load(config: str, overrides: list[str]):
     return load_config(resolve(config), overrides)
 
 
-def _preflight(cfg) -> None:
-    """Checks that need the data: the dataset loads and each batch fits the training set."""
+def _preflight(cfg, kernels: bool = False, seeds: int | None = None) -> None:
+    """Checks that need the data: the dataset loads, each batch fits the training set and,
+    when kernels will be computed (``kernels``, or a switch rule), the probe set fits the
+    data and the kernel files of ``seeds`` seeds (default the config's) fit
+    ``kernel.storage_budget_gb``."""
     from core.config import ConfigError
+    from core.experiment import kernel_storage_bytes
+    from core.trajectory_kernels import probe_set
 
     ds = cfg.dataset
     data = ds.load()
@@ -116,6 +121,58 @@ def _preflight(cfg) -> None:
                 f"{phase}.batch_size: {getattr(cfg, phase).batch_size} exceeds the "
                 f"{n} training images of {ds.name}"
             )
+    if not (kernels or cfg.switch_rule is not None):
+        return
+    spec = cfg.kernel
+    if spec.probe_size > n:
+        raise ConfigError(f"kernel.probe_size: {spec.probe_size} exceeds the {n} training "
+                          f"images of {ds.name}")
+    if spec.logit >= data.num_classes:
+        raise ConfigError(f"kernel.logit: {spec.logit} is not a class of {ds.name} "
+                          f"(0 to {data.num_classes - 1})")
+    try:
+        probe_set(data, spec)
+    except ValueError as e:
+        raise ConfigError(f"kernel.probe_size: {e}") from None
+    seeds = len(cfg.seeds) if seeds is None else seeds
+    estimate = kernel_storage_bytes(cfg, data.num_classes) * seeds / 1e9
+    if estimate > spec.storage_budget_gb:
+        raise ConfigError(
+            f"kernel.storage_budget_gb: the kernel files would take about {estimate:.1f} GB "
+            f"({spec.probe_size} probe images, output {spec.output}, {seeds} seed(s)), above "
+            f"the budget of {spec.storage_budget_gb:g} GB; lower kernel.probe_size, list "
+            "kernel.epochs, use kernel.output: logit, or raise kernel.storage_budget_gb")
+
+
+def out_dir(args: argparse.Namespace, space, path: Path) -> Path:
+    """A sweep's output directory: --out, else runs/<name>."""
+    return Path(args.out or Path("runs") / (space.base.get("name") or path.stem))
+
+
+def _check_tracking(out: Path) -> None:
+    """ConfigError unless the MLflow store the sweep will use answers (checked before Ray)."""
+    from core.config import ConfigError
+    from sweep.runner import tracking_uri
+    from sweep.tracking import Tracker
+
+    uri = tracking_uri(out.absolute())
+    if not uri.startswith("http"):
+        return  # a local database, created on first use
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)  # one quick try, not MLflow's minutes of retries
+    try:
+        Tracker(uri).check()
+    except Exception as e:  # noqa: BLE001 - any failure to answer
+        raise ConfigError(f"MLFLOW_TRACKING_URI: the MLflow tracking server at {uri} does not "
+                          f"answer ({type(e).__name__}); start it, or unset "
+                          "MLFLOW_TRACKING_URI to use a local SQLite store") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -211,10 +268,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         path = resolve(args.space)
         space = parse_space(read_config_file(path, args.overrides), str(path))
-        _preflight(space.config({p: d.args[0] for p, d in space.distributions.items()}))
+        first = space.config({p: d.args[0] for p, d in space.distributions.items()})
+        _preflight(first, kernels=first.kernel.enabled, seeds=space.trial_count())
+        _check_tracking(out_dir(args, space, path))
     except (ConfigError, DataError) as e:
         return _fail(str(e))
-    out = Path(args.out or Path("runs") / (space.base.get("name") or path.stem))
+    out = out_dir(args, space, path)
     if problem := _check_writable(out):
         return _fail(problem)
 
@@ -228,13 +287,18 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
     """Prints the sweep's summary table, where its files are and how to open MLflow."""
     from sweep.console import stdout_console
     from sweep.report import summary_table
-    from sweep.runner import sweep_rows, tracking_uri
+    from sweep.runner import failed_trials, sweep_rows, tracking_uri
 
     console = stdout_console()
-    console.print(summary_table(sweep_rows(out.absolute())))
+    rows = sweep_rows(out.absolute())
+    if rows:
+        console.print(summary_table(rows))
     failed = [r for r in records if r["error"]]
-    console.print(f"{len(records)} trials, {len(failed)} failed"
-                  + "".join(f"\n  failed: {r['error'][:300]}" for r in failed))
+    own = {f["trial"]: f["error"] for f in failed_trials(out.absolute())}
+    console.print(f"{len(records)} trials, {len(failed)} failed", highlight=False)
+    for r in failed:  # a trial's own error (divergence) rather than Ray's traceback
+        message = own.get(r.get("trial_id", ""), r["error"][-400:])
+        console.print(f"  failed: {message}", highlight=False, markup=False)
     console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}")
     plots = [out / "switch_point.png", *sorted(out.glob("cross_trajectory*.png")),
              *sorted(out.glob("trials/*/kernel_distances.png"))]

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from core.config import ConfigError
-from sweep.runner import SWEEP_STATE, format_variant
+from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant
 from sweep.tracking import PARENT_TAG
 
 METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
@@ -55,9 +55,13 @@ def trial_status(out: Path) -> list[dict[str, Any]]:
     for t in analysis.trials:
         last = t.last_result or {}
         values = {k: v for k, v in t.config.items() if k != CONTEXT_KEY}
-        results = out / "trials" / t.trial_id / "results.json"
+        trial_dir = out / "trials" / t.trial_id
+        beat_path = trial_dir / HEARTBEAT
+        beat = json.loads(beat_path.read_text()) if beat_path.is_file() else {}
         records.append({"trial": t.trial_id, "status": t.status, "failures": t.num_failures,
-                        "results": "written" if results.is_file() else "-", **values,
+                        "results": "written" if (trial_dir / "results.json").is_file() else "-",
+                        "last epoch": f"{beat['stage']} {beat['epoch']}" if beat else "-",
+                        "unsent mlflow writes": beat.get("pending_writes", 0), **values,
                         "models_evaluated": last.get("models_evaluated", 0),
                         **{k: last[k] for k in METRICS if k in last}})
     return records

@@ -28,6 +28,7 @@ from typing import Any
 from core.config import config_from_dict
 from core.experiment import Hooks, run_experiment
 from core.timing import since, snapshot, timed
+from core.train import Divergence
 from sweep.space import SweepSpace, substitute, to_param_space
 from sweep.tracking import Tracker
 
@@ -35,6 +36,9 @@ TRIAL_ENV = {
     # Trials sharing a GPU must not grab each other's memory; TF stays quiet.
     "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
     "TF_CPP_MIN_LOG_LEVEL": "3",
+    # A failed MLflow request returns at once: the trial's tracker queues and retries it.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 CONTEXT_KEY = "_ntk_sweep"
 
@@ -57,6 +61,9 @@ def _summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
 TRIAL_STATE = "trial.json"  # in the trial's Tune checkpoint: its MLflow run id
 FINAL_STATE = "final.json"  # in <out>/trials/<trial id>/ once the trial has finished
 VARIANT_FILE = "variant.json"  # in <out>/trials/<trial id>/: its sampled values but the seed
+FAILED_STATE = "failed.json"  # in <out>/trials/<trial id>/ when it diverged
+PENDING_WRITES = "pending_mlflow_writes.json"  # MLflow writes an attempt could not deliver
+HEARTBEAT = "heartbeat.json"
 
 
 def format_variant(values: dict[str, Any]) -> str:
@@ -102,6 +109,27 @@ def _restored_state() -> dict[str, Any] | None:
         return json.loads((Path(directory) / TRIAL_STATE).read_text())
 
 
+class TrialFailed(RuntimeError):
+    """A trial that cannot succeed by retrying as is (diverged; tracking unreachable)."""
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Writes JSON atomically (a temporary file renamed over ``path``)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _heartbeat(trial_dir: Path, stage: str, epoch: int, pending: int) -> None:
+    """``heartbeat.json``: the worker's PID and node, the stage and epoch just finished, and
+    how many MLflow writes wait for the server (``ntk-sweep status`` shows it)."""
+    import ray
+
+    _write_json(trial_dir / HEARTBEAT, {
+        "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "stage": stage,
+        "epoch": epoch, "pending_writes": pending, "time": time.time()})
+
+
 def _run_name(r: dict[str, Any]) -> str:
     rule = f" ({r['switch_rule']})" if r["switch_rule"] else ""
     return f"{r['code']} t={r['switch_epoch']:g}{rule} seed {r['seed']}"
@@ -124,17 +152,27 @@ def trial(config: dict[str, Any]) -> None:
     cfg = config_from_dict(substitute(ctx["base"], values), "trial")
     trial_id = tune.get_context().get_trial_id() or "trial"
     out = Path(ctx["out"])
-    tracker = Tracker(ctx["tracking_uri"])
+    tracker = Tracker(ctx["tracking_uri"], buffered=True)
     trial_dir = out / "trials" / trial_id
     done = trial_dir / FINAL_STATE
     if done.is_file():  # finished before its driver went away: report, do not run again
         _report(json.loads(done.read_text())["final"])
         return
+    failed = trial_dir / FAILED_STATE
+    if failed.is_file():  # diverged before: deterministic, so fail again at once
+        raise TrialFailed(json.loads(failed.read_text())["error"])
     restored = _restored_state()
+    pending = trial_dir / PENDING_WRITES
     if restored is not None:
         run = restored["run_id"]
         tracker.reopen(run)
         seen, children = tracker.logged(run), tracker.children(run)
+        # Writes an earlier attempt could not deliver go first, and are not made again.
+        tracker.load_pending(pending)
+        for op in tracker.pending:
+            seen |= {(m[0], m[3]) for m in op.get("metrics", ()) if op.get("run") == run}
+            if op["kind"] == "child":
+                children[op["name"]] = op.get("run", "pending")
     else:
         import ray
 
@@ -156,6 +194,7 @@ def trial(config: dict[str, Any]) -> None:
             trained["phase1_epochs"] += 1
         name = label.replace("/seed", "/s").replace("/step", "/t")
         tracker.log(run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch, skip=seen)
+        _heartbeat(trial_dir, name, epoch, len(tracker.pending))
         _report({"stage": name, "epoch": epoch, "train_loss": metrics["loss"],
                      "train_accuracy": metrics["accuracy"], "models_evaluated": len(rows),
                      **_summary_metrics(rows)})
@@ -163,16 +202,14 @@ def trial(config: dict[str, Any]) -> None:
     def on_result(r: dict[str, Any]) -> None:
         rows.append(r)
         if _run_name(r) not in children:  # a retried trial does not log a model twice
-            child = tracker.start(
+            tracker.child(
                 ctx["experiment_id"], _run_name(r),
                 {"kind": "switch_run" if not r["code"].endswith("-") else "network",
                  "code": r["code"], "dynamics": r["dynamics"], "switch_epoch": r["switch_epoch"],
                  "switch_rule": r["switch_rule"], "seed": r["seed"],
                  "dataset": cfg.dataset.name, "model": cfg.model.name},
-                parent=run)
-            tracker.log(child, {k: r[k] for k in ("accuracy", "robust_linf", "robust_l2",
-                                                  "transfer_linf") if not math.isnan(r[k])})
-            tracker.end(child)
+                run, {k: r[k] for k in ("accuracy", "robust_linf", "robust_l2",
+                                        "transfer_linf") if not math.isnan(r[k])})
         if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
             tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
         _report({"models_evaluated": len(rows), **_summary_metrics(rows)})
@@ -183,8 +220,16 @@ def trial(config: dict[str, Any]) -> None:
     try:
         run_experiment(cfg, trial_dir, Hooks(on_epoch=on_epoch, on_result=on_result),
                        store_root=out)
-    except Exception:
+    except Divergence as e:  # the trial ends as an error naming phase, epoch, step, cause
+        _write_json(failed, {"error": str(e)})
+        tracker.tags(run, {"error": str(e)[:5000]})
         tracker.end(run, "FAILED")
+        tracker.flush()
+        tracker.save_pending(pending)
+        raise TrialFailed(str(e)) from None
+    except BaseException:
+        tracker.flush(0.0)
+        tracker.save_pending(pending)  # a retry delivers them
         raise
     for name in ("results.csv", "summary.md"):
         tracker.artifact(run, trial_dir / name)
@@ -197,10 +242,13 @@ def trial(config: dict[str, Any]) -> None:
                **{f"time/{k}_s": spent.get(k, 0.0) for k in ("mlflow", "checkpoint", "report")}}
     tracker.log(run, metrics, skip=seen)
     tracker.end(run)
+    if not tracker.flush():
+        tracker.save_pending(pending)
+        raise TrialFailed(f"MLflow at {tracker.uri} stayed unreachable; {len(tracker.pending)} "
+                          f"writes kept in {pending} for the retry")
+    pending.unlink(missing_ok=True)
     final = {**metrics, "models_evaluated": len(rows), "finished": 1}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_id": run, "final": final}))
-    tmp.replace(done)  # atomic: the trial is finished once this file exists
+    _write_json(done, {"run_id": run, "final": final})  # the trial is finished from here
     _report(final)
 
 
@@ -362,6 +410,13 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
     return space, _finish(tuner, space, out, tracker, state["parent_run"])
 
 
+def _trial_id_of(path: str | None) -> str:
+    """The trial id in a Tune trial directory name (``trial_<id>_<n>_<params>_<date>``)."""
+    name = Path(path or "").name
+    parts = name.split("_")
+    return f"{parts[1]}_{parts[2]}" if len(parts) > 2 and parts[0] == "trial" else ""
+
+
 def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
             parent: str) -> list[dict[str, Any]]:
     try:
@@ -376,7 +431,9 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
                    if k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf",
                             "phase1_epochs_trained", "models_evaluated", "finished")
                    or k.startswith("time/")}
-        records.append({**values, **metrics, "error": str(result.error or "")})
+        trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
+        records.append({**values, **metrics, "trial_id": trial_id,
+                        "error": str(result.error or "")})
     tracker.log(parent, {"trials": len(records),
                          "trials_failed": sum(bool(r["error"]) for r in records)})
     for path in write_sweep_summary(out):
@@ -457,17 +514,34 @@ def sweep_rows(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def failed_trials(out: Path) -> list[dict[str, str]]:
+    """Trials under ``out/trials`` that ended as errors of their own (divergence): id,
+    variant and seed, and the error naming phase, epoch, step and cause."""
+    failed = []
+    for path in sorted(out.glob(f"trials/*/{FAILED_STATE}")):
+        failed.append({"trial": path.parent.name, "variant": variant_label(path.parent),
+                       "error": json.loads(path.read_text())["error"]})
+    return failed
+
+
 def write_sweep_summary(out: Path) -> list[Path]:
-    """The sweep's summary over all trials (mean ± std over seeds): CSV, Markdown and the
-    accuracy-against-switch-point plot, under ``out``."""
+    """The sweep's summary over all trials (mean ± std over seeds): CSV, Markdown (with the
+    failed trials listed under it) and the accuracy-against-switch-point plot, under ``out``."""
     from core.experiment import summarize, summary_markdown
     from sweep.plots import switch_point_plot
 
     rows = sweep_rows(out)
+    failed = failed_trials(out)
+    notes = "".join(f"\n- trial {f['trial']}" + (f" ({f['variant']})" if f["variant"] else "")
+                    + f": {f['error']}" for f in failed)
+    notes = f"\nFailed trials:\n{notes}\n" if failed else ""
     if not rows:
+        if failed:
+            (out / "summary.md").write_text(notes)
+            return [out / "summary.md"]
         return []
     summary = summarize(rows)
-    (out / "summary.md").write_text(summary_markdown(summary))
+    (out / "summary.md").write_text(summary_markdown(summary) + notes)
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
         writer.writeheader()

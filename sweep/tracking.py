@@ -3,6 +3,9 @@ MLflow state. The experiment is created by the driver (Ray's ``setup_mlflow`` wo
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,17 +36,128 @@ class _TimedClient:
         return call
 
 
-class Tracker:
-    """A thin layer over ``MlflowClient`` for one tracking URI."""
+def transient(error: BaseException) -> bool:
+    """Whether an MLflow call failed because the server could not be reached or answered
+    with a server error (worth retrying), rather than because the request was wrong."""
+    import requests
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, tracking_uri: str):
+    if isinstance(error, requests.exceptions.RequestException | ConnectionError | TimeoutError):
+        return True
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        text = str(error)
+        return status >= 500 or "API request to" in text or "Connection" in text
+    return False
+
+
+WAIT_S = float(os.environ.get("NTK_SWEEP_TRACKING_WAIT_S", "900"))
+RETRY_EVERY_S = 5.0
+
+
+class Tracker:
+    """A thin layer over ``MlflowClient`` for one tracking URI.
+
+    With ``buffered=True`` (trials), writes that fail because the server is unreachable are
+    queued in order and retried at the next write (at most every 5 s) and by ``flush``, so
+    training goes on while the server is down and nothing logged is lost; reads and run
+    creation retry for up to ``NTK_SWEEP_TRACKING_WAIT_S`` seconds (default 900).
+    """
+
+    def __init__(self, tracking_uri: str, buffered: bool = False):
         self.uri = tracking_uri
         self.client = _TimedClient(MlflowClient(tracking_uri=tracking_uri))
+        self.buffered = buffered
+        self.pending: list[dict[str, Any]] = []
+        self._last_failure = -math.inf
+
+    # --- writes: queued when the server is unreachable (buffered trackers) ---------------
+
+    def _do(self, op: dict[str, Any]) -> None:
+        """Performs one queued write. Ops are plain JSON data (see ``save_pending``): metrics
+        as [key, value, timestamp, step], params and tags as [key, value]."""
+        kind, c = op["kind"], self.client
+        if kind == "batch":
+            c.log_batch(op["run"], metrics=[Metric(*m) for m in op.get("metrics", ())],
+                        params=[Param(*kv) for kv in op.get("params", ())],
+                        tags=[RunTag(*kv) for kv in op.get("tags", ())])
+        elif kind == "artifact":
+            c.log_artifact(op["run"], op["path"], op["artifact_path"])
+        elif kind == "end":
+            c.set_terminated(op["run"], op["status"])
+        elif kind == "child":  # create, log, end; a retry goes on from where it failed
+            if "run" not in op:
+                op["run"] = c.create_run(op["experiment"], tags=op["tags"],
+                                         run_name=op["name"]).info.run_id
+            if op["metrics"]:
+                c.log_batch(op["run"], metrics=[Metric(*m) for m in op["metrics"]])
+                op["metrics"] = []
+            c.set_terminated(op["run"], "FINISHED")
+
+    def _submit(self, op: dict[str, Any]) -> None:
+        if not self.buffered:
+            self._do(op)
+            return
+        self.pending.append(op)
+        if time.monotonic() - self._last_failure >= RETRY_EVERY_S:
+            self.flush(0.0)
+
+    def flush(self, wait_s: float = WAIT_S) -> bool:
+        """Sends queued writes in order, retrying for up to ``wait_s`` seconds; True once the
+        queue is empty. Errors that are not about reaching the server are raised."""
+        deadline, delay = time.monotonic() + wait_s, 1.0
+        while self.pending:
+            try:
+                self._do(self.pending[0])
+            except Exception as e:
+                if not transient(e):
+                    raise
+                self._last_failure = time.monotonic()
+                if time.monotonic() + delay > deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
+                continue
+            self.pending.pop(0)
+        return True
+
+    def save_pending(self, path: Path) -> None:
+        """Writes the queued writes to ``path`` (JSON, atomically), or removes it if none."""
+        if not self.pending:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.pending))
+        tmp.replace(path)
+
+    def load_pending(self, path: Path) -> int:
+        """Queues the writes a previous attempt saved with ``save_pending``; returns how many."""
+        if not path.is_file():
+            return 0
+        ops = json.loads(path.read_text())
+        self.pending = ops + self.pending
+        return len(ops)
+
+    def _retrying(self, fn, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)``, retried while the server is unreachable, for up to ``WAIT_S``."""
+        deadline, delay = time.monotonic() + (WAIT_S if self.buffered else 0), 1.0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not transient(e) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     @property
     def local(self) -> bool:
         """Whether the store is a local database (artifacts then go beside it)."""
         return self.uri.startswith(("sqlite:", "file:")) or "://" not in self.uri
+
+    def check(self) -> None:
+        """Raises (the client's error) unless the store answers a simple query."""
+        self.client.search_experiments(max_results=1)
 
     def experiment(self, name: str, artifact_root: Path | None = None) -> str:
         """The id of experiment ``name``, created if missing (artifacts under the root for a
@@ -62,43 +176,63 @@ class Tracker:
         tags = {k: str(v) for k, v in tags.items()}
         if parent is not None:
             tags[PARENT_TAG] = parent
-        return self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+        return self._retrying(self.client.create_run, experiment_id, tags=tags,
+                              run_name=name).info.run_id
+
+    def child(self, experiment_id: str, name: str, tags: dict[str, Any], parent: str,
+              metrics: dict[str, float]) -> None:
+        """A finished child run of ``parent`` holding ``metrics`` (queued when buffered)."""
+        now = int(time.time() * 1000)
+        self._submit({"kind": "child", "experiment": experiment_id, "name": name,
+                      "tags": {**{k: str(v) for k, v in tags.items()}, PARENT_TAG: parent},
+                      "metrics": [[k, float(v), now, 0] for k, v in metrics.items()]})
 
     def log(self, run_id: str, metrics: dict[str, float], step: int = 0,
             skip: set[tuple[str, int]] | None = None) -> None:
         """Logs metrics at ``step``, leaving out (metric, step) pairs in ``skip``."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        batch = [[k, float(v), now, step] for k, v in metrics.items()
                  if skip is None or (k, step) not in skip]
         if batch:
-            self.client.log_batch(run_id, metrics=batch)
+            self._submit({"kind": "batch", "run": run_id, "metrics": batch})
 
     def params(self, run_id: str, params: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        self._submit({"kind": "batch", "run": run_id,
+                      "params": [[k, str(v)[:6000]] for k, v in params.items()]})
 
     def tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._submit({"kind": "batch", "run": run_id,
+                      "tags": [[k, str(v)] for k, v in tags.items()]})
 
     def artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._submit({"kind": "artifact", "run": run_id, "path": str(path),
+                      "artifact_path": artifact_path})
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self._submit({"kind": "end", "run": run_id, "status": status})
+
+    # --- reads and state changes a caller waits for ----------------------------------------
 
     def reopen(self, run_id: str) -> None:
         """Marks a run that a restored trial continues as running again."""
-        self.client.update_run(run_id, status="RUNNING")
+        self._retrying(self.client.update_run, run_id, status="RUNNING")
 
     def logged(self, run_id: str) -> set[tuple[str, int]]:
         """(metric, step) pairs already in the run, so a resumed trial logs none twice."""
-        seen = set()
-        for key in self.client.get_run(run_id).data.metrics:
-            seen |= {(key, m.step) for m in self.client.get_metric_history(run_id, key)}
-        return seen
+        def read() -> set[tuple[str, int]]:
+            seen = set()
+            for key in self.client.get_run(run_id).data.metrics:
+                seen |= {(key, m.step) for m in self.client.get_metric_history(run_id, key)}
+            return seen
+
+        return self._retrying(read)
 
     def children(self, run_id: str) -> dict[str, str]:
         """{run name: run id} of the run's child runs."""
-        runs = self.client.search_runs(
-            [self.client.get_run(run_id).info.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'", max_results=50_000)
-        return {r.info.run_name: r.info.run_id for r in runs}
+        def read() -> dict[str, str]:
+            runs = self.client.search_runs(
+                [self.client.get_run(run_id).info.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'", max_results=50_000)
+            return {r.info.run_name: r.info.run_id for r in runs}
 
-    def end(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
+        return self._retrying(read)

@@ -54,14 +54,16 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(directory: Path, backend_uri: str | None = None) -> Iterator[str]:
+def mlflow_server(directory: Path, backend_uri: str | None = None,
+                  port: int | None = None) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 (SQLite backend in ``directory`` unless given), serving
-    artifacts from ``directory/artifacts``; yields its tracking URI."""
+    artifacts from ``directory/artifacts``; yields its tracking URI. Started again with the
+    same directory and port, it is the same server after a restart."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     backend_uri = backend_uri or f"sqlite:///{directory / 'mlflow.db'}"
     log = directory / "mlflow-server.log"
-    with log.open("w") as out:
+    with log.open("a") as out:
         process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", backend_uri, "--serve-artifacts",
@@ -122,28 +124,34 @@ def postgres_server(database: str = "mlflow") -> Iterator[str]:
 
 def processes_mentioning(text: str) -> list[int]:
     """PIDs of processes whose command line contains ``text``."""
-    out = subprocess.run(["pgrep", "-f", text], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-f", "--", text], capture_output=True, text=True).stdout
     return [int(p) for p in out.split() if int(p) != os.getpid()]
 
 
 @contextlib.contextmanager
-def ray_cluster(nodes: int = 2, cpus: int = 1) -> Iterator[dict[str, str]]:
+def ray_cluster(nodes: int = 2, cpus: int = 1,
+                extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
     """A real Ray cluster on this machine, started with ``ray start``: a head and
     ``nodes - 1`` more nodes of ``cpus`` CPUs each, token-authenticated. Yields the
-    environment a driver needs (``RAY_ADDRESS``, the token); every Ray process it started is
-    killed at the end."""
+    environment a driver needs (``RAY_ADDRESS``, the token); each node's processes carry
+    ``NTK_TEST_NODE=<i>`` in their environment (listed in ``NTK_TEST_NODES``), so a test can
+    kill one node. Every Ray process it started is killed at the end."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are limited
     env = {**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32), "TF_CPP_MIN_LOG_LEVEL": "3"}
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "TF_CPP_MIN_LOG_LEVEL": "3",
+           "NTK_TEST_NODES": ",".join(f"{temp}-{i}" for i in range(nodes)),
+           **(extra_env or {})}
     port = free_port()
     common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--disable-usage-stats"]
     try:
         subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}",
                         "--include-dashboard=false", f"--temp-dir={temp}", *common],
-                       env=env, check=True, capture_output=True, timeout=180)
-        for _ in range(nodes - 1):
+                       env={**env, "NTK_TEST_NODE": f"{temp}-0"}, check=True,
+                       capture_output=True, timeout=180)
+        for i in range(1, nodes):
             subprocess.run([str(BIN / "ray"), "start", f"--address=127.0.0.1:{port}", *common],
-                           env=env, check=True, capture_output=True, timeout=180)
+                           env={**env, "NTK_TEST_NODE": f"{temp}-{i}"}, check=True,
+                           capture_output=True, timeout=180)
         yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
         for _ in range(3):

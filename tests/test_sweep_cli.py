@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.servers import BIN
+from tests.servers import BIN, processes_mentioning
 from tests.test_sweep import SWEEP
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_ADDRESS": "",
@@ -28,13 +28,6 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_ADDRESS": "",
 def ntk_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ntk-sweep"), *args], capture_output=True, text=True,
                           env=ENV, timeout=timeout)
-
-
-def _ray_processes(session_dir_marker: Path) -> list[int]:
-    """PIDs of processes whose command line mentions ``marker`` (the run's temp dir)."""
-    out = subprocess.run(["pgrep", "-f", str(session_dir_marker)], capture_output=True,
-                         text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 @pytest.mark.slow
@@ -60,7 +53,7 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(30)
-    for pid in _ray_processes(ray_tmp):  # Ray daemons of the dead driver, if any survived
+    for pid in processes_mentioning(str(ray_tmp)):  # the dead driver's Ray daemons, if any
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     finished_before = {p.parent.name: (p.parent / "results.json").stat().st_mtime_ns

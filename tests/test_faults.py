@@ -1,0 +1,259 @@
+"""Fault injection with real processes killed by PID: a trial's Ray worker (in phase 1, then in
+phase 2), a Ray node, the MLflow server (down mid-sweep, down at start), and a trial that
+diverges. Each test is bounded in time; each asserts that nothing was lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sweep.runner import run_sweep, tracking_uri
+from sweep.space import parse_space
+from tests.servers import BIN, free_port, mlflow_server, processes_mentioning, ray_cluster
+from tests.test_sweep import ray_local  # noqa: F401 - fixture
+
+# Long enough per epoch (~0.1-0.3 s) that a test can see an epoch end and strike mid-phase.
+SLOW = {
+    "name": "fault-sweep",
+    "dataset": {"name": "synthetic",
+                "synthetic": {"n_train": 1024, "n_test": 64, "num_classes": 3}},
+    "model": {"name": "mlp", "widths": [64]},
+    "codes": ["AC"],
+    "switch_points": [0, 3, 6],
+    "fractional_checkpoints": [],
+    "seeds": [0],
+    "phase1": {"epochs": 6, "lr": 0.05, "batch_size": 16, "lr_decay_epochs": [],
+               "attack": {"eps": 0.1, "iters": 5}},
+    "phase2": {"epochs": 3, "batch_size": 16, "lr": 0.01, "attack": {"eps": 0.1, "iters": 2}},
+    "eval": {"linf": {"eps": 0.1, "iters": 5}, "l2": None, "transfer": False},
+    "kernel": {"probe_size": 12},
+    "sweep": {"resources": {"cpus": 1}},
+}
+
+
+def heartbeats(out: Path) -> dict[str, dict]:
+    beats = {}
+    for path in out.glob("trials/*/heartbeat.json"):
+        try:
+            beats[path.parent.name] = json.loads(path.read_text())
+        except (json.JSONDecodeError, FileNotFoundError):
+            pass
+    return beats
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"{what}: not seen within {timeout} s")
+
+
+def result_rows(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted(out.glob("trials/*/results.json")):
+        rows += [{k: v for k, v in r.items() if k != "seconds"}
+                 for r in json.loads(path.read_text())["rows"]]
+    return rows
+
+
+def assert_no_duplicate_steps(client: MlflowClient, run_id: str) -> None:
+    for key in client.get_run(run_id).data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), (key, steps)
+
+
+@pytest.mark.slow
+def test_killed_worker_in_phase1_then_phase2_resumes_to_the_same_result(tmp_path, ray_local):  # noqa: F811
+    space = parse_space(SLOW)
+    reference = run_sweep(space, tmp_path / "reference")
+    assert reference[0]["error"] == ""
+
+    out = tmp_path / "faulty"
+    killed: list[tuple[int, str, int]] = []
+
+    def killer():
+        def strike(phase: str, min_epoch: int):
+            def ready():
+                for beat in heartbeats(out).values():
+                    if (beat["pid"] not in [k[0] for k in killed]
+                            and beat["stage"].startswith(phase) and beat["epoch"] >= min_epoch):
+                        return beat
+                return None
+
+            beat = wait_for(ready, 240, f"a {phase} epoch >= {min_epoch}")
+            os.kill(beat["pid"], signal.SIGKILL)
+            killed.append((beat["pid"], beat["stage"], beat["epoch"]))
+
+        strike("phase1", 2)  # the worker dies mid phase 1 ...
+        strike("phase2", 1)  # ... and its retry dies mid phase 2
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    records = run_sweep(space, out)
+    thread.join(5)
+    assert [k[1].split("/")[0] for k in killed] == ["phase1", "phase2"], killed
+    assert records[0]["error"] == ""
+    # The retries continued from the stored checkpoints: of 6 phase-1 epochs of A, the final
+    # attempt trained none (the second attempt had finished phase 1 before it was killed).
+    assert records[0]["phase1_epochs_trained"] == 0
+    assert result_rows(out) == result_rows(tmp_path / "reference")  # bit for bit
+
+    client = MlflowClient(tracking_uri(out))
+    exp = client.get_experiment_by_name("fault-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    (trial,) = [r for r in runs if r.data.tags.get("kind") == "trial"]  # one run, continued
+    assert trial.info.status == "FINISHED"
+    assert_no_duplicate_steps(client, trial.info.run_id)
+    history = client.get_metric_history(trial.info.run_id, "phase1/A/s0/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 3
+
+
+@pytest.mark.slow
+def test_lost_node_its_trials_are_rescheduled(tmp_path):
+    space = {**SLOW, "name": "node-sweep", "seeds": [0, 1],
+             "phase1": {**SLOW["phase1"], "epochs": 12}, "switch_points": [0, 6, 12]}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out = tmp_path / "out"
+    fast_failover = {"RAY_health_check_period_ms": "1000",
+                     "RAY_health_check_failure_threshold": "3"}
+    with ray_cluster(nodes=2, cpus=1, extra_env=fast_failover) as env:
+        driver = subprocess.Popen(
+            [str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
+            env={**env, "MLFLOW_TRACKING_URI": "", "NTK_SWEEP_STORAGE": ""},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Both trials running, one per node; then every process of the second node dies.
+        wait_for(lambda: len({b["node"] for b in heartbeats(out).values()}) == 2, 240,
+                 "trials on both nodes", poll=0.1)
+        second = env["NTK_TEST_NODES"].split(",")[1]
+        victims = processes_with_env("NTK_TEST_NODE", second)
+        assert victims
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        stdout, stderr = driver.communicate(timeout=480)
+        assert driver.returncode == 0, stderr[-4000:]
+    assert "2 trials, 0 failed" in stdout
+    assert len(list(out.glob("trials/*/final.json"))) == 2
+    client = MlflowClient(tracking_uri(out))
+    exp = client.get_experiment_by_name("node-sweep")
+    trials = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+              if r.data.tags.get("kind") == "trial"]
+    assert sorted(t.data.tags["seed"] for t in trials) == ["0", "1"]
+    assert all(t.info.status == "FINISHED" for t in trials)
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs of processes whose environment has ``name=value``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{name}={value}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_tracking_server_down_mid_sweep_loses_nothing(tmp_path):
+    path = tmp_path / "space.yaml"
+    space = {**SLOW, "name": "outage-sweep", "phase1": {**SLOW["phase1"], "epochs": 20},
+             "switch_points": [0, 10, 20]}
+    path.write_text(yaml.safe_dump(space))
+    out = tmp_path / "out"
+    port = free_port()
+    with mlflow_server(tmp_path / "server", port=port) as uri:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "NTK_SWEEP_STORAGE": "",
+               "RAY_ADDRESS": ""}
+        driver = subprocess.Popen([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        wait_for(lambda: any(b["stage"].startswith("phase1") and b["epoch"] >= 1
+                             for b in heartbeats(out).values()), 240, "phase 1 under way")
+        (server,) = [p for p in processes_mentioning(f"--port {port}")
+                     if os.getpgid(p) == p]
+        os.killpg(server, signal.SIGKILL)  # the server dies at once, mid-sweep
+    # The server is down: training goes on, writes queue up.
+    (at_outage,) = [(b["stage"], b["epoch"]) for b in heartbeats(out).values()]
+    # Each epoch queues at least one write: three queued writes and a later epoch mean the
+    # trial trained on while nothing reached the server.
+    wait_for(lambda: any(b["pending_writes"] >= 3 and (b["stage"], b["epoch"]) != at_outage
+                         for b in heartbeats(out).values()), 240,
+             "epochs trained while the server is down", poll=0.1)
+    with mlflow_server(tmp_path / "server", port=port) as uri:  # back, same store
+        stdout, stderr = driver.communicate(timeout=480)
+        assert driver.returncode == 0, stderr[-4000:]
+        assert "1 trials, 0 failed" in stdout
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("outage-sweep")
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        (trial,) = [r for r in runs if r.data.tags.get("kind") == "trial"]
+        assert trial.info.status == "FINISHED"
+        history = client.get_metric_history(trial.info.run_id, "phase1/A/s0/loss")
+        assert sorted(m.step for m in history) == list(range(1, 21))  # every epoch is there
+        for t in (0, 10, 20):
+            key = f"phase2/AC/s0/t{t * 64}/loss"  # 64 steps per epoch
+            assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, key)) \
+                == [1, 2, 3], key
+        assert_no_duplicate_steps(client, trial.info.run_id)
+        assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 3
+        assert len(client.get_metric_history(trial.info.run_id, "kernel/A/to_init")) == 21
+    assert not list(out.glob("trials/*/pending_mlflow_writes.json"))
+
+
+def test_tracking_server_down_at_start_is_refused_before_ray(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(SLOW))
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = subprocess.run([str(BIN / "ntk-sweep"), "run", str(path), "--out",
+                           str(tmp_path / "out")],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ""},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"MLFLOW_TRACKING_URI: the MLflow tracking server at {uri} does not answer" \
+        in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_fails_alone_and_is_listed(tmp_path, ray_local):  # noqa: F811
+    space = parse_space({**SLOW, "name": "nan-sweep", "codes": ["CC"],
+                         "phase1": {**SLOW["phase1"], "epochs": 2, "lr": {"grid": [0.05, 1e30]}},
+                         "switch_points": [0, 2]})
+    records = run_sweep(space, tmp_path)
+    by_lr = {r["phase1.lr"]: r for r in records}
+    assert by_lr[0.05]["error"] == "" and by_lr[0.05]["robust_linf"] >= 0
+    assert "TrialFailed" in by_lr[1e30]["error"]
+    (failed,) = list(tmp_path.glob("trials/*/failed.json"))
+    error = json.loads(failed.read_text())["error"]
+    assert error.startswith("phase 1 (data mode C, seed 0, lr 1e+30): loss is ")
+    assert "in epoch 1 (step 64): training diverged" in error
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"trial {failed.parent.name} (phase1.lr=1e+30): {error}" in summary
+    client = MlflowClient(tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("nan-sweep")
+    statuses = sorted(r.info.status for r in client.search_runs(
+        [exp.experiment_id], "tags.kind = 'trial'"))
+    assert statuses == ["FAILED", "FINISHED"]
+
+
+def test_no_stray_processes_from_this_module():
+    assert processes_mentioning("ntk-sweep run") == []

@@ -1,0 +1,88 @@
+"""Faults that must cost nothing but time: damaged checkpoints, concurrent writers, divergence,
+bad input. (Killed workers, drivers, nodes and tracking servers: test_faults.py.)"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from core.checkpoints import CheckpointStore
+from core.experiment import Hooks, run_experiment
+from tests.test_experiment import BASE, _cfg
+
+
+def _strip(rows):  # NaN (no L2 attack, no transfer) compares unequal to itself
+    return [{k: None if v != v else v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def _truncate_largest_file(directory: Path) -> Path:
+    victim = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    return victim
+
+
+def _trajectory(out: Path) -> Path:
+    (traj,) = [p for p in (out / "trajectories").iterdir() if p.is_dir()]
+    return traj
+
+
+def test_damaged_checkpoints_are_set_aside_and_remade(tmp_path):
+    cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[])
+    clean = run_experiment(cfg, tmp_path / "clean")
+    run_experiment(cfg, tmp_path / "run")
+    checkpoints = _trajectory(tmp_path / "run") / "checkpoints"
+    assert CheckpointStore(checkpoints).steps() == [0, 4, 8]
+
+    # A truncated file in the checkpoint a switch point needs: set aside, retrained from the
+    # one before, and the results are those of the clean run.
+    _truncate_largest_file(checkpoints / "8")
+    messages: list[str] = []
+    again = run_experiment(cfg, tmp_path / "run", Hooks(log=messages.append))
+    assert _strip(again) == _strip(clean)
+    assert any("checkpoint at step 8 is damaged" in m and "moved to damaged-8-" in m
+               for m in messages), messages
+    assert CheckpointStore(checkpoints).steps() == [0, 4, 8]
+    assert len(list(checkpoints.glob("damaged-8-*"))) == 1  # kept for inspection
+
+    # The latest checkpoint, where a longer phase 1 would continue, damaged: it continues from
+    # the one before, and matches a longer run made from scratch.
+    longer = _cfg(switch_points=[0, 3], fractional_checkpoints=[],
+                  phase1={**BASE["phase1"], "epochs": 3})
+    _truncate_largest_file(checkpoints / "8")
+    messages.clear()
+    extended = run_experiment(longer, tmp_path / "run", Hooks(log=messages.append))
+    assert any("continuing at step 4" in m for m in messages), messages
+    assert _strip(extended) == _strip(run_experiment(longer, tmp_path / "clean-longer"))
+
+    # A half-written checkpoint (orbax's temporary directory, never renamed) is not a step.
+    shutil.copytree(checkpoints / "12", checkpoints / "16.orbax-checkpoint-tmp-0")
+    assert 16 not in CheckpointStore(checkpoints).steps()
+
+
+def test_two_experiments_sharing_a_trajectory_store(tmp_path):
+    """Two processes that need the same trajectory at once: one trains it, the other waits
+    for the lock and reuses it; both get the results of a run alone."""
+    script = (
+        "import sys, json\n"
+        "from core.experiment import run_experiment\n"
+        "from tests.test_experiment import _cfg\n"
+        "rows = run_experiment(_cfg(switch_points=[0, 2], fractional_checkpoints=[]),\n"
+        "                      sys.argv[1], store_root=sys.argv[2])\n"
+        "print(json.dumps([r['robust_linf'] for r in rows]))\n"
+    )
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"out{i}"),
+                               str(store)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1]) for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    alone = run_experiment(_cfg(switch_points=[0, 2], fractional_checkpoints=[]),
+                           tmp_path / "alone")
+    expected = [r["robust_linf"] for r in alone]
+    import json
+
+    assert [json.loads(o.strip().splitlines()[-1]) for o in outputs] == [expected, expected]
+    assert CheckpointStore(_trajectory(store) / "checkpoints").steps() == [0, 4, 8]
