@@ -15,12 +15,14 @@ from sweep.cli import main
 KEYS = ["name", "seeds", "dataset", "model", "codes", "switch_points", "phase1", "phase2",
         "eval", "kernel", "fractional_checkpoints", "epochs", "lr", "eps", "iters", "norm",
         "batch_size", "widths", "width", "phase_1", "attack", "probe_size", "dynamics", "bn",
-        "sweep", "grid", "choice", "uniform", "loguniform", "randint", "num_samples", "resources"]
+        "sweep", "grid", "choice", "uniform", "loguniform", "randint", "num_samples", "resources",
+        "switch_rule", "measure", "below", "checkpoints", "after", "storage_budget_gb", "output"]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**6),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-    st.sampled_from(["CC", "AX", "linf", "l2", "cnn", "mlp", "digits", "cifar10", "centered"]),
+    st.sampled_from(["CC", "AX", "linf", "l2", "cnn", "mlp", "digits", "cifar10", "centered",
+                     "velocity", "to_previous", "classwise", "full"]),
 )
 values = st.recursive(
     scalars,

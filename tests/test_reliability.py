@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from core.checkpoints import CheckpointStore
+from core.data import load_digits
 from core.experiment import Hooks, run_experiment
 from tests.test_experiment import BASE, _cfg
 
@@ -86,3 +89,62 @@ def test_two_experiments_sharing_a_trajectory_store(tmp_path):
 
     assert [json.loads(o.strip().splitlines()[-1]) for o in outputs] == [expected, expected]
     assert CheckpointStore(_trajectory(store) / "checkpoints").steps() == [0, 4, 8]
+
+
+DIGITS_TRAIN = len(load_digits().y_train)
+SWEEP_FILE = {
+    "name": "bad-input",
+    "dataset": {"name": "digits"},
+    "model": {"name": "mlp", "widths": [8]},
+    "codes": ["AC"],
+    "switch_points": [0, 1],
+    "seeds": [0, 1],
+    "phase1": {"epochs": 1, "lr_decay_epochs": []},
+    "phase2": {"epochs": 1},
+    "kernel": {"probe_size": 20},
+    "sweep": {"resources": {"cpus": 1}},
+}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kernel": {"probe_size": 5000}},
+     f"kernel.probe_size: 5000 exceeds the {DIGITS_TRAIN} training images of digits"),
+    # [1000, 1000, 10, 10] float32 kernels at 7 checkpoints (epochs 0 and 1, 5 fractional) of
+    # one trajectory (A) per trial, 2 trials.
+    ({"kernel": {"probe_size": 1000, "output": "full", "storage_budget_gb": 1}},
+     f"kernel.storage_budget_gb: the kernel files would take about "
+     f"{1000**2 * 10**2 * 4 * 7 * 2 / 1e9:.1f} GB (1000 probe images, output full, 2 seed(s)), "
+     "above the budget of 1 GB"),
+    ({"dataset": {"name": "cifar10", "data_dir": "/nonexistent/cifar"}}, "/nonexistent/cifar"),
+    ({"phase1": {"epochs": 1, "attack": {"eps": -0.1}}},
+     "phase1.attack.eps: Input should be greater than 0"),
+    ({"switch_points": [0, 5]}, "switch_points: 5.0 is beyond phase1.epochs = 1.0"),
+    ({"phase2": {"epochs": 1, "lr": {"grid": [0.1, -1]}}}, "phase2.lr.grid[1] = -1 is invalid"),
+    ({"kernel": {"probe_sise": 10}}, "kernel.probe_sise: unknown key (did you mean 'probe_size'?)"),
+])
+def test_bad_sweeps_exit_2_naming_the_field_before_ray(tmp_path, capsys, change, message):
+    import ray
+    import yaml
+
+    from sweep.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**SWEEP_FILE, **change}))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
+def test_unwritable_sweep_output_exits_2(tmp_path, capsys):
+    import yaml
+
+    from sweep.cli import main
+
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(SWEEP_FILE))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["run", str(path), "--out", str(blocker / "out")]) == 2
+    assert f"output directory {blocker / 'out'} is not writable" in capsys.readouterr().err
