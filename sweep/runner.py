@@ -352,8 +352,13 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
     _init_ray()
     scheduler = None
     if settings.scheduler == "asha":
+        # Epoch reports carry training loss only; evaluation reports carry the metric, and
+        # ASHA skips results without it. Tune would otherwise refuse the former.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # max_t one above the models of a trial: reaching max_t means STOP, which would cut a
+        # trial off after its last evaluation, before its kernels and final report.
         scheduler = ASHAScheduler(time_attr="models_evaluated", metric=settings.metric,
-                                  mode=settings.mode, max_t=models_per_trial(space),
+                                  mode=settings.mode, max_t=models_per_trial(space) + 1,
                                   grace_period=1)
     tuner = tune.Tuner(
         _trainable(space),
@@ -403,6 +408,8 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
     space = parse_space(state["space"], str(out / SWEEP_STATE))
     tracker = Tracker(state["tracking_uri"])
     tracker.reopen(state["parent_run"])
+    if space.settings.scheduler == "asha":  # as in run_sweep
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     _init_ray()
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     tuner = tune.Tuner.restore(path, _trainable(space), resume_unfinished=True,
@@ -415,6 +422,17 @@ def _trial_id_of(path: str | None) -> str:
     name = Path(path or "").name
     parts = name.split("_")
     return f"{parts[1]}_{parts[2]}" if len(parts) > 2 and parts[0] == "trial" else ""
+
+
+def _close_stopped_run(tracker: Tracker, result, scheduler: str) -> None:
+    """Ends the MLflow run of a trial that the scheduler stopped (status KILLED, tag
+    ``stopped_by``); its run id is in the trial's Tune checkpoint."""
+    if result.checkpoint is None:
+        return
+    with result.checkpoint.as_directory() as directory:
+        run = json.loads((Path(directory) / TRIAL_STATE).read_text())["run_id"]
+    tracker.tags(run, {"stopped_by": scheduler})
+    tracker.end(run, "KILLED")
 
 
 def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
@@ -432,10 +450,14 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
                             "phase1_epochs_trained", "models_evaluated", "finished")
                    or k.startswith("time/")}
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
+        stopped = not result.error and not (out / "trials" / trial_id / FINAL_STATE).is_file()
+        if stopped:  # ended by the scheduler (ASHA): its MLflow run says so
+            _close_stopped_run(tracker, result, space.settings.scheduler)
         records.append({**values, **metrics, "trial_id": trial_id,
-                        "error": str(result.error or "")})
+                        "error": str(result.error or ""), "stopped_early": stopped})
     tracker.log(parent, {"trials": len(records),
-                         "trials_failed": sum(bool(r["error"]) for r in records)})
+                         "trials_failed": sum(bool(r["error"]) for r in records),
+                         "trials_stopped_early": sum(r["stopped_early"] for r in records)})
     for path in write_sweep_summary(out):
         tracker.artifact(parent, path)
     for path in log_cross_trajectories(tracker, parent, out):

@@ -4,6 +4,7 @@ diverges. Each test is bounded in time; each asserts that nothing was lost."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,6 +39,26 @@ SLOW = {
     "kernel": {"probe_size": 12},
     "sweep": {"resources": {"cpus": 1}},
 }
+
+
+STARTED: list[subprocess.Popen] = []  # every driver these tests start
+
+
+def start_driver(path: Path, out: Path, env: dict[str, str]) -> subprocess.Popen:
+    """``ntk-sweep run`` in its own process group (killed by ``stop_driver``)."""
+    driver = subprocess.Popen([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    STARTED.append(driver)
+    return driver
+
+
+def stop_driver(driver: subprocess.Popen) -> None:
+    """Kills what is left of a driver's process group (a test that failed half-way)."""
+    if driver.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
 
 
 def heartbeats(out: Path) -> dict[str, dict]:
@@ -131,19 +152,20 @@ def test_lost_node_its_trials_are_rescheduled(tmp_path):
     fast_failover = {"RAY_health_check_period_ms": "1000",
                      "RAY_health_check_failure_threshold": "3"}
     with ray_cluster(nodes=2, cpus=1, extra_env=fast_failover) as env:
-        driver = subprocess.Popen(
-            [str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
-            env={**env, "MLFLOW_TRACKING_URI": "", "NTK_SWEEP_STORAGE": ""},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # Both trials running, one per node; then every process of the second node dies.
-        wait_for(lambda: len({b["node"] for b in heartbeats(out).values()}) == 2, 240,
-                 "trials on both nodes", poll=0.1)
-        second = env["NTK_TEST_NODES"].split(",")[1]
-        victims = processes_with_env("NTK_TEST_NODE", second)
-        assert victims
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        stdout, stderr = driver.communicate(timeout=480)
+        driver = start_driver(path, out, {**env, "MLFLOW_TRACKING_URI": "",
+                                          "NTK_SWEEP_STORAGE": ""})
+        try:
+            # Both trials running, one per node; then every process of the second node dies.
+            wait_for(lambda: len({b["node"] for b in heartbeats(out).values()}) == 2, 240,
+                     "trials on both nodes", poll=0.1)
+            second = env["NTK_TEST_NODES"].split(",")[1]
+            victims = processes_with_env("NTK_TEST_NODE", second)
+            assert victims
+            for pid in victims:
+                os.kill(pid, signal.SIGKILL)
+            stdout, stderr = driver.communicate(timeout=480)
+        finally:
+            stop_driver(driver)
         assert driver.returncode == 0, stderr[-4000:]
     assert "2 trials, 0 failed" in stdout
     assert len(list(out.glob("trials/*/final.json"))) == 2
@@ -181,39 +203,44 @@ def test_tracking_server_down_mid_sweep_loses_nothing(tmp_path):
     with mlflow_server(tmp_path / "server", port=port) as uri:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "NTK_SWEEP_STORAGE": "",
                "RAY_ADDRESS": ""}
-        driver = subprocess.Popen([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-        wait_for(lambda: any(b["stage"].startswith("phase1") and b["epoch"] >= 1
-                             for b in heartbeats(out).values()), 240, "phase 1 under way")
-        (server,) = [p for p in processes_mentioning(f"--port {port}")
-                     if os.getpgid(p) == p]
-        os.killpg(server, signal.SIGKILL)  # the server dies at once, mid-sweep
-    # The server is down: training goes on, writes queue up.
-    (at_outage,) = [(b["stage"], b["epoch"]) for b in heartbeats(out).values()]
-    # Each epoch queues at least one write: three queued writes and a later epoch mean the
-    # trial trained on while nothing reached the server.
-    wait_for(lambda: any(b["pending_writes"] >= 3 and (b["stage"], b["epoch"]) != at_outage
-                         for b in heartbeats(out).values()), 240,
-             "epochs trained while the server is down", poll=0.1)
-    with mlflow_server(tmp_path / "server", port=port) as uri:  # back, same store
-        stdout, stderr = driver.communicate(timeout=480)
-        assert driver.returncode == 0, stderr[-4000:]
-        assert "1 trials, 0 failed" in stdout
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name("outage-sweep")
-        runs = client.search_runs([exp.experiment_id], max_results=1000)
-        (trial,) = [r for r in runs if r.data.tags.get("kind") == "trial"]
-        assert trial.info.status == "FINISHED"
-        history = client.get_metric_history(trial.info.run_id, "phase1/A/s0/loss")
-        assert sorted(m.step for m in history) == list(range(1, 21))  # every epoch is there
-        for t in (0, 10, 20):
-            key = f"phase2/AC/s0/t{t * 64}/loss"  # 64 steps per epoch
-            assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, key)) \
-                == [1, 2, 3], key
-        assert_no_duplicate_steps(client, trial.info.run_id)
-        assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 3
-        assert len(client.get_metric_history(trial.info.run_id, "kernel/A/to_init")) == 21
+        driver = start_driver(path, out, env)
+        try:
+            wait_for(lambda: any(b["stage"].startswith("phase1") and b["epoch"] >= 1
+                                 for b in heartbeats(out).values()), 240, "phase 1 under way")
+            (server,) = [p for p in processes_mentioning(f"--port {port}")
+                         if os.getpgid(p) == p]
+            os.killpg(server, signal.SIGKILL)  # the server dies at once, mid-sweep
+        except BaseException:
+            stop_driver(driver)
+            raise
+    try:
+        # The server is down: training goes on, writes queue up. Each epoch queues at least
+        # one write: three queued writes and a later epoch mean the trial trained on while
+        # nothing reached the server.
+        (at_outage,) = [(b["stage"], b["epoch"]) for b in heartbeats(out).values()]
+        wait_for(lambda: any(b["pending_writes"] >= 3 and (b["stage"], b["epoch"]) != at_outage
+                             for b in heartbeats(out).values()), 240,
+                 "epochs trained while the server is down", poll=0.1)
+        with mlflow_server(tmp_path / "server", port=port) as uri:  # back, same store
+            stdout, stderr = driver.communicate(timeout=480)
+            assert driver.returncode == 0, stderr[-4000:]
+            assert "1 trials, 0 failed" in stdout
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name("outage-sweep")
+            runs = client.search_runs([exp.experiment_id], max_results=1000)
+            (trial,) = [r for r in runs if r.data.tags.get("kind") == "trial"]
+            assert trial.info.status == "FINISHED"
+            run = trial.info.run_id
+            history = client.get_metric_history(run, "phase1/A/s0/loss")
+            assert sorted(m.step for m in history) == list(range(1, 21))  # every epoch
+            for t in (0, 10, 20):
+                key = f"phase2/AC/s0/t{t * 64}/loss"  # 64 steps per epoch
+                assert sorted(m.step for m in client.get_metric_history(run, key)) == [1, 2, 3]
+            assert_no_duplicate_steps(client, run)
+            assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 3
+            assert len(client.get_metric_history(run, "kernel/A/to_init")) == 21
+    finally:
+        stop_driver(driver)
     assert not list(out.glob("trials/*/pending_mlflow_writes.json"))
 
 
@@ -255,5 +282,5 @@ def test_a_diverging_trial_fails_alone_and_is_listed(tmp_path, ray_local):  # no
     assert statuses == ["FAILED", "FINISHED"]
 
 
-def test_no_stray_processes_from_this_module():
-    assert processes_mentioning("ntk-sweep run") == []
+def test_no_driver_of_this_module_is_left_running():
+    assert [d.pid for d in STARTED if d.poll() is None] == []

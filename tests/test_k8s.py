@@ -1,5 +1,5 @@
 """The Kubernetes manifests, rendered like ``kubectl apply -k`` would for each overlay, against
-the real API schemas: RayJob against KubeRay's CRD (``../shared/kuberay-crds``), core resources
+the real API schemas: RayJob against KubeRay's CRD (``k8s/crds``, vendored), core resources
 against Kubernetes' own (kubernetes-validate, offline); plus the rules the project sets for
 them (resources everywhere, nothing exposed, no plain-text secret)."""
 
@@ -17,7 +17,7 @@ from sweep.k8s import dump, render_sweep
 from tests.kustomize import build
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT.parent / "shared" / "kuberay-crds"
+CRDS = ROOT / "k8s" / "crds"  # KubeRay v1.7's CRDs, vendored unchanged (k8s/crds/README.md)
 K8S_VERSION = "1.37.0"
 OVERLAYS = ["kind", "gpu"]
 
@@ -36,10 +36,7 @@ def strict(schema: dict) -> dict:
 
 
 def crd_schema(kind: str) -> dict:
-    path = CRDS / f"ray.io_{kind.lower()}s.yaml"
-    if not path.is_file():
-        pytest.skip(f"{path} is not here (the KubeRay CRDs are shared reference data)")
-    crd = yaml.safe_load(path.read_text())
+    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = strict(version["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: the API server's

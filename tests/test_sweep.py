@@ -161,3 +161,28 @@ def test_ray_workers_log_to_a_real_mlflow_server(tmp_path, ray_local, monkeypatc
     assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing went to the default store
     stored = list((tmp_path / "server" / "artifacts").rglob("summary.md"))
     assert len(stored) == 3  # two trials and the sweep's parent run
+
+
+@pytest.mark.slow
+def test_asha_stops_poor_trials_early(tmp_path, ray_local):
+    """One flag away: ``scheduler: asha`` compares trials on ``metric`` as their models are
+    evaluated and stops the poor ones; their MLflow runs end as KILLED, tagged."""
+    space = parse_space({
+        **SWEEP, "name": "asha-sweep", "seeds": [0], "codes": ["AC"], "switch_rule": None,
+        "switch_points": [1, 2], "kernel": {"enabled": False},
+        # Centered phase 2 at lr 1e-9 stays at zero output: chance accuracy.
+        "phase2": {"epochs": 1, "batch_size": 16, "lr": {"grid": [0.05, 1e-9, 1e-9]}},
+        "sweep": {"scheduler": "asha", "metric": "accuracy", "mode": "max",
+                  "max_concurrent_trials": 1, "resources": {"cpus": 1}},
+    })
+    records = run_sweep(space, tmp_path)
+    assert [r["error"] for r in records] == ["", "", ""]
+    stopped = [r for r in records if r["stopped_early"]]
+    assert stopped and all(r["phase2.lr"] == 1e-9 for r in stopped)
+    client = MlflowClient(tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("asha-sweep")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'")
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert len(killed) == len(stopped)
+    assert all(r.data.tags["stopped_by"] == "asha" for r in killed)
+    assert {r.info.status for r in runs} <= {"KILLED", "FINISHED"}
