@@ -8,13 +8,13 @@ from ray.tune import Callback
 from rich.console import Console
 
 # Module level: Tune pickles its callbacks, and a Console holds a lock.
-CONSOLE = Console(stderr=True, highlight=False, markup=False)
+CONSOLE = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 
 class SweepProgress(Callback):
     """Progress lines on stderr: trials done and failed, the best finished trial on the
-    sweep's metric, and an ETA from the share of evaluated models (at most every 10 s, and
-    whenever a trial ends)."""
+    sweep's metric, and an ETA from the share of planned training steps done (at most every
+    10 s, and whenever a trial ends)."""
 
     def __init__(self, trials: int, models: int, metric: str, mode: str):
         """``trials`` of the sweep, ``models`` evaluated per trial; ``metric`` and ``mode``
@@ -24,10 +24,12 @@ class SweepProgress(Callback):
         self.progress: dict[str, float] = {}
         self.best: tuple[float, str] | None = None
         self.failed = 0
+        self.state: tuple = ()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        done = result.get("models_evaluated", 0) / max(self.models, 1)
-        self.progress[trial.trial_id] = min(done, 1.0)
+        # The trial's share of its planned minibatch steps; else of its evaluated models.
+        done = result.get("progress", result.get("models_evaluated", 0) / max(self.models, 1))
+        self.progress[trial.trial_id] = min(done, 0.999 if not result.get("finished") else 1.0)
         if result.get("finished") and self.metric in result:
             value = result[self.metric]
             better = self.best is None or (value > self.best[0] if self.mode == "max"
@@ -49,10 +51,11 @@ class SweepProgress(Callback):
 
     def _line(self, force: bool) -> None:
         now = time.monotonic()
-        if not force and now - self.last < 10:
-            return
-        self.last = now
         finished = sum(v >= 1.0 for v in self.progress.values())
+        state = (finished, self.failed, self.best)
+        if (now - self.last < 10) and not (force and state != self.state):
+            return  # at most every 10 s, or when a trial ends or a new best appears
+        self.last, self.state = now, state
         share = sum(self.progress.values()) / max(self.trials, 1)
         elapsed = now - self.start
         eta = f"{elapsed * (1 - share) / share:.0f} s" if share > 0 else "?"

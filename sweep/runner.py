@@ -187,7 +187,14 @@ def trial(config: dict[str, Any]) -> None:
         seen, children = set(), {}
         _report_with_state({"models_evaluated": 0}, {"run_id": run})
     trained = {"phase1_epochs": 0}
+    steps = {"done": 0, "planned": 0}
     rows: list[dict[str, Any]] = []
+
+    def progress() -> float:
+        return min(steps["done"] / steps["planned"], 0.999) if steps["planned"] else 0.0
+
+    def on_step() -> None:
+        steps["done"] += 1
 
     def on_epoch(label: str, epoch: int, metrics: dict[str, float]) -> None:
         if label.startswith("phase1"):
@@ -195,7 +202,8 @@ def trial(config: dict[str, Any]) -> None:
         name = label.replace("/seed", "/s").replace("/step", "/t")
         tracker.log(run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch, skip=seen)
         _heartbeat(trial_dir, name, epoch, len(tracker.pending))
-        _report({"stage": name, "epoch": epoch, "train_loss": metrics["loss"],
+        _report({"stage": name, "epoch": epoch, "progress": progress(),
+                 "train_loss": metrics["loss"],
                      "train_accuracy": metrics["accuracy"], "models_evaluated": len(rows),
                      **_summary_metrics(rows)})
 
@@ -212,14 +220,16 @@ def trial(config: dict[str, Any]) -> None:
                                         "transfer_linf") if not math.isnan(r[k])})
         if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
             tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
-        _report({"models_evaluated": len(rows), **_summary_metrics(rows)})
+        _report({"models_evaluated": len(rows), "progress": progress(),
+                 **_summary_metrics(rows)})
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / VARIANT_FILE).write_text(json.dumps(
         {p: v for p, v in values.items() if p != "seeds"}))
     try:
-        run_experiment(cfg, trial_dir, Hooks(on_epoch=on_epoch, on_result=on_result),
-                       store_root=out)
+        hooks = Hooks(on_epoch=on_epoch, on_result=on_result, on_step=on_step,
+                      planned_steps=lambda n: steps.__setitem__("planned", n))
+        run_experiment(cfg, trial_dir, hooks, store_root=out)
     except Divergence as e:  # the trial ends as an error naming phase, epoch, step, cause
         _write_json(failed, {"error": str(e)})
         tracker.tags(run, {"error": str(e)[:5000]})
@@ -247,7 +257,7 @@ def trial(config: dict[str, Any]) -> None:
         raise TrialFailed(f"MLflow at {tracker.uri} stayed unreachable; {len(tracker.pending)} "
                           f"writes kept in {pending} for the retry")
     pending.unlink(missing_ok=True)
-    final = {**metrics, "models_evaluated": len(rows), "finished": 1}
+    final = {**metrics, "models_evaluated": len(rows), "finished": 1, "progress": 1.0}
     _write_json(done, {"run_id": run, "final": final})  # the trial is finished from here
     _report(final)
 
