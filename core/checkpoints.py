@@ -89,7 +89,10 @@ class CheckpointStore:
         import time
 
         target = self.directory / f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S')}"
-        (self.directory / str(step)).rename(target)
+        try:
+            (self.directory / str(step)).rename(target)
+        except FileNotFoundError:  # another process set it aside first
+            pass
         self._manager.reload()
         return target
 

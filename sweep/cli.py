@@ -103,10 +103,10 @@ def _load(config: str, overrides: list[str]):
     return load_config(resolve(config), overrides)
 
 
-def _preflight(cfg, kernels: bool = False, seeds: int | None = None) -> None:
+def _preflight(cfg, kernels: bool = False, kernel_bytes: float | None = None) -> None:
     """Checks that need the data: the dataset loads, each batch fits the training set and,
     when kernels will be computed (``kernels``, or a switch rule), the probe set fits the
-    data and the kernel files of ``seeds`` seeds (default the config's) fit
+    data and the kernel files (``kernel_bytes``, default those of the config's seeds) fit
     ``kernel.storage_budget_gb``."""
     from core.config import ConfigError
     from core.experiment import kernel_storage_bytes
@@ -134,12 +134,13 @@ def _preflight(cfg, kernels: bool = False, seeds: int | None = None) -> None:
         probe_set(data, spec)
     except ValueError as e:
         raise ConfigError(f"kernel.probe_size: {e}") from None
-    seeds = len(cfg.seeds) if seeds is None else seeds
-    estimate = kernel_storage_bytes(cfg, data.num_classes) * seeds / 1e9
+    if kernel_bytes is None:
+        kernel_bytes = kernel_storage_bytes(cfg, data.num_classes) * len(cfg.seeds)
+    estimate = kernel_bytes / 1e9
     if estimate > spec.storage_budget_gb:
         raise ConfigError(
             f"kernel.storage_budget_gb: the kernel files would take about {estimate:.1f} GB "
-            f"({spec.probe_size} probe images, output {spec.output}, {seeds} seed(s)), above "
+            f"({spec.probe_size} probe images, output {spec.output}), above "
             f"the budget of {spec.storage_budget_gb:g} GB; lower kernel.probe_size, list "
             "kernel.epochs, use kernel.output: logit, or raise kernel.storage_budget_gb")
 
@@ -147,6 +148,23 @@ def _preflight(cfg, kernels: bool = False, seeds: int | None = None) -> None:
 def out_dir(args: argparse.Namespace, space, path: Path) -> Path:
     """A sweep's output directory: --out, else runs/<name>."""
     return Path(args.out or Path("runs") / (space.base.get("name") or path.stem))
+
+
+def _sweep_kernel_bytes(space, num_classes: int) -> float:
+    """Kernel files of a sweep: one set per distinct trajectory (trials that differ only in
+    phase 2 share theirs), times ``num_samples`` when values are drawn at random."""
+    from core.experiment import kernel_storage_bytes, trajectory_id
+
+    per_trajectory: dict[str, float] = {}
+    for cfg in space.configs():
+        if not cfg.kernel.enabled:
+            continue
+        modes = sorted({c[0] for c in cfg.codes})
+        for mode in modes:
+            key = trajectory_id(cfg, mode, cfg.seeds[0]) + repr(cfg.kernel)
+            per_trajectory[key] = kernel_storage_bytes(cfg, num_classes) / len(modes)
+    drawn = any(d.kind != "grid" for d in space.distributions.values())
+    return sum(per_trajectory.values()) * (space.settings.num_samples if drawn else 1)
 
 
 def _check_tracking(out: Path) -> None:
@@ -269,7 +287,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = resolve(args.space)
         space = parse_space(read_config_file(path, args.overrides), str(path))
         first = space.config({p: d.args[0] for p, d in space.distributions.items()})
-        _preflight(first, kernels=first.kernel.enabled, seeds=space.trial_count())
+        _preflight(first, kernels=first.kernel.enabled,
+                   kernel_bytes=_sweep_kernel_bytes(space, first.dataset.load().num_classes))
         _check_tracking(out_dir(args, space, path))
     except (ConfigError, DataError) as e:
         return _fail(str(e))
@@ -371,7 +390,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         to = Path(args.to or Path(args.out or ".") / "report")
         if problem := _check_writable(to):
             return _fail(problem)
-        rows, paths = report(uri, experiment, to)
+        same = state and uri == state.get("tracking_uri") and experiment == state.get("name")
+        rows, paths = report(uri, experiment, to, state.get("parent_run") if same else None)
     except ConfigError as e:
         return _fail(str(e))
     console = stdout_console()

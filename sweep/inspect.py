@@ -67,9 +67,11 @@ def trial_status(out: Path) -> list[dict[str, Any]]:
     return records
 
 
-def mlflow_rows(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Result rows (one per evaluated model) from the child runs of a sweep's MLflow
-    experiment, and its trial runs."""
+def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = None
+                ) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Result rows (one per evaluated model) of one sweep in its MLflow experiment, and its
+    trial runs: the sweep whose parent run is ``parent_run`` (default the latest one). Only
+    finished trials count (as in the sweep's own summary), each model once."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -77,17 +79,28 @@ def mlflow_rows(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]
     if exp is None:
         raise ConfigError(f"MLflow at {tracking_uri} has no experiment {experiment!r}")
     runs = client.search_runs([exp.experiment_id], max_results=50_000)
-    trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    if parent_run is None:
+        sweeps = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+        if not sweeps:
+            raise ConfigError(f"MLflow experiment {experiment!r} has no sweep run")
+        parent_run = max(sweeps, key=lambda r: r.info.start_time).info.run_id
+    trials = [r for r in runs if r.data.tags.get("kind") == "trial"
+              and r.data.tags.get(PARENT_TAG) == parent_run and r.info.status == "FINISHED"]
     # A trial's params are its sampled values (as strings); its variant is all but the seed.
     variants = {t.info.run_id: format_variant({k: yaml.safe_load(v)
                                                for k, v in t.data.params.items()})
                 for t in trials}
-    rows = []
+    latest: dict[tuple[str, str], Any] = {}
     for r in runs:
+        trial = r.data.tags.get(PARENT_TAG)
+        if r.data.tags.get("kind") in ("switch_run", "network") and trial in variants:
+            key = (trial, r.info.run_name)
+            if key not in latest or r.info.start_time > latest[key].info.start_time:
+                latest[key] = r
+    rows = []
+    for (trial, _), r in sorted(latest.items()):
         tags, metrics = r.data.tags, r.data.metrics
-        if tags.get("kind") not in ("switch_run", "network"):
-            continue
-        rows.append({"variant": variants.get(tags.get(PARENT_TAG), ""),
+        rows.append({"variant": variants[trial],
                      "seed": int(tags["seed"]), "code": tags["code"],
                      "dynamics": tags["dynamics"], "switch_epoch": float(tags["switch_epoch"]),
                      "switch_rule": tags.get("switch_rule", ""),
@@ -95,15 +108,16 @@ def mlflow_rows(tracking_uri: str, experiment: str) -> tuple[list[dict[str, Any]
     return rows, trials
 
 
-def report(tracking_uri: str, experiment: str, out: Path) -> tuple[list[dict], list[Path]]:
-    """Rebuilds the sweep's tables and plots from MLflow into ``out``; returns the rows and
-    the files written."""
+def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None = None
+           ) -> tuple[list[dict], list[Path]]:
+    """Rebuilds a sweep's tables and plots from MLflow into ``out`` (the sweep of
+    ``parent_run``, default the experiment's latest); returns the rows and the files."""
     from mlflow.tracking import MlflowClient
 
     from core.experiment import summarize, summary_markdown
     from sweep.plots import kernel_distance_plot, switch_point_plot
 
-    rows, trials = mlflow_rows(tracking_uri, experiment)
+    rows, trials = mlflow_rows(tracking_uri, experiment, parent_run)
     if not rows:
         raise ConfigError(f"MLflow experiment {experiment!r} has no evaluated models yet")
     out.mkdir(parents=True, exist_ok=True)

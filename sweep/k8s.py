@@ -85,6 +85,7 @@ def render_sweep(space_name: str, space_text: str, image: str, *, gpus_per_worke
         "replicas": 0, "minReplicas": 0, "maxReplicas": max_workers,
         "rayStartParams": {},
         "template": {"spec": {
+            "securityContext": {"fsGroup": 1000},  # the shared volume is writable by `ray`
             "containers": [_container(
                 "ray-worker", image, _resources(str(worker_cpus), worker_memory,
                                                 gpus_per_worker), gpu, mounts)],
@@ -94,13 +95,13 @@ def render_sweep(space_name: str, space_text: str, image: str, *, gpus_per_worke
     if gpu:
         worker_group["template"]["spec"]["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    entrypoint = (f"ntk-sweep run {SPACE_DIR}/{space_name}.yaml "
-                  f"--out {MOUNT}/runs/{space_name}")
+    # File and directory names from the sanitised name: nothing to quote in the entrypoint.
+    entrypoint = f"ntk-sweep run {SPACE_DIR}/{name}.yaml --out {MOUNT}/runs/{name}"
     config_map = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": f"ntk-sweep-space-{name}",
                      "labels": {"app.kubernetes.io/name": "ntk-sweep"}},
-        "data": {f"{space_name}.yaml": space_text},
+        "data": {f"{name}.yaml": space_text},
     }
     rayjob = {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
@@ -131,6 +132,7 @@ def render_sweep(space_name: str, space_text: str, image: str, *, gpus_per_worke
                     # The head schedules trials but runs none: all trials go to workers.
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                     "template": {"spec": {
+                        "securityContext": {"fsGroup": 1000},
                         "containers": [_container("ray-head", image, _resources("2", "8Gi"),
                                                   False, head_mounts, head_ports)],
                         "volumes": [storage, space],

@@ -159,20 +159,30 @@ def trial(config: dict[str, Any]) -> None:
         _report(json.loads(done.read_text())["final"])
         return
     failed = trial_dir / FAILED_STATE
+    pending = trial_dir / PENDING_WRITES
     if failed.is_file():  # diverged before: deterministic, so fail again at once
+        if tracker.load_pending(pending):  # its FAILED status and error tag, if undelivered
+            tracker.flush(60.0)
+            tracker.save_pending(pending)
         raise TrialFailed(json.loads(failed.read_text())["error"])
     restored = _restored_state()
-    pending = trial_dir / PENDING_WRITES
     if restored is not None:
         run = restored["run_id"]
         tracker.reopen(run)
         seen, children = tracker.logged(run), tracker.children(run)
         # Writes an earlier attempt could not deliver go first, and are not made again.
         tracker.load_pending(pending)
+        # A child run the server already has (an attempt that died after creating it) is
+        # not created again.
+        tracker.pending = [op for op in tracker.pending
+                           if not (op["kind"] == "child" and "run" not in op
+                                   and op["name"] in children)]
         for op in tracker.pending:
             seen |= {(m[0], m[3]) for m in op.get("metrics", ()) if op.get("run") == run}
             if op["kind"] == "child":
                 children[op["name"]] = op.get("run", "pending")
+        tracker.flush(0.0)
+        tracker.save_pending(pending)  # what is left, so no later attempt sends it twice
     else:
         import ray
 
@@ -202,6 +212,7 @@ def trial(config: dict[str, Any]) -> None:
         name = label.replace("/seed", "/s").replace("/step", "/t")
         tracker.log(run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch, skip=seen)
         _heartbeat(trial_dir, name, epoch, len(tracker.pending))
+        tracker.save_pending(pending)  # undelivered writes survive a killed worker
         _report({"stage": name, "epoch": epoch, "progress": progress(),
                  "train_loss": metrics["loss"],
                      "train_accuracy": metrics["accuracy"], "models_evaluated": len(rows),
@@ -219,7 +230,9 @@ def trial(config: dict[str, Any]) -> None:
                 run, {k: r[k] for k in ("accuracy", "robust_linf", "robust_l2",
                                         "transfer_linf") if not math.isnan(r[k])})
         if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
-            tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]})
+            tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]},
+                        skip=seen)
+        tracker.save_pending(pending)
         _report({"models_evaluated": len(rows), "progress": progress(),
                  **_summary_metrics(rows)})
 
@@ -230,32 +243,36 @@ def trial(config: dict[str, Any]) -> None:
         hooks = Hooks(on_epoch=on_epoch, on_result=on_result, on_step=on_step,
                       planned_steps=lambda n: steps.__setitem__("planned", n))
         run_experiment(cfg, trial_dir, hooks, store_root=out)
+        for name in ("results.csv", "summary.md"):
+            tracker.artifact(run, trial_dir / name)
+        if cfg.kernel.enabled:
+            for path in log_kernels(tracker, run, cfg, out, trial_dir, seen):
+                tracker.artifact(run, path)
+        spent = since(before)
+        metrics = {**_summary_metrics(rows), "phase1_epochs_trained": trained["phase1_epochs"],
+                   "time/trial_s": time.perf_counter() - started,
+                   **{f"time/{k}_s": spent.get(k, 0.0)
+                      for k in ("mlflow", "checkpoint", "report")}}
+        tracker.log(run, metrics, skip=seen)
+        tracker.end(run)
+        if not tracker.flush():
+            raise TrialFailed(f"MLflow at {tracker.uri} stayed unreachable; "
+                              f"{len(tracker.pending)} writes kept in {pending} for the retry")
     except Divergence as e:  # the trial ends as an error naming phase, epoch, step, cause
         _write_json(failed, {"error": str(e)})
         tracker.tags(run, {"error": str(e)[:5000]})
         tracker.end(run, "FAILED")
-        tracker.flush()
-        tracker.save_pending(pending)
+        try:
+            tracker.flush(60.0)
+        finally:
+            tracker.save_pending(pending)
         raise TrialFailed(str(e)) from None
     except BaseException:
-        tracker.flush(0.0)
-        tracker.save_pending(pending)  # a retry delivers them
+        try:
+            tracker.flush(0.0)
+        finally:
+            tracker.save_pending(pending)  # a retry delivers them
         raise
-    for name in ("results.csv", "summary.md"):
-        tracker.artifact(run, trial_dir / name)
-    if cfg.kernel.enabled:
-        for path in log_kernels(tracker, run, cfg, out, trial_dir, seen):
-            tracker.artifact(run, path)
-    spent = since(before)
-    metrics = {**_summary_metrics(rows), "phase1_epochs_trained": trained["phase1_epochs"],
-               "time/trial_s": time.perf_counter() - started,
-               **{f"time/{k}_s": spent.get(k, 0.0) for k in ("mlflow", "checkpoint", "report")}}
-    tracker.log(run, metrics, skip=seen)
-    tracker.end(run)
-    if not tracker.flush():
-        tracker.save_pending(pending)
-        raise TrialFailed(f"MLflow at {tracker.uri} stayed unreachable; {len(tracker.pending)} "
-                          f"writes kept in {pending} for the retry")
     pending.unlink(missing_ok=True)
     final = {**metrics, "models_evaluated": len(rows), "finished": 1, "progress": 1.0}
     _write_json(done, {"run_id": run, "final": final})  # the trial is finished from here
@@ -331,10 +348,13 @@ def _init_ray() -> None:
 
 
 def models_per_trial(space: SweepSpace) -> int:
-    """Evaluated models of one trial (phase-1 networks and phase-2 runs), for progress."""
-    cfg = space.config({p: d.args[0] for p, d in space.distributions.items()})
-    switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
-    return switches * (len(cfg.codes) + len({c[0] for c in cfg.codes}))
+    """Evaluated models of the largest trial (phase-1 networks and phase-2 runs), for
+    progress and ASHA's time axis."""
+    def models(cfg) -> int:
+        switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
+        return switches * (len(cfg.codes) + len({c[0] for c in cfg.codes}))
+
+    return max(models(cfg) for cfg in space.configs())
 
 
 def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dict[str, Any]]:
@@ -434,15 +454,17 @@ def _trial_id_of(path: str | None) -> str:
     return f"{parts[1]}_{parts[2]}" if len(parts) > 2 and parts[0] == "trial" else ""
 
 
-def _close_stopped_run(tracker: Tracker, result, scheduler: str) -> None:
-    """Ends the MLflow run of a trial that the scheduler stopped (status KILLED, tag
-    ``stopped_by``); its run id is in the trial's Tune checkpoint."""
+def _close_run(tracker: Tracker, result, status: str, tags: dict[str, str]) -> None:
+    """Ends the MLflow run of a trial that did not end it itself (stopped by the scheduler:
+    KILLED; failed for good: FAILED) if it is still running; its run id is in the trial's
+    Tune checkpoint."""
     if result.checkpoint is None:
         return
     with result.checkpoint.as_directory() as directory:
         run = json.loads((Path(directory) / TRIAL_STATE).read_text())["run_id"]
-    tracker.tags(run, {"stopped_by": scheduler})
-    tracker.end(run, "KILLED")
+    if tracker.client.get_run(run).info.status == "RUNNING":
+        tracker.tags(run, tags)
+        tracker.end(run, status)
 
 
 def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
@@ -462,7 +484,9 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
         stopped = not result.error and not (out / "trials" / trial_id / FINAL_STATE).is_file()
         if stopped:  # ended by the scheduler (ASHA): its MLflow run says so
-            _close_stopped_run(tracker, result, space.settings.scheduler)
+            _close_run(tracker, result, "KILLED", {"stopped_by": space.settings.scheduler})
+        elif result.error:
+            _close_run(tracker, result, "FAILED", {"error": str(result.error)[-5000:]})
         records.append({**values, **metrics, "trial_id": trial_id,
                         "error": str(result.error or ""), "stopped_early": stopped})
     tracker.log(parent, {"trials": len(records),

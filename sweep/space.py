@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -67,6 +68,14 @@ class SweepSpace:
         """Trials Tune will run: the product of grid sizes times ``num_samples``."""
         grids = [len(d.args) for d in self.distributions.values() if d.kind == "grid"]
         return math.prod(grids) * self.settings.num_samples
+
+    def configs(self, limit: int = 2000) -> list[ExperimentConfig]:
+        """The trial configs over every combination of grid and choice values (ranges at
+        both ends), at most ``limit`` of them: what a check over all trials looks at."""
+        paths = list(self.distributions)
+        options = [[v for _, v in _candidates(self.distributions[p])] for p in paths]
+        combos = itertools.islice(itertools.product(*options), limit)
+        return [self.config(dict(zip(paths, combo, strict=True))) for combo in combos]
 
     def config(self, values: dict[str, Any]) -> ExperimentConfig:
         """The experiment config of one trial, given a value for every distribution path."""

@@ -4,6 +4,7 @@ MLflow state. The experiment is created by the driver (Ray's ``setup_mlflow`` wo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -16,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from core.timing import timed
 
 PARENT_TAG = "mlflow.parentRunId"
+LOG = logging.getLogger("ntk_sweep")
 
 
 class _TimedClient:
@@ -104,14 +106,18 @@ class Tracker:
 
     def flush(self, wait_s: float = WAIT_S) -> bool:
         """Sends queued writes in order, retrying for up to ``wait_s`` seconds; True once the
-        queue is empty. Errors that are not about reaching the server are raised."""
+        queue is empty. A write the server refuses for itself (not for being unreachable) is
+        dropped with a warning, so one bad write cannot hold back the others."""
         deadline, delay = time.monotonic() + wait_s, 1.0
         while self.pending:
             try:
                 self._do(self.pending[0])
             except Exception as e:
-                if not transient(e):
-                    raise
+                if not transient(e):  # refused for itself: set aside, the rest goes on
+                    op = self.pending.pop(0)
+                    LOG.warning("MLflow refused a %s write (%s: %s); it is dropped",
+                                op["kind"], type(e).__name__, str(e)[:300])
+                    continue
                 self._last_failure = time.monotonic()
                 if time.monotonic() + delay > deadline:
                     return False
@@ -189,10 +195,13 @@ class Tracker:
 
     def log(self, run_id: str, metrics: dict[str, float], step: int = 0,
             skip: set[tuple[str, int]] | None = None) -> None:
-        """Logs metrics at ``step``, leaving out (metric, step) pairs in ``skip``."""
+        """Logs metrics at ``step``, leaving out (metric, step) pairs in ``skip`` (and adding
+        the ones logged to it)."""
         now = int(time.time() * 1000)
         batch = [[k, float(v), now, step] for k, v in metrics.items()
                  if skip is None or (k, step) not in skip]
+        if skip is not None:  # what is logged now is never logged again through ``skip``
+            skip |= {(m[0], step) for m in batch}
         if batch:
             self._submit({"kind": "batch", "run": run_id, "metrics": batch})
 

@@ -113,7 +113,7 @@ SWEEP_FILE = {
     # one trajectory (A) per trial, 2 trials.
     ({"kernel": {"probe_size": 1000, "output": "full", "storage_budget_gb": 1}},
      f"kernel.storage_budget_gb: the kernel files would take about "
-     f"{1000**2 * 10**2 * 4 * 7 * 2 / 1e9:.1f} GB (1000 probe images, output full, 2 seed(s)), "
+     f"{1000**2 * 10**2 * 4 * 7 * 2 / 1e9:.1f} GB (1000 probe images, output full), "
      "above the budget of 1 GB"),
     ({"dataset": {"name": "cifar10", "data_dir": "/nonexistent/cifar"}}, "/nonexistent/cifar"),
     ({"phase1": {"epochs": 1, "attack": {"eps": -0.1}}},
