@@ -160,6 +160,9 @@ def parse_space(raw: Any, source: str = "sweep") -> SweepSpace:
         lines = "\n".join(f"sweep.{line}" for line in format_errors(e, SweepSettings).splitlines())
         raise ConfigError(f"{source}: invalid sweep settings\n{lines}") from None
     found: dict[str, Distribution] = {}
+    if _is_distribution(raw):
+        raise ConfigError(f"{source}: (top level): {next(iter(raw))!r} is a distribution; "
+                          "distributions go on a setting's value, e.g. phase2.lr: {grid: [...]}")
     try:
         base = _extract(raw, "", found)
     except ConfigError as e:

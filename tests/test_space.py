@@ -73,3 +73,13 @@ def test_tune_param_space():
     assert params["seeds"] == tune.grid_search([[0], [1], [2]])
     lr = params["phase2.lr"]
     assert lr.lower == 0.001 and lr.upper == 0.1 and type(lr).__name__ == "Float"
+
+
+def test_a_distribution_at_the_top_level_is_refused():
+    """Found by the property test: ``{sweep: null, grid: [null]}`` raised AttributeError."""
+    import pytest
+
+    from core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\(top level\): 'grid' is a distribution"):
+        parse_space({"sweep": None, "grid": [None]})
