@@ -490,19 +490,29 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_csv(path: Path, table: list[dict[str, Any]], fields) -> None:
+    """Writes ``table`` (one dict per row) as CSV with columns ``fields``."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def write_summary(out: Path, summary: list[dict[str, Any]], notes: str = "") -> list[Path]:
+    """Writes ``summary.csv`` and ``summary.md`` (the table, then ``notes``) under ``out``."""
+    (out / "summary.md").write_text(summary_markdown(summary) + notes)
+    write_csv(out / "summary.csv", summary,
+               list(summary[0]) if summary else ["code", "switch_epoch", "seeds"])
+    return [out / "summary.csv", out / "summary.md"]
+
+
 def write_results(out: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[str, Path]:
     """Writes results.csv, summary.csv, summary.md and results.json under ``out``."""
     paths = {"results": out / "results.csv", "summary": out / "summary.csv",
              "markdown": out / "summary.md", "json": out / "results.json"}
     summary = summarize(rows)
-    paths["markdown"].write_text(summary_markdown(summary))
-    summary_fields = list(summary[0]) if summary else ["code", "switch_epoch", "seeds"]
-    for path, table, fields in ((paths["results"], rows, RESULT_FIELDS),
-                                (paths["summary"], summary, summary_fields)):
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(table)
+    write_summary(out, summary)
+    write_csv(paths["results"], rows, RESULT_FIELDS)
     paths["json"].write_text(json.dumps(
         {"config": cfg.model_dump(mode="json"), "rows": rows, "summary": summary}, indent=1
     ))

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -114,7 +113,7 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
     ``parent_run``, default the experiment's latest); returns the rows and the files."""
     from mlflow.tracking import MlflowClient
 
-    from core.experiment import summarize, summary_markdown
+    from core.experiment import summarize, write_summary
     from sweep.plots import kernel_distance_plot, switch_point_plot
 
     rows, trials = mlflow_rows(tracking_uri, experiment, parent_run)
@@ -122,13 +121,7 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
         raise ConfigError(f"MLflow experiment {experiment!r} has no evaluated models yet")
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    (out / "summary.md").write_text(summary_markdown(summary))
-    with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
-    paths = [out / "summary.csv", out / "summary.md",
-             switch_point_plot(summary, out / "switch_point.png")]
+    paths = [*write_summary(out, summary), switch_point_plot(summary, out / "switch_point.png")]
     client = MlflowClient(tracking_uri)
     curves = {}
     for t in trials:
@@ -189,6 +182,7 @@ def compare(dir_a: Path, dir_b: Path, out: Path, overrides: list[str]) -> list[d
     ``compare.csv`` and ``compare.png`` into ``out``."""
     import matplotlib.pyplot as plt
 
+    from core.experiment import write_csv
     from core.trajectory_kernels import (
         compute_trajectory_kernels,
         cross_trajectory_distances,
@@ -217,10 +211,7 @@ def compare(dir_a: Path, dir_b: Path, out: Path, overrides: list[str]) -> list[d
     rows = [{"epoch": e, "distance": d, "a_to_init": init[0][e], "b_to_init": init[1][e]}
             for e, d in sorted(cross.items())]
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "compare.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "compare.csv", rows, list(rows[0]))
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in rows]
     ax.plot(epochs, [r["distance"] for r in rows], "o-", color="black",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from itertools import combinations
 from pathlib import Path
@@ -15,6 +14,7 @@ from rich.table import Table
 
 from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
 from core.data import DataError
+from core.experiment import write_csv
 from core.trajectory_kernels import (
     TrajectoryInfo,
     compute_trajectory_kernels,
@@ -106,10 +106,7 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
             trajectories[info.id], f"kernel distances, {info.mode} seed {info.seed}",
             run_dir / f"kernel_heatmap_{info.mode}_seed{info.seed}.png"))
     out.print("plots: " + ", ".join(str(p) for p in plots))
-    with (run_dir / "kernel_measures.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-        writer.writeheader()
-        writer.writerows(flat)
+    write_csv(run_dir / "kernel_measures.csv", flat, list(flat[0]))
     out.print(f"kernels: {run_dir}/trajectories/*/kernels/{spec.output}-*/; measures: "
               f"{run_dir / 'kernel_measures.csv'}")
     return result

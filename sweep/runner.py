@@ -16,7 +16,6 @@ trial results under ``<out>/ray`` unless ``NTK_SWEEP_STORAGE`` names another sto
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from core.experiment import Hooks, run_experiment
 from core.timing import since, snapshot, timed
 from core.train import Divergence
 from sweep.space import SweepSpace, substitute, to_param_space
-from sweep.tracking import Tracker
+from sweep.tracking import Tracker, write_json
 
 TRIAL_ENV = {
     # Trials sharing a GPU must not grab each other's memory; TF stays quiet.
@@ -113,19 +112,12 @@ class TrialFailed(RuntimeError):
     """A trial that cannot succeed by retrying as is (diverged; tracking unreachable)."""
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Writes JSON atomically (a temporary file renamed over ``path``)."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
 def _heartbeat(trial_dir: Path, stage: str, epoch: int, pending: int) -> None:
     """``heartbeat.json``: the worker's PID and node, the stage and epoch just finished, and
     how many MLflow writes wait for the server (``ntk-sweep status`` shows it)."""
     import ray
 
-    _write_json(trial_dir / HEARTBEAT, {
+    write_json(trial_dir / HEARTBEAT, {
         "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "stage": stage,
         "epoch": epoch, "pending_writes": pending, "time": time.time()})
 
@@ -214,9 +206,8 @@ def trial(config: dict[str, Any]) -> None:
         _heartbeat(trial_dir, name, epoch, len(tracker.pending))
         tracker.save_pending(pending)  # undelivered writes survive a killed worker
         _report({"stage": name, "epoch": epoch, "progress": progress(),
-                 "train_loss": metrics["loss"],
-                     "train_accuracy": metrics["accuracy"], "models_evaluated": len(rows),
-                     **_summary_metrics(rows)})
+                 "train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
+                 "models_evaluated": len(rows), **_summary_metrics(rows)})
 
     def on_result(r: dict[str, Any]) -> None:
         rows.append(r)
@@ -237,8 +228,7 @@ def trial(config: dict[str, Any]) -> None:
                  **_summary_metrics(rows)})
 
     trial_dir.mkdir(parents=True, exist_ok=True)
-    (trial_dir / VARIANT_FILE).write_text(json.dumps(
-        {p: v for p, v in values.items() if p != "seeds"}))
+    write_json(trial_dir / VARIANT_FILE, {p: v for p, v in values.items() if p != "seeds"})
     try:
         hooks = Hooks(on_epoch=on_epoch, on_result=on_result, on_step=on_step,
                       planned_steps=lambda n: steps.__setitem__("planned", n))
@@ -259,7 +249,7 @@ def trial(config: dict[str, Any]) -> None:
             raise TrialFailed(f"MLflow at {tracker.uri} stayed unreachable; "
                               f"{len(tracker.pending)} writes kept in {pending} for the retry")
     except Divergence as e:  # the trial ends as an error naming phase, epoch, step, cause
-        _write_json(failed, {"error": str(e)})
+        write_json(failed, {"error": str(e)})
         tracker.tags(run, {"error": str(e)[:5000]})
         tracker.end(run, "FAILED")
         try:
@@ -275,7 +265,7 @@ def trial(config: dict[str, Any]) -> None:
         raise
     pending.unlink(missing_ok=True)
     final = {**metrics, "models_evaluated": len(rows), "finished": 1, "progress": 1.0}
-    _write_json(done, {"run_id": run, "final": final})  # the trial is finished from here
+    write_json(done, {"run_id": run, "final": final})  # the trial is finished from here
     _report(final)
 
 
@@ -295,26 +285,30 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
 
     from core.experiment import trajectory_id
     from core.trajectory_kernels import (
+        TrajectoryInfo,
         compute_trajectory_kernels,
         cross_trajectory_distances,
-        find_trajectories,
         trajectory_measures,
     )
     from sweep.plots import kernel_distance_plot, trajectory_heatmap
 
     seed = cfg.seeds[0]
-    ids = {trajectory_id(cfg, code[0], seed) for code in cfg.codes}
-    infos = [i for i in find_trajectories(store_root) if i.id in ids]
+    infos = []
+    for mode in sorted({code[0] for code in cfg.codes}):
+        tid = trajectory_id(cfg, mode, seed)
+        directory = store_root / "trajectories" / tid
+        if (directory / "trajectory.json").is_file():  # the trial's config determines it
+            infos.append(TrajectoryInfo(tid, mode, seed, directory, cfg))
     trajectories, stores = {}, {}
     for info in infos:
         stores[info.mode] = compute_trajectory_kernels(info, cfg.kernel)
-        first = stores[info.mode].load(stores[info.mode].epochs()[0])
+        epochs = stores[info.mode].epochs()
+        first = stores[info.mode].load(epochs[0])
         rows = trajectory_measures(stores[info.mode], len(np.unique(first.labels)))
         trajectories[info.id] = {"mode": info.mode, "seed": seed, "rows": rows}
         for r in rows:
             tracker.log(run, {f"kernel/{info.mode}/{k}": r[k] for k in KERNEL_MEASURES},
                         step=round(1000 * r["epoch"]), skip=seen)
-        epochs = stores[info.mode].epochs()
         for epoch in sorted({*cfg.switch_points, epochs[-1]} & set(epochs)):
             tracker.artifact(run, stores[info.mode].path(epoch), f"kernels/{info.mode}")
     modes = sorted(stores)
@@ -345,6 +339,13 @@ def _init_ray() -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=False)
+
+
+def _allow_reports_without_metric(space: SweepSpace) -> None:
+    """With ASHA: epoch reports carry training loss only, evaluation reports the metric, and
+    ASHA skips results without it; Tune's strict check would refuse the former."""
+    if space.settings.scheduler == "asha":
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
 
 def models_per_trial(space: SweepSpace) -> int:
@@ -381,10 +382,8 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
     (out / SWEEP_STATE).write_text(json.dumps(state, indent=1))
     _init_ray()
     scheduler = None
+    _allow_reports_without_metric(space)
     if settings.scheduler == "asha":
-        # Epoch reports carry training loss only; evaluation reports carry the metric, and
-        # ASHA skips results without it. Tune would otherwise refuse the former.
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         # max_t one above the models of a trial: reaching max_t means STOP, which would cut a
         # trial off after its last evaluation, before its kernels and final report.
         scheduler = ASHAScheduler(time_attr="models_evaluated", metric=settings.metric,
@@ -438,8 +437,7 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
     space = parse_space(state["space"], str(out / SWEEP_STATE))
     tracker = Tracker(state["tracking_uri"])
     tracker.reopen(state["parent_run"])
-    if space.settings.scheduler == "asha":  # as in run_sweep
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    _allow_reports_without_metric(space)
     _init_ray()
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     tuner = tune.Tuner.restore(path, _trainable(space), resume_unfinished=True,
@@ -583,7 +581,7 @@ def failed_trials(out: Path) -> list[dict[str, str]]:
 def write_sweep_summary(out: Path) -> list[Path]:
     """The sweep's summary over all trials (mean ± std over seeds): CSV, Markdown (with the
     failed trials listed under it) and the accuracy-against-switch-point plot, under ``out``."""
-    from core.experiment import summarize, summary_markdown
+    from core.experiment import summarize, write_summary
     from sweep.plots import switch_point_plot
 
     rows = sweep_rows(out)
@@ -597,10 +595,5 @@ def write_sweep_summary(out: Path) -> list[Path]:
             return [out / "summary.md"]
         return []
     summary = summarize(rows)
-    (out / "summary.md").write_text(summary_markdown(summary) + notes)
-    with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
-    plot = switch_point_plot(summary, out / "switch_point.png")
-    return [out / "summary.csv", out / "summary.md", plot]
+    return [*write_summary(out, summary, notes),
+            switch_point_plot(summary, out / "switch_point.png")]

@@ -38,6 +38,14 @@ class _TimedClient:
         return call
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Writes JSON atomically (a temporary file renamed over ``path``): a reader, or a
+    process killed half-way, never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
 def transient(error: BaseException) -> bool:
     """Whether an MLflow call failed because the server could not be reached or answered
     with a server error (worth retrying), rather than because the request was wrong."""
@@ -132,9 +140,7 @@ class Tracker:
         if not self.pending:
             path.unlink(missing_ok=True)
             return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.pending))
-        tmp.replace(path)
+        write_json(path, self.pending)
 
     def load_pending(self, path: Path) -> int:
         """Queues the writes a previous attempt saved with ``save_pending``; returns how many."""
