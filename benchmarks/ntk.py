@@ -31,12 +31,11 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.compat import import_neural_tangents  # noqa: E402
 from core.data import load_digits, load_synthetic  # noqa: E402
 from core.dynamics import make_apply_fn  # noqa: E402
 from core.models import init_model, make_model  # noqa: E402
@@ -78,8 +77,7 @@ def matmul_gflops(size: int = 2048) -> float:
 
 
 def _nt_full(apply, params, bs, x, implementation: str) -> float:
-    import neural_tangents as nt
-
+    nt = import_neural_tangents()
     impl = getattr(nt.NtkImplementation, implementation.upper())
     f = lambda p, x: apply(None, p, bs, x, False)[0]  # noqa: E731
     fn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, implementation=impl))
@@ -88,8 +86,7 @@ def _nt_full(apply, params, bs, x, implementation: str) -> float:
 
 def _reference(apply, params, bs, x, classes: int) -> float:
     """Seconds for ``classes`` class-wise kernels the way the reference computes them."""
-    import neural_tangents as nt
-
+    nt = import_neural_tangents()
     n = x.shape[0]
     blocks = [slice(i, min(i + REFERENCE_BLOCK, n)) for i in range(0, n, REFERENCE_BLOCK)]
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.attacks import AttackConfig, AttackLoss, Norm
-from core.data import Dataset, load_dataset
+if TYPE_CHECKING:  # imported where used: validating a config must not pay for importing jax
+    from core.attacks import AttackConfig
+    from core.data import Dataset
 
 REFERENCE_FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 
@@ -43,6 +44,8 @@ class DatasetSpec(_Strict):
 
     def load(self) -> Dataset:
         """The dataset this spec names (synthetic data is drawn from seed 0)."""
+        from core.data import load_dataset
+
         return load_dataset(self.name, self.data_dir, seed=0, **self.synthetic.model_dump())
 
     @model_validator(mode="after")
@@ -80,6 +83,8 @@ class AttackSpec(_Strict):
     restarts: int = Field(1, ge=1, le=100)
 
     def build(self, keep_best: bool = False) -> AttackConfig:
+        from core.attacks import AttackConfig, AttackLoss, Norm
+
         step = self.step_size
         if step is None:
             step = 2 * self.eps / self.iters if self.norm == "linf" else 0.01

@@ -107,6 +107,7 @@ def test_experiment_smoke_all_four_codes(tmp_path):
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr[-500:])
 
 
+@pytest.mark.smoke
 def test_invalid_config_exits_2_and_names_the_field(tmp_path):
     bad = {**SMOKE, "phase1": {**SMOKE["phase1"], "attack": {"eps": -0.1}}}
     proc = _cli("experiment", str(_write(tmp_path, bad)), "--out", str(tmp_path / "o"))
@@ -157,6 +158,7 @@ def test_unwritable_output(tmp_path, capsys):
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.smoke
 def test_overrides_and_validate(tmp_path, capsys):
     path = _write(tmp_path, SMOKE)
     assert main(["validate", str(path), "--set", "seeds=[1,2]", "--set", "phase2.epochs=3"]) == 0
@@ -165,6 +167,7 @@ def test_overrides_and_validate(tmp_path, capsys):
     assert "phase2.epochs" in capsys.readouterr().err
 
 
+@pytest.mark.smoke
 def test_shipped_configs_are_valid(capsys):
     assert main(["list"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]

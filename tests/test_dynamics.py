@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import enable_x64
 
+from core.compat import enable_x64
 from core.dynamics import Anchor, make_apply_fn
 from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.smoke  # CI also runs these on Python 3.13
 
 
 def _perturb(tree, key, scale):

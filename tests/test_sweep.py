@@ -40,6 +40,7 @@ def ray_local():
 
 
 @pytest.mark.slow
+@pytest.mark.smoke
 def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     space = parse_space(SWEEP)
     records = run_sweep(space, tmp_path)

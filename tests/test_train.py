@@ -21,6 +21,8 @@ from core.train import (
 )
 from tests.conftest import tiny_model
 
+pytestmark = pytest.mark.smoke  # CI also runs these on Python 3.13
+
 BATCH = 16  # 64 training images -> 4 steps per epoch
 ATTACK = AttackConfig(eps=0.1, step_size=0.05, iters=3)
 
