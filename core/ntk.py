@@ -26,9 +26,18 @@ Implementations (``Implementation``):
   fit in the memory budget they are kept and reused; otherwise column Jacobians are recomputed
   per row tile (streaming), so memory stays within the budget whatever N is.
 * ``nt_jacobian_contraction`` / ``nt_ntk_vector_products``: neural-tangents'
-  ``empirical_ntk_fn`` (imported lazily, it imports TensorFlow), one device, no tiling, traced
-  anew for every call (the model's constants are closed over): for comparison. The first
-  materialises J; the second avoids it but asks XLA for large intermediates on convolutions.
+  ``empirical_ntk_fn`` (the optional ``nt`` extra, through ``core.compat``), one device, no
+  tiling, traced anew for every call (the model's constants are closed over): for comparison.
+  The first materialises J; the second avoids it but asks XLA for large intermediates on
+  convolutions.
+
+Precision (``precision``): every matrix product and convolution of both passes runs at the
+precision named, through ``jax.default_matmul_precision``: ``float32`` (the default: true float32
+products everywhere; without it a GPU computes float32 products in TF32, about 1e-3 relative
+error in the kernel), ``tensorfloat32``, or ``bfloat16`` (matrix products with bf16 inputs and
+float32 accumulation; convolutions take no bf16 algorithm and run at jax's default, TF32 on
+NVIDIA GPUs): faster and less accurate (``benchmarks/gpu.py`` measures both). ``float64``
+kernels: ``dtype="float64"``.
 
 Parameters derivatives only: BatchNorm statistics and the dynamics' anchor are constants, and
 the model runs in inference mode (``apply(..., train=False)``).
@@ -44,11 +53,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import enable_x64
-from jax.experimental.shard_map import shard_map
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
+from core.compat import enable_x64, import_neural_tangents, shard_map
 from core.dynamics import ApplyFn
 from core.ntk_factors import contract_factors, dense_layers, make_factor_fn, output_major
 
@@ -67,6 +75,10 @@ class Implementation(enum.StrEnum):
 
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes per device
+
+# ``precision`` -> the name ``jax.default_matmul_precision`` takes.
+PRECISIONS = {"float32": "highest", "tensorfloat32": "tensorfloat32",
+              "bfloat16": "BF16_BF16_F32"}
 
 
 def kernel_shape(output: Output | str, n: int, num_classes: int) -> tuple[int, ...]:
@@ -119,6 +131,8 @@ class NtkEngine:
         within a quarter of the budget.
       memory_budget: bytes per device for Jacobians and kernel blocks.
       dtype: ``float32`` or ``float64`` (computed in float64 under ``enable_x64``).
+      precision: of float32 matrix products and convolutions: ``float32`` (exact float32),
+        ``tensorfloat32`` or ``bfloat16`` (see the module docstring).
       devices: devices to shard over; default all of ``jax.devices()``.
       model: the flax module behind ``apply``; with it (and ``structured``) the kernel of
         dense layers is computed from their inputs and output gradients
@@ -135,12 +149,16 @@ class NtkEngine:
         block_size: int | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         dtype: str = "float32",
+        precision: str = "float32",
         devices: list[jax.Device] | None = None,
         model: nn.Module | None = None,
         structured: bool = True,
     ):
         if dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.apply, self.output, self.logit = apply, Output(output), logit
         self.implementation = Implementation(implementation)
         self.block_size, self.memory_budget, self.dtype = block_size, memory_budget, dtype
@@ -156,10 +174,29 @@ class NtkEngine:
 
     def __call__(self, anchor: Any, params: Any, batch_stats: Any, x: np.ndarray) -> np.ndarray:
         """The kernel of the inputs x [N, H, W, C] as a host array (``kernel_shape``)."""
+        # The precision is part of jit's cache key: programs are traced once per setting.
+        with jax.default_matmul_precision(PRECISIONS[self.precision]):
+            return self._call(anchor, params, batch_stats, x)
+
+    def programs_text(self, anchor: Any, params: Any, batch_stats: Any, x: np.ndarray) -> str:
+        """StableHLO of the blocked engine's Jacobian and tile programs for the float32 inputs
+        ``x`` (for inspection: the precision of every product and convolution shows there)."""
+        self(anchor, params, batch_stats, x)  # builds and plans
+        d, b = len(self.devices), self.last_plan["block_size"]
+        with jax.default_matmul_precision(PRECISIONS[self.precision]):
+            xs = jax.device_put(np.zeros((d, b, *x.shape[1:]), np.float32), self._sharded)
+            args = [jax.device_put(t, self._replicated) for t in (anchor, params, batch_stats)]
+            rows = self._factors(*args, xs)
+            return "\n".join([self._factors.lower(*args, xs).as_text(),
+                              self._contract_tile.lower(rows, rows).as_text()])
+
+    def _call(self, anchor: Any, params: Any, batch_stats: Any, x: np.ndarray) -> np.ndarray:
         if self.dtype == "float64":
             with enable_x64():
                 cast = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)  # noqa: E731
-                return self._compute(cast(anchor), cast(params), batch_stats,
+                # BatchNorm statistics too: float32 statistics would put a float32 rsqrt(var +
+                # eps) into the float64 program (rounded differently inside and outside jit).
+                return self._compute(cast(anchor), cast(params), cast(batch_stats),
                                      np.asarray(x, np.float64))
         return self._compute(anchor, params, batch_stats, np.asarray(x, np.float32))
 
@@ -229,10 +266,10 @@ class NtkEngine:
 
         # The per-device Jacobian pass runs as a local program (shard_map): XLA's SPMD
         # partitioner, given the vmapped convolution Jacobians, produced wrong kernels on 4 CPU
-        # devices. check_rep=False: with replicated parameters under jacrev the default
-        # replication check would insert a psum and sum Jacobians across devices.
-        local = shard_map(factors, mesh=self.mesh, in_specs=(PS(), PS(), PS(), PS("d")),
-                          out_specs=PS("d"), check_rep=False)
+        # devices. Replication checks are off (core.compat.shard_map): with replicated
+        # parameters under jacrev they would insert a psum and sum Jacobians across devices.
+        local = shard_map(factors, self.mesh, in_specs=(PS(), PS(), PS(), PS("d")),
+                          out_specs=PS("d"))
         self._factors = jax.jit(local, out_shardings=sharded)
         self._contract_tile = jax.jit(tile, out_shardings=sharded)
         self._sharded, self._replicated = sharded, replicated
@@ -292,7 +329,7 @@ class NtkEngine:
                     _place(k, _mirror(out[i, j], self.output), cols, rows, self.output)
 
     def _neural_tangents(self, anchor, params, batch_stats, x) -> np.ndarray:
-        import neural_tangents as nt  # lazy: imports TensorFlow
+        nt = import_neural_tangents()  # the optional `nt` extra
 
         impl = {
             Implementation.NT_JACOBIAN_CONTRACTION: nt.NtkImplementation.JACOBIAN_CONTRACTION,

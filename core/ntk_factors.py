@@ -121,9 +121,10 @@ def contract_factors(fa: Factors, fb: Factors, output: str, biased: frozenset[st
 
     Computes the class-wise blocks K[o, i, j] (or the full K[i, j, o, q]); output ``logit``
     keeps the only one, ``trace`` sums over o. A dense layer adds (a_i . a_j + 1) times the
-    same contraction of its deltas.
+    same contraction of its deltas. Matrix products run at the precision of the enclosing
+    ``jax.default_matmul_precision`` (``NtkEngine`` sets it; float32 by default).
     """
-    hp = jax.lax.Precision.HIGHEST
+    hp = None  # the context's precision
     spec = "oip,qjp->ijoq" if output == "full" else "oip,ojp->oij"
 
     def generic(a, b):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import enable_x64
 
+from core.compat import enable_x64
 from core.dynamics import Anchor, make_apply_fn
 from core.ntk import Implementation, NtkEngine, Output, kernel_shape
 from tests.conftest import tiny_model
@@ -25,8 +26,8 @@ def reference_full(apply, anchor, params, bs, x) -> np.ndarray:
     """K[i, j, o, q] = J[i, o, :] . J[j, q, :] with J from jax.jacrev in float64."""
     with enable_x64():
         f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
-        a64, p64 = f64(anchor), f64(params)
-        f = lambda p: apply(a64, p, bs, jnp.asarray(x, jnp.float64), False)[0]  # noqa: E731
+        a64, p64, bs64 = f64(anchor), f64(params), f64(bs)
+        f = lambda p: apply(a64, p, bs64, jnp.asarray(x, jnp.float64), False)[0]  # noqa: E731
         jac = jax.jacrev(f)(p64)
         flat = [leaf.reshape(x.shape[0], O, -1) for leaf in jax.tree.leaves(jac)]
         j = jnp.concatenate(flat, axis=-1)
@@ -53,10 +54,17 @@ def _setup(name: str, dynamics: str, with_model: bool = False):
     return apply, anchor, moved, bs, x
 
 
-# "blocked" runs twice: with dense-layer factors (given the model) and with plain Jacobians.
-IMPLEMENTATIONS = ["blocked+factors", *Implementation]
+NT = pytest.mark.skipif(importlib.util.find_spec("neural_tangents") is None,
+                        reason="neural-tangents (the nt extra) is not installed")
+
+# "blocked" runs twice: with dense-layer factors (given the model) and with plain Jacobians;
+# neural-tangents' implementations need the optional nt extra (CI installs it).
+IMPLEMENTATIONS = ["blocked+factors", Implementation.BLOCKED,
+                   *(pytest.param(i, marks=NT) for i in Implementation
+                     if i is not Implementation.BLOCKED)]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -95,6 +103,32 @@ def test_symmetric_and_positive_semidefinite(output):
     for m in mats:
         np.testing.assert_allclose(m, m.T, rtol=0, atol=1e-6 * np.abs(m).max())
         assert np.linalg.eigvalsh(m.astype(np.float64)).min() >= -1e-5 * np.abs(m).max()
+
+
+# What each NtkEngine precision must put on every (matrix product, convolution). Without a
+# precision of its own, a float32 product runs at jax's default, which is TF32 on NVIDIA GPUs
+# (about 1e-3 relative error in the kernel; benchmarks/gpu.py measures it). Convolutions take no
+# bf16 algorithm: under "bfloat16" they run at DEFAULT (TF32 on NVIDIA GPUs).
+PRECISION_IN_HLO = {"float32": ("HIGHEST", "HIGHEST"), "tensorfloat32": ("HIGH", "HIGH"),
+                    "bfloat16": ("lhs_precision_type = bf16", "precision DEFAULT")}
+
+
+@pytest.mark.parametrize("precision", list(PRECISION_IN_HLO))
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_every_product_and_convolution_runs_at_the_engine_precision(name, precision):
+    apply, anchor, params, bs, x, model = _setup(name, "standard", with_model=True)
+    engine = NtkEngine(apply, "classwise", block_size=3, model=model, precision=precision)
+    text = engine.programs_text(anchor, params, bs, x)
+    ops = [line for line in text.splitlines()
+           if "stablehlo.dot_general" in line or "stablehlo.convolution" in line]
+    assert ops and any("convolution" in op for op in ops) == (name == "cnn")
+    dot, conv = PRECISION_IN_HLO[precision]
+    for op in ops:
+        assert (conv if "convolution" in op else dot) in op, op[:300]
+    if precision != "float32":  # faster, and close: the kernel within bf16's rounding
+        k = engine(anchor, params, bs, x)
+        ref = NtkEngine(apply, "classwise", block_size=3, model=model)(anchor, params, bs, x)
+        np.testing.assert_allclose(k, ref, atol=3e-2 * np.abs(ref).max())
 
 
 def test_streaming_under_a_tiny_budget_equals_cached():
@@ -142,6 +176,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.smoke
 def test_sharded_equals_unsharded_on_four_cpu_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "TF_CPP_MIN_LOG_LEVEL": "3"}
