@@ -5,15 +5,23 @@ step and key) plus a small JSON record (epoch, phase, ...). Restoring needs an a
 (shapes and dtypes of a state of the same structure) so that NamedTuple optimizer states come
 back as NamedTuples. Orbax writes into a temporary directory and renames it when complete, so a
 checkpoint directory that exists under its final name is whole.
+
+Whole is not intact: orbax's compressed array files carry no checksum, so a flipped byte can
+restore without error as different parameters, and another step's ``state/`` restores too. The
+JSON record therefore holds ``digest``, the SHA-256 of the step and of every array of the state
+(``state_digest``), written at save and checked at restore: a mismatch is a
+``DamagedCheckpoint``, which the experiment sets aside and remakes like a truncated file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from core.timing import timed
@@ -21,6 +29,7 @@ from core.timing import timed
 State = TypeVar("State")
 
 logging.getLogger("absl").setLevel(logging.WARNING)
+LOG = logging.getLogger(__name__)
 
 
 class DamagedCheckpoint(RuntimeError):
@@ -30,6 +39,18 @@ class DamagedCheckpoint(RuntimeError):
         super().__init__(f"checkpoint at step {step} is damaged ({type(cause).__name__}: "
                          f"{str(cause).splitlines()[0][:200] if str(cause) else ''})")
         self.step = step
+
+
+def state_digest(step: int, state: Any) -> str:
+    """SHA-256 over the step and, in tree order, every leaf's path, dtype, shape and bytes."""
+    h = hashlib.sha256(f"step {int(step)}\n".encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)} {a.dtype} {a.shape}\n".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 class CheckpointStore:
@@ -50,6 +71,7 @@ class CheckpointStore:
         with timed("checkpoint"):
             if step in self.steps():
                 return
+            meta = {**meta, "digest": state_digest(step, state)}
             args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta))
             self._manager.save(step, args=args, force=True)
@@ -59,7 +81,8 @@ class CheckpointStore:
         """Restores checkpoint ``step`` into the structure of ``like`` (arrays or shape structs).
 
         Raises:
-          DamagedCheckpoint: its files cannot be read back.
+          DamagedCheckpoint: its files cannot be read back, or what they hold is not what was
+            saved as this step (digest mismatch).
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         args = ocp.args.Composite(
@@ -70,7 +93,16 @@ class CheckpointStore:
                 restored = self._manager.restore(step, args=args)
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
                 raise DamagedCheckpoint(step, e) from e
-        return restored.state, restored.meta
+            meta = restored.meta if isinstance(restored.meta, dict) else None
+            if meta is None:
+                raise DamagedCheckpoint(step, ValueError("no JSON record"))
+            saved = meta.get("digest")
+            if saved is None:  # written before checkpoints carried digests
+                LOG.warning("checkpoint at step %d has no digest: restored unverified", step)
+            elif saved != state_digest(step, restored.state):
+                raise DamagedCheckpoint(step, ValueError(
+                    "its arrays are not those saved at this step (digest mismatch)"))
+        return restored.state, meta
 
     def meta(self, step: int) -> dict[str, Any]:
         """The JSON record of checkpoint ``step`` (DamagedCheckpoint if unreadable)."""

@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
-from core.checkpoints import CheckpointStore
+from core.checkpoints import CheckpointStore, DamagedCheckpoint
 from core.data import load_digits
 from core.experiment import Hooks, run_experiment
+from core.models import init_model, make_model
+from core.train import init_state
 from tests.test_experiment import BASE, _cfg
 
 
@@ -148,3 +152,69 @@ def test_unwritable_sweep_output_exits_2(tmp_path, capsys):
     blocker.write_text("not a directory")
     assert main(["run", str(path), "--out", str(blocker / "out")]) == 2
     assert f"output directory {blocker / 'out'} is not writable" in capsys.readouterr().err
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _equal_states(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_flipped_bytes_and_swapped_states_are_damage_not_other_parameters(tmp_path):
+    """orbax's compressed array files carry no checksum: a flipped byte used to restore without
+    error as different parameters, and another step's state/ restored too. Every flip must now
+    either restore the saved state exactly or be a DamagedCheckpoint."""
+    # Random float32 weights do not compress: zstd stores them raw, where a flip changes a value.
+    model = make_model("mlp", 10, widths=(256, 256))
+    params, bs = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
+    state = init_state(params, bs, 0.9, jax.random.PRNGKey(0))
+    other = state._replace(params=jax.tree.map(lambda p: p + 1.0, params))
+    clean = tmp_path / "clean"
+    store = CheckpointStore(clean)
+    store.save(0, state, {"epoch": 0})
+    store.save(4, other, {"epoch": 1})
+    assert _equal_states(store.restore(0, state)[0], state)
+
+    data = max((p for p in (clean / "0" / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    size, outcomes = data.stat().st_size, {"same": 0, "digest": 0, "unreadable": 0}
+    for i, offset in enumerate(range(size // 20, size, size // 20)):
+        copy = tmp_path / f"flip{i}"
+        shutil.copytree(clean, copy)
+        _flip_byte(copy / data.relative_to(clean), offset)
+        try:
+            restored = CheckpointStore(copy).restore(0, state)[0]
+        except DamagedCheckpoint as e:
+            outcomes["digest" if "digest mismatch" in str(e) else "unreadable"] += 1
+            continue
+        assert _equal_states(restored, state), f"byte {offset} flipped: other parameters"
+        outcomes["same"] += 1
+    assert outcomes["digest"] >= 1, outcomes  # the silent kind exists, and is caught
+
+    # Step 4's arrays in place of step 0's: restores, but is not what step 0 saved.
+    shutil.rmtree(clean / "0" / "state")
+    shutil.copytree(clean / "4" / "state", clean / "0" / "state")
+    with pytest.raises(DamagedCheckpoint, match="digest mismatch"):
+        CheckpointStore(clean).restore(0, state)
+
+
+def test_a_swapped_switch_point_checkpoint_is_set_aside_and_remade(tmp_path):
+    """The experiment's path: a checkpoint holding other arrays is set aside and remade, never
+    trained on (it used to surface as 'training diverged')."""
+    cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[])
+    clean = run_experiment(cfg, tmp_path / "clean")
+    run_experiment(cfg, tmp_path / "run")
+    checkpoints = _trajectory(tmp_path / "run") / "checkpoints"
+    shutil.rmtree(checkpoints / "8" / "state")
+    shutil.copytree(checkpoints / "4" / "state", checkpoints / "8" / "state")
+    messages: list[str] = []
+    again = run_experiment(cfg, tmp_path / "run", Hooks(log=messages.append))
+    assert _strip(again) == _strip(clean)
+    assert any("checkpoint at step 8 is damaged" in m and "digest mismatch" in m
+               for m in messages), messages
+    assert len(list(checkpoints.glob("damaged-8-*"))) == 1
