@@ -10,16 +10,33 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:  # imported where used: validating a config must not pay for importing jax
     from core.attacks import AttackConfig
     from core.data import Dataset
 
 REFERENCE_FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
+MAX_EPOCHS = 10_000  # of either phase: beyond, a typo (1e9), not an experiment
+
+# What an evaluated model reports and a sweep may compare on (sweep.metric), in one place.
+RESULT_METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
+
+# Numbers as written: a YAML boolean is not 1 (``batch_size: true``), "3" is not 3, and with
+# ``allow_inf_nan=False`` (below) no float field takes inf or nan.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
 
 
 class ConfigError(ValueError):
@@ -27,14 +44,14 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SyntheticSpec(_Strict):
-    n_train: int = Field(256, ge=2)
-    n_test: int = Field(128, ge=1)
-    shape: tuple[int, int, int] = (8, 8, 1)
-    num_classes: int = Field(10, ge=2)
+    n_train: Int = Field(256, ge=2)
+    n_test: Int = Field(128, ge=1)
+    shape: tuple[Int, Int, Int] = (8, 8, 1)
+    num_classes: Int = Field(10, ge=2)
 
 
 class DatasetSpec(_Strict):
@@ -59,8 +76,8 @@ class DatasetSpec(_Strict):
 
 class ModelSpec(_Strict):
     name: Literal["mlp", "cnn", "resnet18"] = "cnn"
-    widths: tuple[int, ...] = Field((256, 256), min_length=1)
-    width: int | None = Field(None, ge=1)
+    widths: tuple[Int, ...] = Field((256, 256), min_length=1)
+    width: Int | None = Field(None, ge=1)
     batchnorm: bool = False
 
     def kwargs(self) -> dict[str, Any]:
@@ -75,12 +92,12 @@ class ModelSpec(_Strict):
 
 class AttackSpec(_Strict):
     norm: Literal["linf", "l2"] = "linf"
-    eps: float = Field(4 / 255, gt=0)
-    step_size: float | None = Field(None, gt=0, description="default 2 eps / iters (L2: 0.01)")
-    iters: int = Field(20, ge=1, le=10_000)
+    eps: Float = Field(4 / 255, gt=0)
+    step_size: Float | None = Field(None, gt=0, description="default 2 eps / iters (L2: 0.01)")
+    iters: Int = Field(20, ge=1, le=10_000)
     random_start: bool = True
     loss: Literal["ce", "margin"] = "ce"
-    restarts: int = Field(1, ge=1, le=100)
+    restarts: Int = Field(1, ge=1, le=100)
 
     def build(self, keep_best: bool = False) -> AttackConfig:
         from core.attacks import AttackConfig, AttackLoss, Norm
@@ -97,21 +114,22 @@ class AttackSpec(_Strict):
 class PhaseSpec(_Strict):
     """Optimisation of one phase: SGD with momentum, lr x decay_factor at each decay epoch."""
 
-    epochs: float | None = Field(None, ge=0, description="phase 1: default the largest switch")
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    batch_size: int = Field(128, ge=1)
-    lr_decay_epochs: tuple[float, ...] = (100, 150)
-    lr_decay_factor: float = Field(0.1, gt=0, le=1)
-    flip_epoch: int = Field(50, ge=0, description="data mode F: clean before, adversarial after")
+    epochs: Float | None = Field(None, ge=0, le=MAX_EPOCHS,
+                                 description="phase 1: default the largest switch")
+    lr: Float = Field(0.1, gt=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    batch_size: Int = Field(128, ge=1)
+    lr_decay_epochs: tuple[Float, ...] = (100, 150)
+    lr_decay_factor: Float = Field(0.1, gt=0, le=1)
+    flip_epoch: Int = Field(50, ge=0, description="data mode F: clean before, adversarial after")
     adv_scheme: Literal["reference", "madry"] = "reference"
     attack: AttackSpec = AttackSpec()
 
 
 class Phase2Spec(PhaseSpec):
-    epochs: float = Field(100, ge=0)
-    lr: float = Field(0.01, gt=0)
-    lr_decay_epochs: tuple[float, ...] = ()
+    epochs: Float = Field(100, ge=0, le=MAX_EPOCHS)
+    lr: Float = Field(0.01, gt=0)
+    lr_decay_epochs: tuple[Float, ...] = ()
     dynamics: Literal["centered", "linearized", "standard"] = "centered"
     bn: Literal["frozen", "batch"] = "frozen"
 
@@ -119,27 +137,27 @@ class Phase2Spec(PhaseSpec):
 class EvalSpec(_Strict):
     linf: AttackSpec = AttackSpec(iters=100)
     l2: AttackSpec | None = AttackSpec(norm="l2", eps=0.25, step_size=0.01, iters=100)
-    batch_size: int = Field(500, ge=1)
+    batch_size: Int = Field(500, ge=1)
     transfer: bool = True
-    max_test: int | None = Field(None, ge=1, description="evaluate on the first n test images")
+    max_test: Int | None = Field(None, ge=1, description="evaluate on the first n test images")
 
 
 class KernelSpec(_Strict):
     """Empirical NTKs of phase-1 checkpoints on a class-balanced probe set (``core.ntk``)."""
 
     enabled: bool = Field(True, description="sweeps: kernels and their measures per checkpoint")
-    probe_size: int = Field(500, ge=2, description="class-balanced training images")
-    probe_seed: int = Field(0, description="the probe set is shared by every trajectory")
+    probe_size: Int = Field(500, ge=2, description="class-balanced training images")
+    probe_seed: Int = Field(0, description="the probe set is shared by every trajectory")
     output: Literal["logit", "classwise", "trace", "full"] = "classwise"
-    logit: int = Field(0, ge=0, description="the class c of output 'logit'")
+    logit: Int = Field(0, ge=0, description="the class c of output 'logit'")
     implementation: Literal[
         "blocked", "nt_jacobian_contraction", "nt_ntk_vector_products"
     ] = "blocked"
-    epochs: tuple[float, ...] | None = Field(None, description="default every checkpoint")
+    epochs: tuple[Float, ...] | None = Field(None, description="default every checkpoint")
     dtype: Literal["float32", "float64"] = "float32"
-    block_size: int | None = Field(None, ge=1)
-    memory_budget_gb: float = Field(2.0, gt=0, description="per device")
-    storage_budget_gb: float = Field(
+    block_size: Int | None = Field(None, ge=1)
+    memory_budget_gb: Float = Field(2.0, gt=0, description="per device")
+    storage_budget_gb: Float = Field(
         20.0, gt=0, description="refuse runs whose kernel files would exceed this (estimate)")
 
 
@@ -155,9 +173,9 @@ class SwitchRule(_Strict):
     """
 
     measure: Literal["velocity", "to_previous"] = "velocity"
-    below: float = Field(gt=0)
-    checkpoints: int = Field(1, ge=1, le=1000, description="consecutive checkpoints below")
-    after: float = Field(0, ge=0, description="the earliest epoch it may trigger at")
+    below: Float = Field(gt=0)
+    checkpoints: Int = Field(1, ge=1, le=1000, description="consecutive checkpoints below")
+    after: Float = Field(0, ge=0, description="the earliest epoch it may trigger at")
 
     def label(self) -> str:
         """A short name for tables and tags, e.g. ``velocity<0.05x3``."""
@@ -167,17 +185,17 @@ class SwitchRule(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
-    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    seeds: tuple[Int, ...] = Field((0,), min_length=1)
     dataset: DatasetSpec = DatasetSpec()
     model: ModelSpec = ModelSpec()
     codes: tuple[str, ...] = Field(("CC", "AC", "CA", "AA"), min_length=1)
-    switch_points: tuple[float, ...] = Field((0, 1, 2, 5, 10, 30))
+    switch_points: tuple[Float, ...] = Field((0, 1, 2, 5, 10, 30))
     switch_rule: SwitchRule | None = None
     phase1: PhaseSpec = PhaseSpec()
     phase2: Phase2Spec = Phase2Spec()
     eval: EvalSpec = EvalSpec()
     kernel: KernelSpec = KernelSpec()
-    fractional_checkpoints: tuple[float, ...] = REFERENCE_FRACTIONAL_EPOCHS
+    fractional_checkpoints: tuple[Float, ...] = REFERENCE_FRACTIONAL_EPOCHS
 
     @field_validator("codes")
     @classmethod
@@ -190,9 +208,17 @@ class ExperimentConfig(_Strict):
     @field_validator("switch_points", "fractional_checkpoints")
     @classmethod
     def _non_negative(cls, points: tuple[float, ...]) -> tuple[float, ...]:
-        if any(p < 0 or not math.isfinite(p) for p in points):
-            raise ValueError("epochs must be finite and >= 0")
+        if any(p < 0 or p > MAX_EPOCHS or not math.isfinite(p) for p in points):
+            raise ValueError(f"epochs must be finite, >= 0 and <= {MAX_EPOCHS}")
         return tuple(sorted(set(points)))
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:  # two identical runs would be counted as two seeds
+            raise ValueError(f"seeds must be distinct; repeated: {repeated}")
+        return seeds
 
     @model_validator(mode="after")
     def _switch_within_phase1(self) -> ExperimentConfig:

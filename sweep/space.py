@@ -25,15 +25,22 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.config import ConfigError, ExperimentConfig, config_from_dict, format_errors
+from core.config import (
+    RESULT_METRICS,
+    ConfigError,
+    ExperimentConfig,
+    Float,
+    config_from_dict,
+    format_errors,
+)
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    cpus: float = Field(1, gt=0)
-    gpus: float = Field(0, ge=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    cpus: Float = Field(1, gt=0)
+    gpus: Float = Field(0, ge=0)
 
 
 class SweepSettings(BaseModel):
@@ -41,7 +48,8 @@ class SweepSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     num_samples: int = Field(1, ge=1, description="samples of the random distributions")
-    metric: str = Field("robust_linf", description="what ASHA and 'best trial' compare")
+    metric: Literal[RESULT_METRICS] = Field(  # type: ignore[valid-type]
+        "robust_linf", description="what ASHA and 'best trial' compare")
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["fifo", "asha"] = "fifo"
     max_concurrent_trials: int = Field(0, ge=0, description="0: as many as resources allow")

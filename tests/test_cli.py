@@ -131,6 +131,18 @@ def test_invalid_config_exits_2_and_names_the_field(tmp_path):
          "cifar-10-batches-bin/test_batch.bin"),
         ({"phase1": {**SMOKE["phase1"], "batch_size": 5000}}, "phase1.batch_size: 5000 exceeds"),
         ({"seeds": "zero"}, "seeds"),
+        # Configs that used to validate and run wrong (issue 11, item 5):
+        ({"seeds": [0, 1, 0]}, "seeds: Value error, seeds must be distinct; repeated: [0]"),
+        ({"phase1": {**SMOKE["phase1"], "batch_size": True}}, "phase1.batch_size: Input should "
+         "be a valid integer"),
+        ({"phase1": {**SMOKE["phase1"], "lr": float("inf")}}, "phase1.lr: Input should be a "
+         "finite number"),
+        ({"phase1": {**SMOKE["phase1"], "attack": {"eps": float("nan")}}},
+         "phase1.attack.eps: Input should be a finite number"),
+        ({"phase1": {**SMOKE["phase1"], "epochs": 1e9}}, "phase1.epochs: Input should be less "
+         "than or equal to 10000"),
+        ({"phase2": {"epochs": float("inf")}}, "phase2.epochs: Input should be a finite number"),
+        ({"model": {"name": "mlp", "widths": [16, False]}}, "model.widths.1"),
     ],
 )
 def test_bad_configs_are_refused_before_work(tmp_path, capsys, change, message):

@@ -132,6 +132,12 @@ def test_run_command_refuses_bad_sweeps_before_ray(tmp_path, capsys):
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "phase2.lr.loguniform: low must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    # A misspelt metric: ASHA would compare a metric no trial reports, and stop nothing.
+    path.write_text(yaml.safe_dump({**SWEEP, "sweep": {**SWEEP.get("sweep", {}),
+                                                       "metric": "robust_lnf"}}))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "sweep.metric" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     assert not ray.is_initialized()
 
 
