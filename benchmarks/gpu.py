@@ -55,6 +55,7 @@ from core.train import init_state, make_step  # noqa: E402
 
 PRECISIONS = {"float32": "highest", "tensorfloat32": "tensorfloat32",
               "bfloat16": "BF16_BF16_F32", "jax_default": None}
+SECTIONS = ("matmul", "ntk_precision", "attack", "training", "ntk")
 ATTACK_SPEEDUP_TARGET = 1.5  # benchmarks/attack.py's goal, a GPU goal
 FLOAT32_KERNEL_TOLERANCE = 1e-5  # relative to max |K|: float32 rounding, not TF32's ~1e-3
 
@@ -283,7 +284,13 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="wall-clock budget; sections that would not fit are skipped")
     parser.add_argument("--out", help="also write the JSON object to this file")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--ntk-models", help="NTK rows for these models only, e.g. resnet18:64")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}")
     q = args.quick
     budget = Budget(args.budget_s)
     result: dict[str, Any] = {
@@ -297,16 +304,21 @@ def main() -> None:
     log(json.dumps(result["matmul"]))
     ceiling = {k: v["tflops"] for k, v in result["matmul"]["precisions"].items()}
 
-    result["ntk_precision"] = ntk_precision(16 if q else 256, 8 if q else 32)
-    log(json.dumps(result["ntk_precision"]))
+    if "ntk_precision" in sections:
+        result["ntk_precision"] = ntk_precision(16 if q else 256, 8 if q else 32)
+        log(json.dumps(result["ntk_precision"]))
 
-    if budget.allows(60 if not q else 0):
+    if "attack" not in sections:
+        result["attack"] = "not asked for"
+    elif budget.allows(60 if not q else 0):
         result["attack"] = attacks(q)
         log(json.dumps(result["attack"]))
     else:
         result["attack"] = "skipped: time budget"
 
-    if budget.allows(60 if not q else 0):
+    if "training" not in sections:
+        result["training"] = "not asked for"
+    elif budget.allows(60 if not q else 0):
         result["training"] = training(8 if q else 64, 16 if q else 128, 2 if q else 10,
                                       2 if q else 10)
     else:
@@ -316,7 +328,11 @@ def main() -> None:
     plans = ([("cnn", 8, [16, 32], 8, 16), ("resnet18", 4, [16], 8, 16)] if q else
              [("cnn", 32, [500, 1000, 2000], 100, 500),
               ("resnet18", 16, [500, 1000, 2000], 50, 500),
-              ("resnet18", 64, [250, 500], 25, None)])
+              ("resnet18", 64, [250, 500, 1000], 25, None)])
+    if args.ntk_models:
+        plans = [p for p in plans if f"{p[0]}:{p[1]}" in args.ntk_models.split(",")]
+    if "ntk" not in sections:
+        plans = []
     for name, width, sizes, block, nt_at in plans:
         if not budget.allows(120 if not q else 0):
             result["ntk"].append({"model": f"{name} width {width}", "skipped": "time budget"})
@@ -334,9 +350,10 @@ def main() -> None:
 
 def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    err = result["ntk_precision"]["float32"]
-    out.append({"name": "ntk_float32_matches_float64", "value": err,
-                "target": FLOAT32_KERNEL_TOLERANCE, "met": err <= FLOAT32_KERNEL_TOLERANCE})
+    if "ntk_precision" in result:
+        err = result["ntk_precision"]["float32"]
+        out.append({"name": "ntk_float32_matches_float64", "value": err,
+                    "target": FLOAT32_KERNEL_TOLERANCE, "met": err <= FLOAT32_KERNEL_TOLERANCE})
     ratios = [r["engine_float32_vs_best_nt"] for r in result["ntk"]
               if "engine_float32_vs_best_nt" in r]
     out.append({"name": "ntk_vs_best_nt_call", "value": min(ratios) if ratios else None,
