@@ -96,7 +96,8 @@ class CheckpointStore:
             meta = restored.meta if isinstance(restored.meta, dict) else None
             if meta is None:
                 raise DamagedCheckpoint(step, ValueError("no JSON record"))
-            saved = meta.get("digest")
+            meta = dict(meta)
+            saved = meta.pop("digest", None)  # the store's own: callers get what they saved
             if saved is None:  # written before checkpoints carried digests
                 LOG.warning("checkpoint at step %d has no digest: restored unverified", step)
             elif saved != state_digest(step, restored.state):
@@ -113,7 +114,7 @@ class CheckpointStore:
             raise DamagedCheckpoint(step, e) from e
         if not isinstance(meta, dict):
             raise DamagedCheckpoint(step, ValueError("no JSON record"))
-        return meta
+        return {k: v for k, v in meta.items() if k != "digest"}
 
     def quarantine(self, step: int) -> Path:
         """Moves a damaged checkpoint aside (``damaged-<step>-<time>``, kept for inspection)

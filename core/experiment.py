@@ -251,6 +251,21 @@ def _set_aside(ctx: _Context, store: CheckpointStore, tid: str, error: DamagedCh
     ctx.hooks.log(f"warning: {message}")
 
 
+def _epoch_steps(meta: dict[str, Any], step: int, spe: int, tid: str) -> list[dict[str, float]]:
+    """The metrics of the minibatches before ``step`` in its epoch, as the checkpoint kept
+    them (``run_phase``'s ``partial``)."""
+    if step % spe == 0:
+        return []
+    kept = meta.get("epoch_steps")
+    if not isinstance(kept, list) or len(kept) != step % spe:
+        # Written before checkpoints kept them: this epoch's mean would cover only the
+        # minibatches after the resume. Refuse rather than log a partial epoch.
+        raise DamagedCheckpoint(step, ValueError(
+            f"trajectory {tid}: no metrics of the {step % spe} minibatches before it in its "
+            "epoch (written by an older version)"))
+    return kept
+
+
 def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> Phase1:
     """Trains (or continues) the phase-1 trajectory of ``mode`` up to the largest switch
     point, or with a switch rule until it triggers (and the listed switch points are
@@ -276,9 +291,11 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
         # Continue from the latest checkpoint before the first one still missing (a new switch
         # point may fall before what an earlier, shorter experiment stored).
         done = [s for s in stored if s <= min(missing, default=total)]
+        partial: list[dict[str, float]] = []
         while done:
             try:
                 state, meta = store.restore(done[-1], template)
+                partial = _epoch_steps(meta, done[-1], spe, tid)
                 break
             except DamagedCheckpoint as e:  # use the one before; training remakes this one
                 _set_aside(ctx, store, tid, e)
@@ -294,9 +311,9 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
             if ctx.hooks.on_epoch:
                 ctx.hooks.on_epoch(f"phase1/{mode}/seed{seed}", epoch, metrics)
 
-        def on_checkpoint(s: TrainState, step: int) -> bool:
+        def on_checkpoint(s: TrainState, step: int, running: list[dict[str, float]]) -> bool:
             meta = {"epoch": ckpt_steps[step], "exact_epoch": step / spe, "step": step,
-                    "mode": mode, "seed": seed, "history": history}
+                    "mode": mode, "seed": seed, "history": history, "epoch_steps": running}
             store.save(step, s, meta)
             if watch is None:
                 return False
@@ -309,7 +326,7 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
                 state, None, _phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
                 flip_epoch=spec.flip_epoch, batch_size=spec.batch_size, total_steps=total,
                 checkpoint_steps=frozenset(ckpt_steps), on_checkpoint=on_checkpoint,
-                on_epoch=on_epoch, on_step=ctx.hooks.on_step,
+                on_epoch=on_epoch, on_step=ctx.hooks.on_step, partial=partial,
             )
         except Divergence as e:
             raise Divergence(f"phase 1 (data mode {mode}, seed {seed}, lr {spec.lr:g}): {e}"

@@ -22,7 +22,7 @@ adversarial from then on. Adversarial step schemes:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -148,16 +148,20 @@ def run_phase(
     batch_size: int,
     total_steps: int,
     checkpoint_steps: frozenset[int] = frozenset(),
-    on_checkpoint: Callable[[TrainState, int], bool | None] | None = None,
+    on_checkpoint: Callable[[TrainState, int, list[dict[str, float]]], bool | None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    partial: Sequence[Mapping[str, float]] = (),
 ) -> TrainState:
     """Runs a phase from ``state.step`` up to ``total_steps`` minibatch steps.
 
-    ``on_checkpoint(state, s)`` is called with the state after s steps for each s in
-    ``checkpoint_steps`` (including 0 and ``total_steps``); when it returns True the phase
-    stops there (a switch rule has triggered); ``on_epoch(epoch, metrics)`` after
-    each completed epoch with the epoch's mean loss and accuracy.
+    ``on_checkpoint(state, s, running)`` is called with the state after s steps for each s in
+    ``checkpoint_steps`` (including 0 and ``total_steps``) and ``running``, the metrics of the
+    minibatches of the epoch in progress (empty at an epoch's start): a checkpoint must keep
+    them, so that a phase resumed there with ``partial=running`` reports the whole epoch's
+    mean, not the mean of the minibatches after the resume. When it returns True the phase
+    stops there (a switch rule has triggered); ``on_epoch(epoch, metrics)`` after each
+    completed epoch with the epoch's mean loss and accuracy.
 
     Raises:
       Divergence: the loss of an epoch is not finite (names epoch and step).
@@ -167,10 +171,15 @@ def run_phase(
     if spe == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the training set ({n})")
     s = int(state.step)
-    batches, history = None, []
+    if len(partial) != s % spe:
+        raise ValueError(f"resuming at step {s} (minibatch {s % spe} of its epoch) needs the "
+                         f"metrics of {s % spe} minibatches, got {len(partial)}")
+    batches, history = None, [dict(m) for m in partial]
     while True:
-        if s in checkpoint_steps and on_checkpoint is not None and on_checkpoint(state, s):
-            return state
+        if s in checkpoint_steps and on_checkpoint is not None:
+            running = [{k: float(v) for k, v in m.items()} for m in history] if s % spe else []
+            if on_checkpoint(state, s, running):
+                return state
         if s >= total_steps:
             return state
         epoch, i = divmod(s, spe)
@@ -184,7 +193,9 @@ def run_phase(
         if on_step is not None:
             on_step()
         if i == spe - 1:
-            summary = {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+            # float64 mean of the float32 values: the same whether some came back as Python
+            # floats from a checkpoint's ``running`` or all are this run's device scalars.
+            summary = {k: float(np.mean([float(m[k]) for m in history])) for k in history[0]}
             if not np.isfinite(summary["loss"]):
                 raise Divergence(
                     f"loss is {summary['loss']} in epoch {epoch + 1} (step {s}): training diverged"

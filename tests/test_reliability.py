@@ -218,3 +218,22 @@ def test_a_swapped_switch_point_checkpoint_is_set_aside_and_remade(tmp_path):
     assert any("checkpoint at step 8 is damaged" in m and "digest mismatch" in m
                for m in messages), messages
     assert len(list(checkpoints.glob("damaged-8-*"))) == 1
+
+
+def test_resume_from_a_fractional_checkpoint_reports_whole_epochs(tmp_path):
+    """A trial killed after a fractional checkpoint and before the epoch's end resumes there:
+    the epoch's loss and accuracy must still be the mean over all its minibatches, not over
+    those after the resume (which is what was logged before checkpoints kept them)."""
+    cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[0.25, 1.5])
+    run_experiment(cfg, tmp_path / "clean")
+    clean = CheckpointStore(_trajectory(tmp_path / "clean") / "checkpoints")
+    assert clean.steps() == [0, 1, 4, 6, 8]  # 4 minibatches an epoch
+    # The kill: everything after the checkpoint at epoch 1.5 is lost.
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "clean", run)
+    store = CheckpointStore(_trajectory(run) / "checkpoints")
+    shutil.rmtree(store.directory / "8")
+    messages: list[str] = []
+    run_experiment(cfg, run, Hooks(log=messages.append))
+    assert any("continuing at step 6" in m for m in messages), messages
+    assert CheckpointStore(store.directory).meta(8)["history"] == clean.meta(8)["history"]

@@ -67,7 +67,7 @@ def test_four_epochs_equal_two_restore_two(synthetic, tmp_path):
     state, anchor, steps, data = _setup(synthetic)
     store = CheckpointStore(tmp_path / "ckpt")
     first, _ = _run(state, anchor, steps, data, total=8, checkpoint_steps=frozenset({8}),
-                    on_checkpoint=lambda s, step: store.save(step, s, {"epoch": step / 4}))
+                    on_checkpoint=lambda s, step, _: store.save(step, s, {"epoch": step / 4}))
     assert store.steps() == [8]
 
     # A new process would rebuild everything: fresh template, fresh jitted steps.
