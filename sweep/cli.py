@@ -306,21 +306,22 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
     """Prints the sweep's summary table, where its files are and how to open MLflow."""
     from sweep.console import stdout_console
     from sweep.report import summary_table
-    from sweep.runner import failed_trials, sweep_rows, tracking_uri
+    from sweep.runner import failed_trials, sweep_rows, tracking_uri, trial_files
 
     console = stdout_console()
-    rows = sweep_rows(out.absolute())
+    trials = [r["trial_id"] for r in records]  # this sweep's, not earlier ones' in ``out``
+    rows = sweep_rows(out.absolute(), trials)
     if rows:
         console.print(summary_table(rows))
     failed = [r for r in records if r["error"]]
-    own = {f["trial"]: f["error"] for f in failed_trials(out.absolute())}
+    own = {f["trial"]: f["error"] for f in failed_trials(out.absolute(), trials)}
     console.print(f"{len(records)} trials, {len(failed)} failed", highlight=False)
     for r in failed:  # a trial's own error (divergence) rather than Ray's traceback
         message = own.get(r.get("trial_id", ""), r["error"][-400:])
         console.print(f"  failed: {message}", highlight=False, markup=False)
     console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}")
     plots = [out / "switch_point.png", *sorted(out.glob("cross_trajectory*.png")),
-             *sorted(out.glob("trials/*/kernel_distances.png"))]
+             *trial_files(out, trials, "kernel_distances.png")]
     console.print("plots:" + "".join(f"\n  {p}" for p in plots if p.is_file()))
     uri = tracking_uri(out.absolute())
     console.print(f"open the results: {uri}" if uri.startswith("http") else

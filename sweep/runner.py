@@ -21,6 +21,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -490,15 +491,25 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
     tracker.log(parent, {"trials": len(records),
                          "trials_failed": sum(bool(r["error"]) for r in records),
                          "trials_stopped_early": sum(r["stopped_early"] for r in records)})
-    for path in write_sweep_summary(out):
+    # Only this sweep's trials: an output directory may hold earlier sweeps' trials too
+    # (trajectories are shared across sweeps; tables and distances are not).
+    own = [r["trial_id"] for r in records]
+    for path in write_sweep_summary(out, own):
         tracker.artifact(parent, path)
-    for path in log_cross_trajectories(tracker, parent, out):
+    for path in log_cross_trajectories(tracker, parent, out, own):
         tracker.artifact(parent, path)
     tracker.end(parent)
     return records
 
 
-def log_cross_trajectories(tracker: Tracker, parent: str, out: Path) -> list[Path]:
+def trial_files(out: Path, trials: Collection[str], name: str) -> list[Path]:
+    """``out/trials/<id>/<name>`` of the given trials that have that file, by id."""
+    paths = (out / "trials" / t / name for t in sorted(set(trials)))
+    return [p for p in paths if p.is_file()]
+
+
+def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
+                           trials: Collection[str]) -> list[Path]:
     """Kernel distances between the sweep's trajectories, on the parent run: for every pair
     of trajectories (data mode x seed) of one phase-1 configuration, S(K^a_t, K^b_t) at their
     common checkpoints as ``kernel/cross/<mode><seed>-<mode><seed>/distance`` (step = epoch x
@@ -519,7 +530,7 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path) -> list[Pat
     # the seed): its trajectories differ only in data mode and seed.
     families: dict[str, dict[str, KernelTrajectory]] = {}
     labels: dict[str, str] = {}
-    for path in sorted(out.glob("trials/*/results.json")):
+    for path in trial_files(out, trials, "results.json"):
         cfg = config_from_dict(json.loads(path.read_text())["config"], str(path))
         if not cfg.kernel.enabled:
             continue
@@ -559,33 +570,33 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path) -> list[Pat
     return plots
 
 
-def sweep_rows(out: Path) -> list[dict[str, Any]]:
-    """Every result row of every finished trial under ``out/trials``, with its ``variant``."""
+def sweep_rows(out: Path, trials: Collection[str]) -> list[dict[str, Any]]:
+    """Every result row of the given trials (those finished), with its ``variant``."""
     rows = []
-    for path in sorted(out.glob("trials/*/results.json")):
+    for path in trial_files(out, trials, "results.json"):
         variant = variant_label(path.parent)
         rows += [{**r, "variant": variant} for r in json.loads(path.read_text())["rows"]]
     return rows
 
 
-def failed_trials(out: Path) -> list[dict[str, str]]:
-    """Trials under ``out/trials`` that ended as errors of their own (divergence): id,
-    variant and seed, and the error naming phase, epoch, step and cause."""
+def failed_trials(out: Path, trials: Collection[str]) -> list[dict[str, str]]:
+    """The given trials that ended as errors of their own (divergence): id, variant and
+    seed, and the error naming phase, epoch, step and cause."""
     failed = []
-    for path in sorted(out.glob(f"trials/*/{FAILED_STATE}")):
+    for path in trial_files(out, trials, FAILED_STATE):
         failed.append({"trial": path.parent.name, "variant": variant_label(path.parent),
                        "error": json.loads(path.read_text())["error"]})
     return failed
 
 
-def write_sweep_summary(out: Path) -> list[Path]:
-    """The sweep's summary over all trials (mean ± std over seeds): CSV, Markdown (with the
+def write_sweep_summary(out: Path, trials: Collection[str]) -> list[Path]:
+    """The sweep's summary over its trials (mean ± std over seeds): CSV, Markdown (with the
     failed trials listed under it) and the accuracy-against-switch-point plot, under ``out``."""
     from core.experiment import summarize, write_summary
     from sweep.plots import switch_point_plot
 
-    rows = sweep_rows(out)
-    failed = failed_trials(out)
+    rows = sweep_rows(out, trials)
+    failed = failed_trials(out, trials)
     notes = "".join(f"\n- trial {f['trial']}" + (f" ({f['variant']})" if f["variant"] else "")
                     + f": {f['error']}" for f in failed)
     notes = f"\nFailed trials:\n{notes}\n" if failed else ""

@@ -119,6 +119,8 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     again = run_sweep(space, tmp_path)
     assert [r["phase1_epochs_trained"] for r in again] == [0, 0]
     assert sorted(r["robust_linf"] for r in again) == sorted(r["robust_linf"] for r in records)
+    # Its summary is its own two trials, not the earlier sweep's as well (4 "seeds").
+    assert "| AC | 2 | 2 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_run_command_refuses_bad_sweeps_before_ray(tmp_path, capsys):
