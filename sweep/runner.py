@@ -25,7 +25,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from core.config import config_from_dict
+from core.config import RESULT_METRICS, config_from_dict
 from core.experiment import Hooks, run_experiment
 from core.timing import since, snapshot, timed
 from core.train import Divergence
@@ -162,7 +162,8 @@ def trial(config: dict[str, Any]) -> None:
     if restored is not None:
         run = restored["run_id"]
         tracker.reopen(run)
-        seen, children = tracker.logged(run), tracker.children(run)
+        seen = tracker.logged(run)
+        children, unfinished = tracker.children(run)
         # Writes an earlier attempt could not deliver go first, and are not made again.
         tracker.load_pending(pending)
         # A child run the server already has (an attempt that died after creating it) is
@@ -170,6 +171,10 @@ def trial(config: dict[str, Any]) -> None:
         tracker.pending = [op for op in tracker.pending
                            if not (op["kind"] == "child" and "run" not in op
                                    and op["name"] in children)]
+        for op in tracker.pending:  # one it created but did not finish: completed, not remade
+            if op["kind"] == "child" and "run" not in op and op["name"] in unfinished:
+                op["run"], has = unfinished[op["name"]]
+                op["metrics"] = [m for m in op["metrics"] if m[0] not in has]
         for op in tracker.pending:
             seen |= {(m[0], m[3]) for m in op.get("metrics", ()) if op.get("run") == run}
             if op["kind"] == "child":
@@ -187,7 +192,7 @@ def trial(config: dict[str, Any]) -> None:
                    for m in sorted({c[0] for c in cfg.codes})}}
         run = tracker.start(ctx["experiment_id"], trial_id, tags, parent=ctx["parent_run"])
         tracker.params(run, {path: value for path, value in values.items()})
-        seen, children = set(), {}
+        seen, children, unfinished = set(), {}, {}
         _report_with_state({"models_evaluated": 0}, {"run_id": run})
     trained = {"phase1_epochs": 0}
     steps = {"done": 0, "planned": 0}
@@ -212,15 +217,17 @@ def trial(config: dict[str, Any]) -> None:
 
     def on_result(r: dict[str, Any]) -> None:
         rows.append(r)
-        if _run_name(r) not in children:  # a retried trial does not log a model twice
+        # A retried trial does not log a model twice; it completes one an attempt left empty.
+        if _run_name(r) not in children:
             tracker.child(
                 ctx["experiment_id"], _run_name(r),
                 {"kind": "switch_run" if not r["code"].endswith("-") else "network",
                  "code": r["code"], "dynamics": r["dynamics"], "switch_epoch": r["switch_epoch"],
                  "switch_rule": r["switch_rule"], "seed": r["seed"],
                  "dataset": cfg.dataset.name, "model": cfg.model.name},
-                run, {k: r[k] for k in ("accuracy", "robust_linf", "robust_l2",
-                                        "transfer_linf") if not math.isnan(r[k])})
+                run, {k: r[k] for k in RESULT_METRICS if not math.isnan(r[k])},
+                existing=unfinished.get(_run_name(r)))
+            children[_run_name(r)] = "pending"
         if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
             tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]},
                         skip=seen)

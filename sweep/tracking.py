@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +193,19 @@ class Tracker:
                               run_name=name).info.run_id
 
     def child(self, experiment_id: str, name: str, tags: dict[str, Any], parent: str,
-              metrics: dict[str, float]) -> None:
-        """A finished child run of ``parent`` holding ``metrics`` (queued when buffered)."""
+              metrics: dict[str, float],
+              existing: tuple[str, Collection[str]] | None = None) -> None:
+        """A finished child run of ``parent`` holding ``metrics`` (queued when buffered);
+        with ``existing`` (run id, metric keys it has) that unfinished run is completed: the
+        metrics it lacks are logged and it is ended."""
         now = int(time.time() * 1000)
-        self._submit({"kind": "child", "experiment": experiment_id, "name": name,
-                      "tags": {**{k: str(v) for k, v in tags.items()}, PARENT_TAG: parent},
-                      "metrics": [[k, float(v), now, 0] for k, v in metrics.items()]})
+        has = set(existing[1]) if existing else set()
+        op = {"kind": "child", "experiment": experiment_id, "name": name,
+              "tags": {**{k: str(v) for k, v in tags.items()}, PARENT_TAG: parent},
+              "metrics": [[k, float(v), now, 0] for k, v in metrics.items() if k not in has]}
+        if existing:
+            op["run"] = existing[0]
+        self._submit(op)
 
     def log(self, run_id: str, metrics: dict[str, float], step: int = 0,
             skip: set[tuple[str, int]] | None = None) -> None:
@@ -242,12 +250,18 @@ class Tracker:
 
         return self._retrying(read)
 
-    def children(self, run_id: str) -> dict[str, str]:
-        """{run name: run id} of the run's child runs."""
-        def read() -> dict[str, str]:
+    def children(self, run_id: str) -> tuple[dict[str, str], dict[str, tuple[str, list[str]]]]:
+        """The run's child runs: ({name: run id} of the FINISHED ones, {name: (run id, metric
+        keys it has)} of the others). An unfinished child is one an attempt created and died
+        before it logged its metrics or ended it: the next attempt completes it
+        (``child(..., existing=...)``), it does not skip it."""
+        def read() -> tuple[dict[str, str], dict[str, tuple[str, list[str]]]]:
             runs = self.client.search_runs(
                 [self.client.get_run(run_id).info.experiment_id],
                 filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'", max_results=50_000)
-            return {r.info.run_name: r.info.run_id for r in runs}
+            done = {r.info.run_name: r.info.run_id for r in runs if r.info.status == "FINISHED"}
+            broken = {r.info.run_name: (r.info.run_id, sorted(r.data.metrics)) for r in runs
+                      if r.info.status != "FINISHED"}
+            return done, broken
 
         return self._retrying(read)
