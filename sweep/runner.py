@@ -387,25 +387,29 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
                "parent_run": parent}
     state = {"name": name, "space": space.raw, "storage": _storage(out),
              "tracking_uri": tracker.uri, "experiment_id": experiment_id, "parent_run": parent}
-    (out / SWEEP_STATE).write_text(json.dumps(state, indent=1))
-    _init_ray()
-    scheduler = None
-    _allow_reports_without_metric(space)
-    if settings.scheduler == "asha":
-        # max_t one above the models of a trial: reaching max_t means STOP, which would cut a
-        # trial off after its last evaluation, before its kernels and final report.
-        scheduler = ASHAScheduler(time_attr="models_evaluated", metric=settings.metric,
-                                  mode=settings.mode, max_t=models_per_trial(space) + 1,
-                                  grace_period=1)
-    tuner = tune.Tuner(
-        _trainable(space),
-        param_space={**to_param_space(space), CONTEXT_KEY: context},
-        tune_config=tune.TuneConfig(
-            num_samples=settings.num_samples, scheduler=scheduler,
-            max_concurrent_trials=settings.max_concurrent_trials or None,
-        ),
-        run_config=_run_config(space, name, state["storage"]),
-    )
+    try:  # a sweep that cannot start must not leave its parent run RUNNING forever
+        (out / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+        _init_ray()
+        scheduler = None
+        _allow_reports_without_metric(space)
+        if settings.scheduler == "asha":
+            # max_t one above the models of a trial: reaching max_t means STOP, which would
+            # cut a trial off after its last evaluation, before its kernels and final report.
+            scheduler = ASHAScheduler(time_attr="models_evaluated", metric=settings.metric,
+                                      mode=settings.mode, max_t=models_per_trial(space) + 1,
+                                      grace_period=1)
+        tuner = tune.Tuner(
+            _trainable(space),
+            param_space={**to_param_space(space), CONTEXT_KEY: context},
+            tune_config=tune.TuneConfig(
+                num_samples=settings.num_samples, scheduler=scheduler,
+                max_concurrent_trials=settings.max_concurrent_trials or None,
+            ),
+            run_config=_run_config(space, name, state["storage"]),
+        )
+    except BaseException:
+        tracker.end(parent, "FAILED")
+        raise
     return _finish(tuner, space, out, tracker, parent)
 
 

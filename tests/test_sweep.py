@@ -143,6 +143,19 @@ def test_run_command_refuses_bad_sweeps_before_ray(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_a_sweep_that_cannot_start_ray_ends_its_parent_run_failed(tmp_path, monkeypatch):
+    """The parent run is created before Ray starts; it used to stay RUNNING forever."""
+    import ray
+
+    assert not ray.is_initialized()
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # no cluster here: ray.init raises at once
+    with pytest.raises(ConnectionError):
+        run_sweep(parse_space(SWEEP), tmp_path)
+    client = MlflowClient(tracking_uri(tmp_path))
+    (parent,) = client.search_runs([client.get_experiment_by_name("tiny-sweep").experiment_id])
+    assert parent.data.tags["kind"] == "sweep" and parent.info.status == "FAILED"
+
+
 @pytest.mark.slow
 def test_ray_workers_log_to_a_real_mlflow_server(tmp_path, ray_local, monkeypatch):
     from tests.servers import mlflow_server
