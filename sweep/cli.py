@@ -169,11 +169,16 @@ def _sweep_kernel_bytes(space, num_classes: int) -> float:
 
 def _check_tracking(out: Path) -> None:
     """ConfigError unless the MLflow store the sweep will use answers (checked before Ray)."""
-    from core.config import ConfigError
     from sweep.runner import tracking_uri
+
+    _check_tracking_uri(tracking_uri(out.absolute()), "MLFLOW_TRACKING_URI")
+
+
+def _check_tracking_uri(uri: str, field: str) -> None:
+    """ConfigError naming ``field`` unless the tracking server at ``uri`` answers at once."""
+    from core.config import ConfigError
     from sweep.tracking import Tracker
 
-    uri = tracking_uri(out.absolute())
     if not uri.startswith("http"):
         return  # a local database, created on first use
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -182,9 +187,9 @@ def _check_tracking(out: Path) -> None:
     try:
         Tracker(uri).check()
     except Exception as e:  # noqa: BLE001 - any failure to answer
-        raise ConfigError(f"MLFLOW_TRACKING_URI: the MLflow tracking server at {uri} does not "
-                          f"answer ({type(e).__name__}); start it, or unset "
-                          "MLFLOW_TRACKING_URI to use a local SQLite store") from None
+        raise ConfigError(f"{field}: the MLflow tracking server at {uri} does not answer "
+                          f"({type(e).__name__}); start it, or unset MLFLOW_TRACKING_URI to "
+                          "use a local SQLite store") from None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -391,6 +396,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         to = Path(args.to or Path(args.out or ".") / "report")
         if problem := _check_writable(to):
             return _fail(problem)
+        # One quick try, not minutes of MLflow's retries and a traceback.
+        _check_tracking_uri(uri, "--tracking-uri" if args.tracking_uri else
+                            "tracking_uri of sweep.json" if state.get("tracking_uri") else
+                            "MLFLOW_TRACKING_URI")
         same = state and uri == state.get("tracking_uri") and experiment == state.get("name")
         rows, paths = report(uri, experiment, to, state.get("parent_run") if same else None)
     except ConfigError as e:

@@ -114,3 +114,16 @@ def test_sweep_commands_name_what_is_missing(tmp_path):
     result = ntk_sweep("compare", "abc123", "def456", "--store", str(tmp_path))
     assert result.returncode == 2 and "abc123: no trajectory with this id" in result.stderr
     assert sys.executable  # the commands ran from this environment's bin
+
+
+def test_report_against_an_unreachable_server_exits_2_at_once(tmp_path):
+    """It used to retry for minutes (MLflow's HTTP retries) and end in a traceback."""
+    from tests.servers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    result = ntk_sweep("report", "--tracking-uri", uri, "--experiment", "x",
+                       "--to", str(tmp_path / "report"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--tracking-uri: the MLflow tracking server at {uri} does not answer" in result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - t0 < 60
