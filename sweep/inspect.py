@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,38 @@ from sweep.tracking import PARENT_TAG
 METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
 
 
+SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
+                    "experiment_id": str, "parent_run": str}
+
+
 def sweep_state(out: Path) -> dict[str, Any]:
-    """The ``sweep.json`` that ``ntk-sweep run`` wrote in ``out``; ConfigError if missing."""
+    """The ``sweep.json`` that ``ntk-sweep run`` wrote in ``out``, checked (its keys, their
+    types, the stored space); ConfigError naming the file and what is wrong."""
+    from sweep.space import parse_space
+    from sweep.tracking import StateFileError, read_json
+
     path = out / SWEEP_STATE
     if not path.is_file():
         raise ConfigError(f"{path}: not found (expected the output directory of 'ntk-sweep run')")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        state = read_json(path)
+    except StateFileError as e:
+        raise ConfigError(str(e)) from None
+    for key, kind in SWEEP_STATE_KEYS.items():
+        if not isinstance(state.get(key), kind):
+            raise ConfigError(f"{path}: {key}: " + ("missing" if key not in state else
+                              f"a {type(state[key]).__name__}, not a {kind.__name__}"))
+    parse_space(state["space"], f"{path}: space")  # ConfigError naming the field
+    return state
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    from sweep.tracking import StateFileError, read_json
+
+    try:
+        return read_json(path)
+    except StateFileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def trial_status(out: Path) -> list[dict[str, Any]]:
@@ -56,7 +78,7 @@ def trial_status(out: Path) -> list[dict[str, Any]]:
         values = {k: v for k, v in t.config.items() if k != CONTEXT_KEY}
         trial_dir = out / "trials" / t.trial_id
         beat_path = trial_dir / HEARTBEAT
-        beat = json.loads(beat_path.read_text()) if beat_path.is_file() else {}
+        beat = _read_state(beat_path) if beat_path.is_file() else {}
         records.append({"trial": t.trial_id, "status": t.status, "failures": t.num_failures,
                         "results": "written" if (trial_dir / "results.json").is_file() else "-",
                         "last epoch": f"{beat['stage']} {beat['epoch']}" if beat else "-",

@@ -442,10 +442,11 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
     runs and stored trajectories), and the parent run gets the summary."""
     from ray import tune
 
+    from sweep.inspect import sweep_state
     from sweep.space import parse_space
 
     out = out.absolute()
-    state = json.loads((out / SWEEP_STATE).read_text())
+    state = sweep_state(out)  # checked: ConfigError naming the file and what is wrong
     space = parse_space(state["space"], str(out / SWEEP_STATE))
     tracker = Tracker(state["tracking_uri"])
     tracker.reopen(state["parent_run"])

@@ -47,6 +47,37 @@ def write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+MAX_STATE_BYTES = 64 * 2**20  # a state file larger than this is not one the sweep wrote
+
+
+def read_json(path: Path, kind: type | None = dict) -> Any:
+    """A JSON state file the sweep wrote; ``StateFileError`` naming the file and what is wrong
+    (missing, too large, not UTF-8 text, not JSON, not a ``kind``)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: not found") from None
+    if size > MAX_STATE_BYTES:
+        raise StateFileError(f"{path}: {size} bytes, more than a state file of "
+                             f"ntk-sweep holds ({MAX_STATE_BYTES})")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise StateFileError(f"{path}: not text (damaged?)") from None
+    except json.JSONDecodeError as e:
+        raise StateFileError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise StateFileError(f"{path}: nested too deeply") from None
+    if kind is not None and not isinstance(data, kind):
+        raise StateFileError(f"{path}: a JSON {type(data).__name__}, not the "
+                             f"{kind.__name__} ntk-sweep wrote")
+    return data
+
+
+class StateFileError(ValueError):
+    """A file the sweep wrote is missing or damaged; the message starts with its path."""
+
+
 def transient(error: BaseException) -> bool:
     """Whether an MLflow call failed because the server could not be reached or answered
     with a server error (worth retrying), rather than because the request was wrong."""

@@ -4,6 +4,7 @@ the driver's process group), then ``status``, ``resume``, ``report`` and ``compa
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -127,3 +128,29 @@ def test_report_against_an_unreachable_server_exits_2_at_once(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"--tracking-uri: the MLflow tracking server at {uri} does not answer" in result.stderr
     assert "Traceback" not in result.stderr and time.monotonic() - t0 < 60
+
+
+GOOD_STATE = {"name": "s", "space": {"seeds": [0]}, "storage": "/nonexistent/ray",
+              "tracking_uri": "sqlite:////nonexistent/mlflow.db", "experiment_id": "1",
+              "parent_run": "abc"}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff", "not text"),
+    (b"[1, 2]", "a JSON list, not the dict"),
+    (b"{}", "name: missing"),
+    (b'{"name": "s"', "not valid JSON"),
+    (json.dumps({**GOOD_STATE, "parent_run": 5}).encode(), "parent_run: a int, not a str"),
+    (json.dumps({k: v for k, v in GOOD_STATE.items() if k != "storage"}).encode(),
+     "storage: missing"),
+    (json.dumps({**GOOD_STATE, "space": {"seeds": "zero"}}).encode(), "space"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+])
+def test_damaged_sweep_state_exits_2_naming_the_file(tmp_path, capsys, content, message):
+    from sweep.cli import main
+
+    (tmp_path / "sweep.json").write_bytes(content)
+    for command in ("status", "resume", "report"):
+        assert main([command, str(tmp_path)]) == 2, command
+        err = capsys.readouterr().err
+        assert f"{tmp_path}/sweep.json" in err and message in err, (command, err)
