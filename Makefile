@@ -55,7 +55,7 @@ postgres:
 	fi
 
 test: install postgres
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 smoke: install
 	$(BIN)/python -m pytest -q -m smoke
