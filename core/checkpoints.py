@@ -53,6 +53,15 @@ def state_digest(step: int, state: Any) -> str:
     return h.hexdigest()
 
 
+def _record(step: int, meta: Any) -> tuple[dict[str, Any], str | None]:
+    """A checkpoint's JSON record as its caller saved it, and the store's digest (None in a
+    checkpoint written before digests); DamagedCheckpoint if there is no record."""
+    if not isinstance(meta, dict):
+        raise DamagedCheckpoint(step, ValueError("no JSON record"))
+    meta = dict(meta)
+    return meta, meta.pop("digest", None)
+
+
 class CheckpointStore:
     """Saves and restores states of one trajectory under ``directory/<step>``."""
 
@@ -93,11 +102,7 @@ class CheckpointStore:
                 restored = self._manager.restore(step, args=args)
             except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
                 raise DamagedCheckpoint(step, e) from e
-            meta = restored.meta if isinstance(restored.meta, dict) else None
-            if meta is None:
-                raise DamagedCheckpoint(step, ValueError("no JSON record"))
-            meta = dict(meta)
-            saved = meta.pop("digest", None)  # the store's own: callers get what they saved
+            meta, saved = _record(step, restored.meta)
             if saved is None:  # written before checkpoints carried digests
                 LOG.warning("checkpoint at step %d has no digest: restored unverified", step)
             elif saved != state_digest(step, restored.state):
@@ -112,9 +117,7 @@ class CheckpointStore:
             meta = self._manager.restore(step, args=args).meta
         except Exception as e:  # noqa: BLE001
             raise DamagedCheckpoint(step, e) from e
-        if not isinstance(meta, dict):
-            raise DamagedCheckpoint(step, ValueError("no JSON record"))
-        return {k: v for k, v in meta.items() if k != "digest"}
+        return _record(step, meta)[0]
 
     def quarantine(self, step: int) -> Path:
         """Moves a damaged checkpoint aside (``damaged-<step>-<time>``, kept for inspection)

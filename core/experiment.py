@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core.checkpoints import CheckpointStore, DamagedCheckpoint
-from core.config import ExperimentConfig
+from core.config import RESULT_METRICS, ExperimentConfig
 from core.data import Dataset
 from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
 from core.evaluate import make_evaluator, make_transfer_evaluator
@@ -472,7 +472,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "variant": variant, "code": code,
             "switch_epoch": statistics.fmean(epochs) if rule else switch,
             "switch_epoch_std": statistics.pstdev(epochs), "switch_rule": rule, "seeds": len(rs)}
-        for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
+        for k in RESULT_METRICS:
             vals = [r[k] for r in rs if not math.isnan(r[k])]
             row[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
             row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
@@ -498,7 +498,7 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
                                             r["code"], r.get("switch_rule", ""),
                                             r["switch_epoch"])):
         cells = []
-        for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
+        for k in RESULT_METRICS:
             mean, std = r[f"{k}_mean"], r[f"{k}_std"]
             cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
         lines.append((f"| {r['variant']} " if variants else "")

@@ -124,19 +124,18 @@ def contract_factors(fa: Factors, fb: Factors, output: str, biased: frozenset[st
     same contraction of its deltas. Matrix products run at the precision of the enclosing
     ``jax.default_matmul_precision`` (``NtkEngine`` sets it; float32 by default).
     """
-    hp = None  # the context's precision
     spec = "oip,qjp->ijoq" if output == "full" else "oip,ojp->oij"
 
     def generic(a, b):
         a = a.reshape(a.shape[0], a.shape[1], -1)
         b = b.reshape(b.shape[0], b.shape[1], -1)
-        return jnp.einsum(spec, a, b, precision=hp)
+        return jnp.einsum(spec, a, b)
 
     total = sum(jax.tree.leaves(jax.tree.map(generic, fa["jac"], fb["jac"])), start=0.0)
     for path, (a_in, d_a) in fa["dense"].items():
         b_in, d_b = fb["dense"][path]
-        gram = jnp.einsum("ik,jk->ij", a_in, b_in, precision=hp) + (path in biased)
-        dd = jnp.einsum(spec, d_a, d_b, precision=hp)
+        gram = jnp.einsum("ik,jk->ij", a_in, b_in) + (path in biased)
+        dd = jnp.einsum(spec, d_a, d_b)
         total = total + (gram[:, :, None, None] if output == "full" else gram[None]) * dd
     if output == "logit":
         return total[0]

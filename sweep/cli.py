@@ -354,17 +354,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from core.config import ConfigError
     from sweep.console import stdout_console
-    from sweep.inspect import sweep_state, trial_status
+    from sweep.inspect import load_sweep, trial_status
 
     out = Path(args.out)
     try:
-        state = sweep_state(out)
-        records = trial_status(out)
+        state, space = load_sweep(out)
+        records = trial_status(out, state)
     except ConfigError as e:
         return _fail(str(e))
-    from sweep.space import parse_space
-
-    planned = parse_space(state["space"]).trial_count()
+    planned = space.trial_count()
     table = Table(title=f"sweep {state['name']}: {len(records)} of {planned} trials started")
     columns = list(dict.fromkeys(k for r in records for k in r))
     for c in columns:

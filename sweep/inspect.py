@@ -17,36 +17,34 @@ from typing import Any
 
 import yaml
 
-from core.config import ConfigError
+from core.config import RESULT_METRICS, ConfigError
 from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant
+from sweep.space import SweepSpace
 from sweep.tracking import PARENT_TAG
-
-METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
-
 
 SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
                     "experiment_id": str, "parent_run": str}
 
 
-def sweep_state(out: Path) -> dict[str, Any]:
+def load_sweep(out: Path) -> tuple[dict[str, Any], SweepSpace]:
     """The ``sweep.json`` that ``ntk-sweep run`` wrote in ``out``, checked (its keys, their
-    types, the stored space); ConfigError naming the file and what is wrong."""
+    types), and its stored space parsed; ConfigError naming the file and what is wrong."""
     from sweep.space import parse_space
-    from sweep.tracking import StateFileError, read_json
 
     path = out / SWEEP_STATE
     if not path.is_file():
         raise ConfigError(f"{path}: not found (expected the output directory of 'ntk-sweep run')")
-    try:
-        state = read_json(path)
-    except StateFileError as e:
-        raise ConfigError(str(e)) from None
+    state = _read_state(path)
     for key, kind in SWEEP_STATE_KEYS.items():
         if not isinstance(state.get(key), kind):
             raise ConfigError(f"{path}: {key}: " + ("missing" if key not in state else
                               f"a {type(state[key]).__name__}, not a {kind.__name__}"))
-    parse_space(state["space"], f"{path}: space")  # ConfigError naming the field
-    return state
+    return state, parse_space(state["space"], f"{path}: space")  # ConfigError naming the field
+
+
+def sweep_state(out: Path) -> dict[str, Any]:
+    """``load_sweep``'s state alone."""
+    return load_sweep(out)[0]
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -58,15 +56,15 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise ConfigError(str(e)) from None
 
 
-def trial_status(out: Path) -> list[dict[str, Any]]:
-    """One record per trial of the sweep's Tune experiment: id, status (as Tune last saved
-    it; a killed driver leaves its running trials RUNNING), failures, whether the trial wrote
-    its results, values of the swept paths, progress and metrics (of its last report)."""
+def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per trial of the sweep's Tune experiment (``state``: its ``load_sweep``):
+    id, status (as Tune last saved it; a killed driver leaves its running trials RUNNING),
+    failures, whether the trial wrote its results, values of the swept paths, progress and
+    metrics (of its last report)."""
     from ray.tune import ExperimentAnalysis
 
     from sweep.runner import CONTEXT_KEY
 
-    state = sweep_state(out)
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     try:
         analysis = ExperimentAnalysis(path)
@@ -84,7 +82,7 @@ def trial_status(out: Path) -> list[dict[str, Any]]:
                         "last epoch": f"{beat['stage']} {beat['epoch']}" if beat else "-",
                         "unsent mlflow writes": beat.get("pending_writes", 0), **values,
                         "models_evaluated": last.get("models_evaluated", 0),
-                        **{k: last[k] for k in METRICS if k in last}})
+                        **{k: last[k] for k in RESULT_METRICS if k in last}})
     return records
 
 
@@ -125,7 +123,7 @@ def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = Non
                      "seed": int(tags["seed"]), "code": tags["code"],
                      "dynamics": tags["dynamics"], "switch_epoch": float(tags["switch_epoch"]),
                      "switch_rule": tags.get("switch_rule", ""),
-                     **{k: metrics.get(k, float("nan")) for k in METRICS}})
+                     **{k: metrics.get(k, float("nan")) for k in RESULT_METRICS}})
     return rows, trials
 
 

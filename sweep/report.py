@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from core.config import ExperimentConfig
+from core.config import RESULT_METRICS, ExperimentConfig
 from core.experiment import Hooks, run_experiment, summarize, switch_label
 from sweep.console import stdout_console
 
@@ -67,7 +67,7 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
         table.add_row(
             *(r["variant"],) * variants, r["code"], switch_label(r), str(n),
             *(_pct(r[f"{k}_mean"], r[f"{k}_std"], n)
-              for k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf")),
+              for k in RESULT_METRICS),
         )
     return table
 

@@ -51,7 +51,7 @@ def _summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Means over the trial's phase-2 runs so far (what Tune compares)."""
     phase2 = [r for r in rows if not r["code"].endswith("-")]
     out: dict[str, float] = {}
-    for key in ("accuracy", "robust_linf", "robust_l2", "transfer_linf"):
+    for key in RESULT_METRICS:
         vals = [r[key] for r in phase2 if not math.isnan(r[key])]
         if vals:
             out[key] = statistics.fmean(vals)
@@ -171,11 +171,11 @@ def trial(config: dict[str, Any]) -> None:
         tracker.pending = [op for op in tracker.pending
                            if not (op["kind"] == "child" and "run" not in op
                                    and op["name"] in children)]
-        for op in tracker.pending:  # one it created but did not finish: completed, not remade
+        for op in tracker.pending:
+            # One it created but did not finish: completed, not made again.
             if op["kind"] == "child" and "run" not in op and op["name"] in unfinished:
                 op["run"], has = unfinished[op["name"]]
                 op["metrics"] = [m for m in op["metrics"] if m[0] not in has]
-        for op in tracker.pending:
             seen |= {(m[0], m[3]) for m in op.get("metrics", ()) if op.get("run") == run}
             if op["kind"] == "child":
                 children[op["name"]] = op.get("run", "pending")
@@ -442,12 +442,10 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
     runs and stored trajectories), and the parent run gets the summary."""
     from ray import tune
 
-    from sweep.inspect import sweep_state
-    from sweep.space import parse_space
+    from sweep.inspect import load_sweep
 
     out = out.absolute()
-    state = sweep_state(out)  # checked: ConfigError naming the file and what is wrong
-    space = parse_space(state["space"], str(out / SWEEP_STATE))
+    state, space = load_sweep(out)  # checked: ConfigError naming the file and what is wrong
     tracker = Tracker(state["tracking_uri"])
     tracker.reopen(state["parent_run"])
     _allow_reports_without_metric(space)
@@ -489,8 +487,8 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
     for result in grid:
         values = {p: result.config[p] for p in space.distributions}
         metrics = {k: v for k, v in (result.metrics or {}).items()
-                   if k in ("accuracy", "robust_linf", "robust_l2", "transfer_linf",
-                            "phase1_epochs_trained", "models_evaluated", "finished")
+                   if k in (*RESULT_METRICS, "phase1_epochs_trained", "models_evaluated",
+                            "finished")
                    or k.startswith("time/")}
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
         stopped = not result.error and not (out / "trials" / trial_id / FINAL_STATE).is_file()
