@@ -54,8 +54,10 @@ postgres:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; \
 	fi
 
+# Two xdist workers on CI's two cores: one runs the Ray tests in turn, the other the rest
+# (tests/conftest.py groups them).
 test: install postgres
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadgroup
 
 smoke: install
 	$(BIN)/python -m pytest -q -m smoke

@@ -342,10 +342,12 @@ def _storage(out: Path) -> str:
 
 
 def _init_ray() -> None:
+    """``RAY_ADDRESS`` when set, else a new local instance: never Ray's own fallback of
+    attaching to whatever cluster ``ray start`` last left running on this machine."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=False)
 
 

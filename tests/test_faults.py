@@ -22,6 +22,8 @@ from sweep.space import parse_space
 from tests.servers import BIN, free_port, mlflow_server, processes_mentioning, ray_cluster
 from tests.test_sweep import ray_local  # noqa: F401 - fixture
 
+pytestmark = pytest.mark.ray  # one xdist worker runs every Ray test, in turn (conftest)
+
 # Long enough per epoch (~0.1-0.3 s) that a test can see an epoch end and strike mid-phase.
 SLOW = {
     "name": "fault-sweep",
