@@ -119,6 +119,8 @@ _CIFAR_LAYOUT = {
     ),
 }
 
+_MAX_BATCH_BYTES = 1 << 30  # the largest official file (CIFAR-100 train) is 155 MB
+
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
@@ -141,22 +143,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def _read_python_batch(
     path: Path, label_key: bytes, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one python-format CIFAR batch: a dict with b'data' uint8 [n, 3072] and labels."""
+    """Reads one python-format CIFAR batch: a dict with b'data' uint8 [n, 3072] and labels.
+
+    Every failure, a crafted file's included (a MemoryError from an array shape of 2^50, labels
+    that are not numbers), is a DataError naming the file."""
+    if path.stat().st_size > _MAX_BATCH_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size} bytes, larger than any CIFAR batch")
     try:
         batch = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DataError(f"{path}: not a readable CIFAR python batch ({e})") from e
-    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
-        raise DataError(f"{path}: expected a dict with keys b'data' and {label_key!r}")
-    data, labels = batch[b"data"], np.asarray(batch[label_key])
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
-        raise DataError(f"{path}: b'data' must be a uint8 array [n, {_CIFAR_IMAGE_BYTES}]")
-    if data.shape[1] != _CIFAR_IMAGE_BYTES or labels.shape != (data.shape[0],):
-        raise DataError(
-            f"{path}: data shape {data.shape} and {labels.shape[0]} labels; "
-            f"expected [n, {_CIFAR_IMAGE_BYTES}] and n labels"
-        )
-    return data, _check_labels(path, labels, num_classes)
+        if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+            raise DataError(f"{path}: expected a dict with keys b'data' and {label_key!r}")
+        data, labels = batch[b"data"], np.asarray(batch[label_key])
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+            raise DataError(f"{path}: b'data' must be a uint8 array [n, {_CIFAR_IMAGE_BYTES}]")
+        if data.shape[1] != _CIFAR_IMAGE_BYTES or labels.shape != (data.shape[0],):
+            raise DataError(
+                f"{path}: data shape {data.shape} and {labels.shape[0]} labels; "
+                f"expected [n, {_CIFAR_IMAGE_BYTES}] and n labels"
+            )
+        return data, _check_labels(path, labels, num_classes)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged or crafted file raises
+        raise DataError(f"{path}: not a readable CIFAR python batch "
+                        f"({type(e).__name__}: {str(e)[:200]})") from e
 
 
 def _read_binary_batch(

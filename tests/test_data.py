@@ -112,6 +112,27 @@ def test_malformed_python_batches(tmp_path, batch, message):
         load_cifar("cifar10", tmp_path)
 
 
+class _HugeArray:
+    """Pickles as numpy's own array constructor asked for 2**50 bytes: only allowed globals."""
+
+    def __reduce__(self):
+        return (np._core.multiarray._reconstruct, (np.ndarray, (2**50,), b"b"))
+
+
+@pytest.mark.parametrize("batch", [
+    {b"data": _HugeArray(), b"labels": [0]},
+    {b"data": np.zeros((2, 3072), np.uint8), b"labels": ["a", "b"]},
+    {b"data": np.zeros((2, 3072), np.uint8), b"labels": [[0], [1, 2]]},
+])
+def test_crafted_python_batches_are_data_errors_not_crashes(tmp_path, batch):
+    """Every failure of reading a batch (MemoryError from a crafted shape, labels that are not
+    numbers) is a DataError naming the file."""
+    written = write_cifar_python(tmp_path, "cifar10")
+    (written["folder"] / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DataError, match="data_batch_2"):
+        load_cifar("cifar10", tmp_path)
+
+
 def test_truncated_python_batch(tmp_path):
     written = write_cifar_python(tmp_path, "cifar100")
     path = written["folder"] / "train"
