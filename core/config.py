@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,6 +32,17 @@ if TYPE_CHECKING:  # imported where used: validating a config must not pay for i
 REFERENCE_FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 MAX_EPOCHS = 10_000  # of either phase: beyond, a typo (1e9), not an experiment
 
+# Bounds on what is read before it is parsed or expanded (a config is a few KB and 4 levels
+# deep; a sweep grid of 10,000 values is about 10,000 nodes).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 200_000  # after alias expansion: a 1.6 KB "billion laughs" file is 10^9
+MAX_YAML_DEPTH = 32
+MAX_SCALAR_CHARS = 1_000  # a 5000-digit number is refused here, not in int()
+MAX_OVERRIDE_KEYS = 8  # depth of a --set key path
+MAX_ECHO_CHARS = 80  # of a value repeated in an error message
+MAX_SEED = 2**31 - 1
+MAX_COUNT = 10_000_000  # any count of images, units, classes, steps
+
 # What an evaluated model reports and a sweep may compare on (sweep.metric), in one place.
 RESULT_METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
 
@@ -37,6 +50,21 @@ RESULT_METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
 # ``allow_inf_nan=False`` (below) no float field takes inf or nan.
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
+Count = Annotated[int, Strict(), Field(ge=1, le=MAX_COUNT)]
+Epoch = Annotated[float, Strict(), Field(ge=0, le=MAX_EPOCHS)]
+Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,99}")
+
+
+def _check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise ValueError("a name becomes a directory: 1 to 100 letters, digits or _.+=-, "
+                         "starting with a letter or digit")
+    return name
+
+
+# A name that becomes a directory and an MLflow experiment: no separators, no leading dot.
+Name = Annotated[str, AfterValidator(_check_name)]
 
 
 class ConfigError(ValueError):
@@ -48,15 +76,15 @@ class _Strict(BaseModel):
 
 
 class SyntheticSpec(_Strict):
-    n_train: Int = Field(256, ge=2)
-    n_test: Int = Field(128, ge=1)
-    shape: tuple[Int, Int, Int] = (8, 8, 1)
-    num_classes: Int = Field(10, ge=2)
+    n_train: Count = Field(256, ge=2)
+    n_test: Count = 128
+    shape: tuple[Count, Count, Count] = (8, 8, 1)
+    num_classes: Count = Field(10, ge=2)
 
 
 class DatasetSpec(_Strict):
     name: Literal["digits", "cifar10", "cifar100", "synthetic"] = "digits"
-    data_dir: str | None = None
+    data_dir: str | None = Field(None, max_length=4096)
     synthetic: SyntheticSpec = SyntheticSpec()
 
     def load(self) -> Dataset:
@@ -76,8 +104,8 @@ class DatasetSpec(_Strict):
 
 class ModelSpec(_Strict):
     name: Literal["mlp", "cnn", "resnet18"] = "cnn"
-    widths: tuple[Int, ...] = Field((256, 256), min_length=1)
-    width: Int | None = Field(None, ge=1)
+    widths: tuple[Count, ...] = Field((256, 256), min_length=1, max_length=100)
+    width: Count | None = None
     batchnorm: bool = False
 
     def kwargs(self) -> dict[str, Any]:
@@ -118,10 +146,11 @@ class PhaseSpec(_Strict):
                                  description="phase 1: default the largest switch")
     lr: Float = Field(0.1, gt=0)
     momentum: Float = Field(0.9, ge=0, lt=1)
-    batch_size: Int = Field(128, ge=1)
-    lr_decay_epochs: tuple[Float, ...] = (100, 150)
+    batch_size: Count = 128
+    lr_decay_epochs: tuple[Epoch, ...] = Field((100, 150), max_length=1000)
     lr_decay_factor: Float = Field(0.1, gt=0, le=1)
-    flip_epoch: Int = Field(50, ge=0, description="data mode F: clean before, adversarial after")
+    flip_epoch: Int = Field(50, ge=0, le=MAX_EPOCHS,
+                            description="data mode F: clean before, adversarial after")
     adv_scheme: Literal["reference", "madry"] = "reference"
     attack: AttackSpec = AttackSpec()
 
@@ -129,7 +158,7 @@ class PhaseSpec(_Strict):
 class Phase2Spec(PhaseSpec):
     epochs: Float = Field(100, ge=0, le=MAX_EPOCHS)
     lr: Float = Field(0.01, gt=0)
-    lr_decay_epochs: tuple[Float, ...] = ()
+    lr_decay_epochs: tuple[Epoch, ...] = Field((), max_length=1000)
     dynamics: Literal["centered", "linearized", "standard"] = "centered"
     bn: Literal["frozen", "batch"] = "frozen"
 
@@ -137,28 +166,30 @@ class Phase2Spec(PhaseSpec):
 class EvalSpec(_Strict):
     linf: AttackSpec = AttackSpec(iters=100)
     l2: AttackSpec | None = AttackSpec(norm="l2", eps=0.25, step_size=0.01, iters=100)
-    batch_size: Int = Field(500, ge=1)
+    batch_size: Count = 500
     transfer: bool = True
-    max_test: Int | None = Field(None, ge=1, description="evaluate on the first n test images")
+    max_test: Count | None = Field(None, description="evaluate on the first n test images")
 
 
 class KernelSpec(_Strict):
     """Empirical NTKs of phase-1 checkpoints on a class-balanced probe set (``core.ntk``)."""
 
     enabled: bool = Field(True, description="sweeps: kernels and their measures per checkpoint")
-    probe_size: Int = Field(500, ge=2, description="class-balanced training images")
-    probe_seed: Int = Field(0, description="the probe set is shared by every trajectory")
+    probe_size: Count = Field(500, ge=2, description="class-balanced training images")
+    probe_seed: Seed = Field(0, description="the probe set is shared by every trajectory")
     output: Literal["logit", "classwise", "trace", "full"] = "classwise"
-    logit: Int = Field(0, ge=0, description="the class c of output 'logit'")
+    logit: Int = Field(0, ge=0, le=MAX_COUNT, description="the class c of output 'logit'")
     implementation: Literal[
         "blocked", "nt_jacobian_contraction", "nt_ntk_vector_products"
     ] = "blocked"
-    epochs: tuple[Float, ...] | None = Field(None, description="default every checkpoint")
+    epochs: tuple[Epoch, ...] | None = Field(None, max_length=MAX_EPOCHS,
+                                             description="default every checkpoint")
     dtype: Literal["float32", "float64"] = "float32"
-    block_size: Int | None = Field(None, ge=1)
-    memory_budget_gb: Float = Field(2.0, gt=0, description="per device")
+    block_size: Count | None = None
+    memory_budget_gb: Float = Field(2.0, gt=0, le=1e6, description="per device")
     storage_budget_gb: Float = Field(
-        20.0, gt=0, description="refuse runs whose kernel files would exceed this (estimate)")
+        20.0, gt=0, le=1e9,
+        description="refuse runs whose kernel files would exceed this (estimate)")
 
 
 class SwitchRule(_Strict):
@@ -175,7 +206,7 @@ class SwitchRule(_Strict):
     measure: Literal["velocity", "to_previous"] = "velocity"
     below: Float = Field(gt=0)
     checkpoints: Int = Field(1, ge=1, le=1000, description="consecutive checkpoints below")
-    after: Float = Field(0, ge=0, description="the earliest epoch it may trigger at")
+    after: Float = Field(0, ge=0, le=MAX_EPOCHS, description="the earliest epoch it may trigger at")
 
     def label(self) -> str:
         """A short name for tables and tags, e.g. ``velocity<0.05x3``."""
@@ -184,18 +215,19 @@ class SwitchRule(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    name: str = "experiment"
-    seeds: tuple[Int, ...] = Field((0,), min_length=1)
+    name: Name = "experiment"
+    seeds: tuple[Seed, ...] = Field((0,), min_length=1, max_length=10_000)
     dataset: DatasetSpec = DatasetSpec()
     model: ModelSpec = ModelSpec()
-    codes: tuple[str, ...] = Field(("CC", "AC", "CA", "AA"), min_length=1)
-    switch_points: tuple[Float, ...] = Field((0, 1, 2, 5, 10, 30))
+    codes: tuple[str, ...] = Field(("CC", "AC", "CA", "AA"), min_length=1, max_length=100)
+    switch_points: tuple[Float, ...] = Field((0, 1, 2, 5, 10, 30), max_length=MAX_EPOCHS)
     switch_rule: SwitchRule | None = None
     phase1: PhaseSpec = PhaseSpec()
     phase2: Phase2Spec = Phase2Spec()
     eval: EvalSpec = EvalSpec()
     kernel: KernelSpec = KernelSpec()
-    fractional_checkpoints: tuple[Float, ...] = REFERENCE_FRACTIONAL_EPOCHS
+    fractional_checkpoints: tuple[Float, ...] = Field(REFERENCE_FRACTIONAL_EPOCHS,
+                                                      max_length=MAX_EPOCHS)
 
     @field_validator("codes")
     @classmethod
@@ -280,28 +312,116 @@ def format_errors(error: ValidationError, root: type[BaseModel] | None = None) -
         if e["type"] == "extra_forbidden":
             lines.append(f"{path}: unknown key{_suggest(str(loc[-1]), _model_at(loc, root))}")
         else:
-            lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{path}: {e['msg']} (got {shorten(e.get('input'))})")
     return "\n".join(lines)
 
 
+def shorten(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what an error message repeats of an input."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text)} chars)"
+
+
+def read_prefix(path: str | Path, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of ``path``: a caller seeing more than ``limit`` refuses the
+    file without reading the rest (``/dev/zero`` never ends)."""
+    with open(path, "rb") as f:
+        return f.read(limit + 1)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """One YAML document, refused (ConfigError naming ``source`` and the key path) before it is
+    built when it nests deeper than ``MAX_YAML_DEPTH``, expands through aliases to more than
+    ``MAX_YAML_NODES`` nodes, refers to itself, or holds a scalar over ``MAX_SCALAR_CHARS``."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply (at most {MAX_YAML_DEPTH} levels)"
+                          ) from None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: malformed YAML{where} ({shorten(problem, 200)})") from None
+    if node is None:
+        return None
+    _check_yaml_size(node, source)
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node)
+    except (yaml.YAMLError, ValueError, OverflowError) as e:  # e.g. a bad timestamp
+        raise ConfigError(f"{source}: malformed YAML ({shorten(str(e), 200)})") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root: yaml.Node, source: str) -> None:
+    """Counts the nodes of ``root`` with aliases expanded (each distinct node once, sizes
+    memoised), iteratively; ConfigError at the first bound crossed, naming the key path."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, str, int, bool]] = [(root, "", 0, False)]
+    while stack:
+        node, path, depth, done = stack.pop()
+        where = f"{source}: {path or '(top level)'}"
+        if done:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(c)] for c in _yaml_children(node))
+            if size[id(node)] > MAX_YAML_NODES:
+                raise ConfigError(f"{where}: expands to more than {MAX_YAML_NODES} values "
+                                  "(aliases?)")
+            continue
+        if id(node) in size:
+            continue
+        if id(node) in on_path:
+            raise ConfigError(f"{where}: an alias refers to the value it is in")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: nested too deeply (at most {MAX_YAML_DEPTH} levels)")
+        if isinstance(node, yaml.ScalarNode):
+            if len(node.value) > MAX_SCALAR_CHARS:
+                raise ConfigError(f"{where}: a value of {len(node.value)} characters "
+                                  f"(at most {MAX_SCALAR_CHARS})")
+            size[id(node)] = 1
+            continue
+        on_path.add(id(node))
+        stack.append((node, path, depth, True))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                name = name if len(name) <= 40 else f"{name[:37]}..."
+                stack.append((key, path, depth + 1, False))
+                stack.append((value, f"{path}.{name}" if path else name, depth + 1, False))
+        else:
+            stack.extend((c, f"{path}[{i}]", depth + 1, False) for i, c in enumerate(node.value))
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["phase1.epochs=3", "seeds=[0,1]"]`` -> nested dict; values are parsed as YAML."""
+    """``["phase1.epochs=3", "seeds=[0,1]"]`` -> nested dict; values are parsed as YAML (with
+    the bounds of a config file)."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value")
+            raise ConfigError(f"--set {shorten(item)}: expected key.path=value")
         path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        if len(keys) > MAX_OVERRIDE_KEYS or not all(keys) or len(path) > 200:
+            raise ConfigError(f"--set {shorten(path)}: expected a key path of at most "
+                              f"{MAX_OVERRIDE_KEYS} names, like phase1.epochs")
+        if len(value) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--set {path}: a value of {len(value)} characters")
         node = tree
-        *parents, leaf = path.strip().split(".")
+        *parents, leaf = keys
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p} was set to a value, not a mapping")
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
+                raise ConfigError(f"--set {path}: {p} was set to a value, not a mapping")
+        node[leaf] = parse_yaml(value, f"--set {path}")
     return tree
 
 
@@ -326,11 +446,16 @@ def read_config_file(path: str | Path, overrides: list[str] | None = None) -> An
     """The YAML document at ``path`` with ``key.path=value`` overrides merged in."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        data = read_prefix(path, MAX_CONFIG_BYTES)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML ({e})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, not a config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    raw = parse_yaml(text, str(path)) or {}
     if isinstance(raw, dict):
         raw = _merge(raw, parse_overrides(overrides or []))
     return raw

@@ -32,27 +32,32 @@ from core.config import (
     Float,
     config_from_dict,
     format_errors,
+    shorten,
 )
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+MAX_VALUES = 10_000  # of one grid or choice
+MAX_TRIALS = 100_000  # of a sweep (grid sizes x num_samples)
 
 
 class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    cpus: Float = Field(1, gt=0)
-    gpus: Float = Field(0, ge=0)
+    cpus: Float = Field(1, gt=0, le=1024)
+    gpus: Float = Field(0, ge=0, le=64)
 
 
 class SweepSettings(BaseModel):
     """The ``sweep`` section: how trials are sampled, scheduled and given resources."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    num_samples: int = Field(1, ge=1, description="samples of the random distributions")
+    num_samples: int = Field(1, ge=1, le=MAX_TRIALS,
+                             description="samples of the random distributions")
     metric: Literal[RESULT_METRICS] = Field(  # type: ignore[valid-type]
         "robust_linf", description="what ASHA and 'best trial' compare")
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["fifo", "asha"] = "fifo"
-    max_concurrent_trials: int = Field(0, ge=0, description="0: as many as resources allow")
+    max_concurrent_trials: int = Field(0, ge=0, le=MAX_TRIALS,
+                                       description="0: as many as resources allow")
     resources: Resources = Resources()
 
 
@@ -118,19 +123,21 @@ def substitute(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 def _check_args(path: str, kind: str, args: Any) -> tuple[Any, ...]:
     where = f"{path}.{kind}"
     if not isinstance(args, list) or not args:
-        raise ConfigError(f"{where}: expected a non-empty list, got {args!r}")
+        raise ConfigError(f"{where}: expected a non-empty list, got {shorten(args)}")
     if kind in ("grid", "choice"):
+        if len(args) > MAX_VALUES:
+            raise ConfigError(f"{where}: {len(args)} values, at most {MAX_VALUES}")
         return tuple(args)
     if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool)
-                                 for a in args):
-        raise ConfigError(f"{where}: expected [low, high] numbers, got {args!r}")
+                                 and math.isfinite(a) for a in args):
+        raise ConfigError(f"{where}: expected [low, high] finite numbers, got {shorten(args)}")
     low, high = args
     if not low < high:
         raise ConfigError(f"{where}: low {low} must be below high {high}")
     if kind == "loguniform" and low <= 0:
         raise ConfigError(f"{where}: low must be > 0 for a log-uniform range, got {low}")
     if kind == "randint" and not all(isinstance(a, int) for a in args):
-        raise ConfigError(f"{where}: expected integers, got {args!r}")
+        raise ConfigError(f"{where}: expected integers, got {shorten(args)}")
     return (low, high)
 
 
@@ -179,6 +186,10 @@ def parse_space(raw: Any, source: str = "sweep") -> SweepSpace:
     if isinstance(seeds, list) and len(seeds) > 1 and "seeds" not in found:
         found["seeds"] = Distribution("grid", tuple([s] for s in seeds))
     space = SweepSpace(settings, base, found, written)
+    if space.trial_count() > MAX_TRIALS:
+        grids = " x ".join(f"{p} ({len(d.args)})" for p, d in found.items() if d.kind == "grid")
+        raise ConfigError(f"{source}: {space.trial_count()} trials ({grids or 'no grid'}, "
+                          f"num_samples {settings.num_samples}): at most {MAX_TRIALS}")
     first = {p: _candidates(d)[0][1] for p, d in found.items()}
     checks = [(None, None, None)] + [(p, label, v) for p, d in found.items()
                                      for label, v in _candidates(d)]
@@ -192,7 +203,7 @@ def parse_space(raw: Any, source: str = "sweep") -> SweepSpace:
                 continue  # a distribution's value: the checks below say which
             if path not in named:  # the fixed part of the config is wrong
                 raise ConfigError(f"{source}: invalid configuration\n{detail}") from None
-            raise ConfigError(f"{source}: {path}.{label} = {value!r} is invalid\n{detail}"
+            raise ConfigError(f"{source}: {path}.{label} = {shorten(value)} is invalid\n{detail}"
                               ) from None
     return space
 

@@ -36,6 +36,16 @@ def synthetic():
     return load_synthetic(seed=0, n_train=64, n_test=32, shape=(8, 8, 1), num_classes=3)
 
 
+def pytest_configure(config):
+    """Property and fuzz tests draw the same examples every run (CI is reproducible) unless
+    ``--hypothesis-seed=N`` asks for others."""
+    from hypothesis import settings
+
+    seeded = config.getoption("hypothesis_seed", default=None) is not None
+    settings.register_profile("ntk-sweep", derandomize=not seeded, deadline=None)
+    settings.load_profile("ntk-sweep")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``ray`` start Ray clusters, MLflow servers and CLI subprocesses that use both
     cores and must not see each other's clusters: under xdist (``make test`` runs ``-n 2 --dist
