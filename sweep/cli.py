@@ -174,13 +174,39 @@ def _check_tracking(out: Path) -> None:
     _check_tracking_uri(tracking_uri(out.absolute()), "MLFLOW_TRACKING_URI")
 
 
+def _check_sqlite(path: Path) -> None:
+    """ConfigError naming ``path`` if a local MLflow database exists there and is not one
+    MLflow can read (damaged, or another file); a missing one is created on first use."""
+    from core.config import ConfigError, read_prefix
+    from sweep.tracking import Tracker
+
+    if not path.exists():
+        return
+    advice = ("it holds the sweep's MLflow runs: restore it from a copy, or move it aside to "
+              "start a new database (results on disk are kept)")
+    try:
+        head = read_prefix(path, 15)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the MLflow database ({e.strerror})") from None
+    if head != b"SQLite format 3\x00":
+        raise ConfigError(f"{path}: not an SQLite database (damaged?); {advice}")
+    try:
+        Tracker(f"sqlite:///{path}").check()
+    except Exception as e:  # noqa: BLE001 - any failure to open it
+        raise ConfigError(f"{path}: MLflow cannot read this database ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); {advice}") from None
+
+
 def _check_tracking_uri(uri: str, field: str) -> None:
     """ConfigError naming ``field`` unless the tracking server at ``uri`` answers at once."""
     from core.config import ConfigError
     from sweep.tracking import Tracker
 
+    if uri.startswith("sqlite:///"):
+        _check_sqlite(Path(uri.removeprefix("sqlite:///")))
+        return
     if not uri.startswith("http"):
-        return  # a local database, created on first use
+        return
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)  # one quick try, not MLflow's minutes of retries
@@ -311,18 +337,18 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
     """Prints the sweep's summary table, where its files are and how to open MLflow."""
     from sweep.console import stdout_console
     from sweep.report import summary_table
-    from sweep.runner import failed_trials, sweep_rows, tracking_uri, trial_files
+    from sweep.runner import tracking_uri, trial_files, trial_outcomes
 
     console = stdout_console()
     trials = [r["trial_id"] for r in records]  # this sweep's, not earlier ones' in ``out``
-    rows = sweep_rows(out.absolute(), trials)
+    rows, own = trial_outcomes(out.absolute(), trials)
     if rows:
         console.print(summary_table(rows))
-    failed = [r for r in records if r["error"]]
-    own = {f["trial"]: f["error"] for f in failed_trials(out.absolute(), trials)}
-    console.print(f"{len(records)} trials, {len(failed)} failed", highlight=False)
-    for r in failed:  # a trial's own error (divergence) rather than Ray's traceback
-        message = own.get(r.get("trial_id", ""), r["error"][-400:])
+    # A trial's own error (divergence, a damaged file) rather than Ray's traceback.
+    errors = {r["trial_id"]: r["error"][-400:] for r in records if r["error"]}
+    errors.update({f["trial"]: f["error"] for f in own})
+    console.print(f"{len(records)} trials, {len(errors)} failed", highlight=False)
+    for message in errors.values():
         console.print(f"  failed: {message}", highlight=False, markup=False)
     console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}")
     plots = [out / "switch_point.png", *sorted(out.glob("cross_trajectory*.png")),
@@ -331,16 +357,17 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
     uri = tracking_uri(out.absolute())
     console.print(f"open the results: {uri}" if uri.startswith("http") else
                   f"open the results: .venv/bin/mlflow ui --backend-store-uri {uri}")
-    return 1 if failed else 0
+    return 1 if errors else 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from core.config import ConfigError
-    from sweep.inspect import sweep_state
+    from sweep.inspect import resumable_sweep
 
     out = Path(args.out)
     try:
-        sweep_state(out)
+        state, _ = resumable_sweep(out)
+        _check_tracking_uri(state["tracking_uri"], "tracking_uri of sweep.json")
     except ConfigError as e:
         return _fail(str(e))
     from sweep.runner import resume_sweep
@@ -362,8 +389,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         records = trial_status(out, state)
     except ConfigError as e:
         return _fail(str(e))
-    planned = space.trial_count()
-    table = Table(title=f"sweep {state['name']}: {len(records)} of {planned} trials started")
+    counts: dict[str, int] = {}
+    for r in records:
+        kind = r["status"].split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    table = Table(title=f"sweep {state['name']}: {space.trial_count()} trials: " + ", ".join(
+        f"{n} {kind}" for kind, n in counts.items()) + (
+        f", {space.trial_count() - len(records)} not started"
+        if len(records) < space.trial_count() else ""))
     columns = list(dict.fromkeys(k for r in records for k in r))
     for c in columns:
         table.add_column(c, justify="right")

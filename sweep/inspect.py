@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from core.config import RESULT_METRICS, ConfigError
-from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant
+from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant, resolved
 from sweep.space import SweepSpace
 from sweep.tracking import PARENT_TAG
 
@@ -39,7 +40,29 @@ def load_sweep(out: Path) -> tuple[dict[str, Any], SweepSpace]:
         if not isinstance(state.get(key), kind):
             raise ConfigError(f"{path}: {key}: " + ("missing" if key not in state else
                               f"a {type(state[key]).__name__}, not a {kind.__name__}"))
-    return state, parse_space(state["space"], f"{path}: space")  # ConfigError naming the field
+    if not isinstance(state.get("out", ""), str):
+        raise ConfigError(f"{path}: out: a {type(state['out']).__name__}, not a str")
+    space = parse_space(state["space"], f"{path}: space")  # ConfigError naming the field
+    # Paths inside the output directory are kept relative to it: resolved against where the
+    # file is now, so a copy reads its own files. ``moved_from``: where it ran, if elsewhere.
+    here = out.absolute()
+    ran_in = state.get("out")
+    return {**state, "storage": resolved(here, state["storage"]),
+            "tracking_uri": resolved(here, state["tracking_uri"]),
+            "moved_from": ran_in if ran_in and Path(ran_in) != here else None}, space
+
+
+def resumable_sweep(out: Path) -> tuple[dict[str, Any], SweepSpace]:
+    """``load_sweep``, refused (ConfigError) for a sweep copied or moved from where it ran:
+    its Ray trials and MLflow artifacts record that path, and resuming would write there."""
+    state, space = load_sweep(out)
+    if state["moved_from"]:
+        raise ConfigError(
+            f"{out / SWEEP_STATE}: this sweep ran in {state['moved_from']}; 'resume' continues a "
+            "sweep only where it ran (its Ray trials and MLflow artifacts record that path). Move "
+            "it back to resume it, or start a new sweep here with 'ntk-sweep run --out' (stored "
+            "trajectories are reused); 'status' and 'report' read this copy as it is")
+    return state, space
 
 
 def sweep_state(out: Path) -> dict[str, Any]:
@@ -58,12 +81,17 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per trial of the sweep's Tune experiment (``state``: its ``load_sweep``):
-    id, status (as Tune last saved it; a killed driver leaves its running trials RUNNING),
-    failures, whether the trial wrote its results, values of the swept paths, progress and
-    metrics (of its last report)."""
+    id, status, failures, values of the swept paths, its last heartbeat, progress and metrics
+    (of its last report to Tune).
+
+    The status is what the trial's own files say where they settle it (``finished``: results
+    written; ``failed``: it diverged; ``damaged``: a file of it is unreadable), else Tune's
+    as it last saved it: after a driver kill a trial Tune left RUNNING or PENDING shows the
+    stage and age of its heartbeat, if it has one."""
     from ray.tune import ExperimentAnalysis
 
-    from sweep.runner import CONTEXT_KEY
+    from sweep.runner import CONTEXT_KEY, FAILED_STATE, read_results
+    from sweep.tracking import StateFileError, read_record
 
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     try:
@@ -75,12 +103,23 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
         last = t.last_result or {}
         values = {k: v for k, v in t.config.items() if k != CONTEXT_KEY}
         trial_dir = out / "trials" / t.trial_id
-        beat_path = trial_dir / HEARTBEAT
-        beat = _read_state(beat_path) if beat_path.is_file() else {}
-        records.append({"trial": t.trial_id, "status": t.status, "failures": t.num_failures,
-                        "results": "written" if (trial_dir / "results.json").is_file() else "-",
-                        "last epoch": f"{beat['stage']} {beat['epoch']}" if beat else "-",
-                        "unsent mlflow writes": beat.get("pending_writes", 0), **values,
+        status, beat = t.status, {}
+        try:
+            if (trial_dir / HEARTBEAT).is_file():
+                beat = read_record(trial_dir / HEARTBEAT, {"stage": str, "epoch": (int, float),
+                                                           "time": (int, float)})
+            if (trial_dir / "results.json").is_file():
+                read_results(trial_dir / "results.json")
+                status = "finished"
+            elif (trial_dir / FAILED_STATE).is_file():
+                status = "failed"
+        except StateFileError as e:
+            status = f"damaged: {e}"
+        age = f", {time.time() - beat['time']:.0f} s ago" if beat else ""
+        records.append({"trial": t.trial_id, "status": status, "failures": t.num_failures,
+                        "last heartbeat": f"{beat['stage']} {beat['epoch']}{age}" if beat
+                        else "-", "unsent mlflow writes": beat.get("pending_writes", 0),
+                        **values,
                         "models_evaluated": last.get("models_evaluated", 0),
                         **{k: last[k] for k in RESULT_METRICS if k in last}})
     return records

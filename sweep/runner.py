@@ -25,12 +25,12 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from core.config import RESULT_METRICS, config_from_dict
+from core.config import RESULT_METRICS, ConfigError, config_from_dict
 from core.experiment import Hooks, run_experiment
 from core.timing import since, snapshot, timed
 from core.train import Divergence
 from sweep.space import SweepSpace, substitute, to_param_space
-from sweep.tracking import Tracker, write_json
+from sweep.tracking import StateFileError, Tracker, read_json, read_record, write_json
 
 TRIAL_ENV = {
     # Trials sharing a GPU must not grab each other's memory; TF stays quiet.
@@ -73,9 +73,28 @@ def format_variant(values: dict[str, Any]) -> str:
 
 
 def variant_label(trial_dir: Path) -> str:
-    """The ``format_variant`` of the trial whose directory is ``trial_dir``."""
+    """The ``format_variant`` of the trial whose directory is ``trial_dir`` (StateFileError if
+    its file is damaged)."""
     path = trial_dir / VARIANT_FILE
-    return format_variant(json.loads(path.read_text()) if path.is_file() else {})
+    return format_variant(read_json(path) if path.is_file() else {})
+
+
+RESULT_ROW = {"seed": int, "code": str, "switch_epoch": (int, float), "switch_rule": str,
+              **{k: (int, float) for k in RESULT_METRICS}}
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A trial's ``results.json`` (its config and result rows), checked: StateFileError naming
+    the file and what is wrong."""
+    data = read_record(path, {"config": dict, "rows": list})
+    for i, row in enumerate(data["rows"]):
+        if not isinstance(row, dict):
+            raise StateFileError(f"{path}: rows[{i}]: not a mapping")
+        for key, kind in RESULT_ROW.items():
+            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+                raise StateFileError(f"{path}: rows[{i}].{key}: missing or not what ntk-sweep "
+                                     "wrote")
+    return data
 
 
 def _report_with_state(metrics: dict[str, Any], state: dict[str, Any]) -> None:
@@ -149,7 +168,7 @@ def trial(config: dict[str, Any]) -> None:
     trial_dir = out / "trials" / trial_id
     done = trial_dir / FINAL_STATE
     if done.is_file():  # finished before its driver went away: report, do not run again
-        _report(json.loads(done.read_text())["final"])
+        _report(read_record(done, {"final": dict})["final"])
         return
     failed = trial_dir / FAILED_STATE
     pending = trial_dir / PENDING_WRITES
@@ -157,7 +176,7 @@ def trial(config: dict[str, Any]) -> None:
         if tracker.load_pending(pending):  # its FAILED status and error tag, if undelivered
             tracker.flush(60.0)
             tracker.save_pending(pending)
-        raise TrialFailed(json.loads(failed.read_text())["error"])
+        raise TrialFailed(read_record(failed, {"error": str})["error"])
     restored = _restored_state()
     if restored is not None:
         run = restored["run_id"]
@@ -337,6 +356,29 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
 SWEEP_STATE = "sweep.json"
 
 
+def portable(out: Path, location: str) -> str:
+    """``location`` (a path, or a ``sqlite:///`` URI) as ``sweep.json`` keeps it: relative to
+    ``out`` when inside it, so that a copied or moved output directory reads its own Ray
+    storage and MLflow database, never the original's. Other locations stay as they are."""
+    prefix = "sqlite:///" if location.startswith("sqlite:///") else ""
+    path = location[len(prefix):]
+    if "://" in path or not Path(path).is_absolute():
+        return location
+    try:
+        return prefix + str(Path(path).relative_to(out))
+    except ValueError:
+        return location
+
+
+def resolved(out: Path, location: str) -> str:
+    """The inverse of ``portable`` for the output directory ``out`` the state was read from."""
+    prefix = "sqlite:///" if location.startswith("sqlite:///") else ""
+    path = location[len(prefix):]
+    if "://" in path or Path(path).is_absolute():
+        return location
+    return prefix + str(out.absolute() / path)
+
+
 def _storage(out: Path) -> str:
     return os.environ.get("NTK_SWEEP_STORAGE") or str(out / "ray")
 
@@ -389,8 +431,10 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
                "parent_run": parent}
     state = {"name": name, "space": space.raw, "storage": _storage(out),
              "tracking_uri": tracker.uri, "experiment_id": experiment_id, "parent_run": parent}
+    stored = {**state, "out": str(out), "storage": portable(out, state["storage"]),
+              "tracking_uri": portable(out, tracker.uri)}
     try:  # a sweep that cannot start must not leave its parent run RUNNING forever
-        (out / SWEEP_STATE).write_text(json.dumps(state, indent=1))
+        (out / SWEEP_STATE).write_text(json.dumps(stored, indent=1))
         _init_ray()
         scheduler = None
         _allow_reports_without_metric(space)
@@ -444,10 +488,10 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
     runs and stored trajectories), and the parent run gets the summary."""
     from ray import tune
 
-    from sweep.inspect import load_sweep
+    from sweep.inspect import resumable_sweep
 
     out = out.absolute()
-    state, space = load_sweep(out)  # checked: ConfigError naming the file and what is wrong
+    state, space = resumable_sweep(out)  # checked: ConfigError naming the file and the problem
     tracker = Tracker(state["tracking_uri"])
     tracker.reopen(state["parent_run"])
     _allow_reports_without_metric(space)
@@ -543,14 +587,18 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
     families: dict[str, dict[str, KernelTrajectory]] = {}
     labels: dict[str, str] = {}
     for path in trial_files(out, trials, "results.json"):
-        cfg = config_from_dict(json.loads(path.read_text())["config"], str(path))
+        try:
+            cfg = config_from_dict(read_results(path)["config"], str(path))
+            label = variant_label(path.parent)
+        except (StateFileError, ConfigError):
+            continue  # listed among the failed trials by trial_outcomes
         if not cfg.kernel.enabled:
             continue
         family = json.dumps([cfg.dataset.model_dump(mode="json"),
                              cfg.model.model_dump(mode="json"),
                              cfg.phase1.model_dump(mode="json", exclude={"epochs"}),
                              cfg.kernel.model_dump(mode="json")], sort_keys=True)
-        labels.setdefault(family, variant_label(path.parent))
+        labels.setdefault(family, label)
         seed = cfg.seeds[0]
         for mode in sorted({c[0] for c in cfg.codes}):
             directory = out / "trajectories" / trajectory_id(cfg, mode, seed)
@@ -582,23 +630,27 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
     return plots
 
 
-def sweep_rows(out: Path, trials: Collection[str]) -> list[dict[str, Any]]:
-    """Every result row of the given trials (those finished), with its ``variant``."""
-    rows = []
-    for path in trial_files(out, trials, "results.json"):
-        variant = variant_label(path.parent)
-        rows += [{**r, "variant": variant} for r in json.loads(path.read_text())["rows"]]
-    return rows
-
-
-def failed_trials(out: Path, trials: Collection[str]) -> list[dict[str, str]]:
-    """The given trials that ended as errors of their own (divergence): id, variant and
-    seed, and the error naming phase, epoch, step and cause."""
-    failed = []
-    for path in trial_files(out, trials, FAILED_STATE):
-        failed.append({"trial": path.parent.name, "variant": variant_label(path.parent),
-                       "error": json.loads(path.read_text())["error"]})
-    return failed
+def trial_outcomes(out: Path, trials: Collection[str]
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """What the given trials left: every result row of those that finished (with its
+    ``variant``), and the failures: trials that ended as errors of their own (divergence:
+    the error names phase, epoch, step and cause) and trials whose files are damaged (named
+    with what is wrong; never left out of a summary silently). Unfinished trials give none."""
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    for trial_id in sorted(set(trials)):
+        directory = out / "trials" / trial_id
+        results, error = directory / "results.json", directory / FAILED_STATE
+        try:
+            variant = variant_label(directory)
+            if results.is_file():
+                rows += [{**r, "variant": variant} for r in read_results(results)["rows"]]
+            elif error.is_file():
+                failed.append({"trial": trial_id, "variant": variant,
+                               "error": read_record(error, {"error": str})["error"]})
+        except StateFileError as e:
+            failed.append({"trial": trial_id, "variant": "", "error": f"damaged file: {e}"})
+    return rows, failed
 
 
 def write_sweep_summary(out: Path, trials: Collection[str]) -> list[Path]:
@@ -607,8 +659,7 @@ def write_sweep_summary(out: Path, trials: Collection[str]) -> list[Path]:
     from core.experiment import summarize, write_summary
     from sweep.plots import switch_point_plot
 
-    rows = sweep_rows(out, trials)
-    failed = failed_trials(out, trials)
+    rows, failed = trial_outcomes(out, trials)
     notes = "".join(f"\n- trial {f['trial']}" + (f" ({f['variant']})" if f["variant"] else "")
                     + f": {f['error']}" for f in failed)
     notes = f"\nFailed trials:\n{notes}\n" if failed else ""

@@ -15,6 +15,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from core.config import read_prefix
 from core.timing import timed
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -54,14 +55,16 @@ def read_json(path: Path, kind: type | None = dict) -> Any:
     """A JSON state file the sweep wrote; ``StateFileError`` naming the file and what is wrong
     (missing, too large, not UTF-8 text, not JSON, not a ``kind``)."""
     try:
-        size = path.stat().st_size
+        data = read_prefix(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         raise StateFileError(f"{path}: not found") from None
-    if size > MAX_STATE_BYTES:
-        raise StateFileError(f"{path}: {size} bytes, more than a state file of "
-                             f"ntk-sweep holds ({MAX_STATE_BYTES})")
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > MAX_STATE_BYTES:
+        raise StateFileError(f"{path}: more than the {MAX_STATE_BYTES} bytes of a state file "
+                             "of ntk-sweep")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise StateFileError(f"{path}: not text (damaged?)") from None
     except json.JSONDecodeError as e:
@@ -71,6 +74,19 @@ def read_json(path: Path, kind: type | None = dict) -> Any:
     if kind is not None and not isinstance(data, kind):
         raise StateFileError(f"{path}: a JSON {type(data).__name__}, not the "
                              f"{kind.__name__} ntk-sweep wrote")
+    return data
+
+
+def read_record(path: Path, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """``read_json`` of a JSON object that must hold ``keys`` with values of those types;
+    ``StateFileError`` naming the file and the first key missing or of another type."""
+    data = read_json(path)
+    for key, kind in keys.items():
+        if key not in data:
+            raise StateFileError(f"{path}: {key}: missing")
+        if not isinstance(data[key], kind):
+            raise StateFileError(f"{path}: {key}: a {type(data[key]).__name__}, not what "
+                                 "ntk-sweep wrote")
     return data
 
 
@@ -178,7 +194,7 @@ class Tracker:
         """Queues the writes a previous attempt saved with ``save_pending``; returns how many."""
         if not path.is_file():
             return 0
-        ops = json.loads(path.read_text())
+        ops = read_json(path, list)
         self.pending = ops + self.pending
         return len(ops)
 

@@ -154,6 +154,39 @@ def test_unwritable_sweep_output_exits_2(tmp_path, capsys):
     assert f"output directory {blocker / 'out'} is not writable" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_mlflow_database_exits_2_naming_it(tmp_path, capsys, damage):
+    """run, resume and report on an output directory whose mlflow.db is not a database MLflow
+    can read: exit 2 naming the file, before Ray starts, and the file is left as it was."""
+    import json
+
+    import ray
+    import yaml
+
+    from sweep.cli import main
+    from sweep.tracking import Tracker
+
+    out = tmp_path / "out"
+    out.mkdir()
+    db = out / "mlflow.db"
+    if damage == "garbage":
+        db.write_bytes(b"\x00\xff not a database " * 100)
+    else:  # a real MLflow database cut in half
+        Tracker(f"sqlite:///{db}").check()
+        db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])
+    before = db.read_bytes()
+    (out / "sweep.json").write_text(json.dumps({
+        "name": "s", "space": SWEEP_FILE, "storage": "ray", "tracking_uri": "sqlite:///mlflow.db",
+        "experiment_id": "1", "parent_run": "0" * 32, "out": str(out)}))
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(SWEEP_FILE))
+    for argv in (["run", str(path), "--out", str(out)], ["resume", str(out)], ["report", str(out)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"{db}: " in err and "Traceback" not in err, (argv, err)
+    assert db.read_bytes() == before and not ray.is_initialized()
+
+
 def _flip_byte(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x10

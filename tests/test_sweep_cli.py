@@ -65,8 +65,10 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
 
     status = ntk_sweep("status", str(out))
     assert status.returncode == 0, status.stderr
-    assert re.search(r"cli-sweep: [123] of 3 trials started", status.stdout), status.stdout
-    assert status.stdout.count("written") == len(finished_before)
+    # What the trial files say, not Tune's state as the killed driver last saved it.
+    assert f"cli-sweep: 3 trials: {len(finished_before)} finished" in status.stdout or \
+        re.search(rf"cli-sweep: 3 trials: .*\b{len(finished_before)} finished", status.stdout), \
+        status.stdout
 
     resumed = ntk_sweep("resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -94,6 +96,22 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     assert report.returncode == 0, report.stderr
     assert (out / "report" / "summary.md").read_text() == (out / "summary.md").read_text()
     assert (out / "report" / "kernel_distances.png").stat().st_size > 0
+
+    # A moved output directory reads its own files (paths in sweep.json are relative to it);
+    # resume refuses to continue it away from where it ran, and touches nothing.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    status = ntk_sweep("status", str(moved))
+    assert status.returncode == 0 and "3 trials: 3 finished" in status.stdout, status.stderr
+    report = ntk_sweep("report", str(moved), "--to", str(tmp_path / "moved-report"))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "moved-report" / "summary.md").read_text() == \
+        (moved / "summary.md").read_text()
+    refused = ntk_sweep("resume", str(moved))
+    assert refused.returncode == 2 and f"this sweep ran in {out}" in refused.stderr, \
+        refused.stderr[-2000:]
+    assert not out.exists()
+    moved.rename(out)
 
     # compare: trajectories named by trial run id and data mode, as MLflow shows them.
     by_seed = {r.data.tags["seed"]: r.info.run_id for r in trials}
