@@ -54,10 +54,8 @@ postgres:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; \
 	fi
 
-# Two xdist workers on CI's two cores: one runs the Ray tests in turn, the other the rest
-# (tests/conftest.py groups them).
 test: install postgres
-	$(BIN)/python -m pytest -q --durations=15 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q --durations=15
 
 smoke: install
 	$(BIN)/python -m pytest -q -m smoke

@@ -46,16 +46,6 @@ def pytest_configure(config):
     settings.load_profile("ntk-sweep")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``ray`` start Ray clusters, MLflow servers and CLI subprocesses that use both
-    cores and must not see each other's clusters: under xdist (``make test`` runs ``-n 2 --dist
-    loadgroup``) they form one group, run in turn by one worker, while the other worker runs the
-    in-process JAX tests."""
-    for item in items:
-        if item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 def tiny_model(name: str, num_classes: int = 3, shape=(8, 8, 1), seed: int = 0):
     """(model, params, batch_stats) of a tiny ``name`` model."""
     model = make_model(name, num_classes, **TINY_MODELS[name])

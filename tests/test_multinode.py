@@ -14,8 +14,6 @@ from mlflow.tracking import MlflowClient
 from tests.servers import BIN, mlflow_server, postgres_server, processes_mentioning, ray_cluster
 from tests.test_sweep import SWEEP
 
-pytestmark = pytest.mark.ray  # one xdist worker runs every Ray test, in turn (conftest)
-
 
 @pytest.mark.slow
 def test_sweep_on_two_ray_nodes_logs_to_postgres_backed_mlflow(tmp_path):

@@ -10,8 +10,6 @@ from mlflow.tracking import MlflowClient
 from sweep.runner import run_sweep, tracking_uri
 from sweep.space import parse_space
 
-pytestmark = pytest.mark.ray  # one xdist worker runs every Ray test, in turn (conftest)
-
 SWEEP = {
     "name": "tiny-sweep",
     "dataset": {"name": "synthetic", "synthetic": {"n_train": 64, "n_test": 16, "num_classes": 3}},

@@ -22,8 +22,6 @@ from mlflow.tracking import MlflowClient
 from tests.servers import BIN, processes_mentioning
 from tests.test_sweep import SWEEP
 
-pytestmark = pytest.mark.ray  # one xdist worker runs every Ray test, in turn (conftest)
-
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_ADDRESS": "",
        "MLFLOW_TRACKING_URI": "", "NTK_SWEEP_STORAGE": ""}
 
