@@ -48,17 +48,34 @@ def save_kernel(path: str | Path, record: KernelRecord) -> None:
         raise
 
 
+class DamagedKernel(ValueError):
+    """A kernel file that cannot be read as written (the zip's CRC-32 of every member catches
+    nearly every flipped bit); the message names the file."""
+
+
 def load_kernel(path: str | Path) -> KernelRecord:
-    """Reads a kernel file (``allow_pickle=False``)."""
-    with np.load(path, allow_pickle=False) as z:
-        return KernelRecord(z["kernel"], z["probe_indices"], z["labels"],
-                            json.loads(str(z["meta"])))
+    """Reads a kernel file (``allow_pickle=False``); DamagedKernel if it is not readable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return KernelRecord(z["kernel"], z["probe_indices"], z["labels"],
+                                json.loads(str(z["meta"])))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile, zlib, npy-header and JSON errors alike
+        raise DamagedKernel(f"{path}: damaged kernel file ({type(e).__name__}: "
+                            f"{str(e)[:200]}); delete it to have it computed again") from e
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
     """Only the JSON record of a kernel file (the kernel itself is not decompressed)."""
-    with np.load(path, allow_pickle=False) as z:
-        return json.loads(str(z["meta"]))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["meta"]))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DamagedKernel(f"{path}: damaged kernel file ({type(e).__name__}: "
+                            f"{str(e)[:200]}); delete it to have it computed again") from e
 
 
 class KernelTrajectory:

@@ -111,3 +111,28 @@ def test_kernel_files_round_trip_without_pickle(tmp_path):
     rec = load_kernel(traj.path(1.0))
     assert rec.meta["model"] == "cnn" and rec.labels.tolist() == [0, 0, 1, 1]
     assert not list((tmp_path / "k").glob("*.tmp"))
+
+
+def test_flipped_bits_in_a_kernel_file_are_a_clear_error_naming_it(tmp_path):
+    """Every flipped byte of a kernel file either reads back the same record or raises
+    DamagedKernel naming the file (never zipfile's, zlib's or numpy's own errors)."""
+    from core.kernel_store import DamagedKernel, KernelRecord, load_kernel, save_kernel
+
+    path = tmp_path / "k.npz"
+    kernel = np.random.default_rng(0).random((20, 20))
+    save_kernel(path, KernelRecord(kernel, np.arange(20), np.arange(20), {"epoch": 1}))
+    data = path.read_bytes()
+    outcomes = {"same": 0, "refused": 0}
+    for offset in range(0, len(data), 7):
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        try:
+            record = load_kernel(path)
+        except DamagedKernel as e:
+            assert str(e).startswith(f"{path}: damaged kernel file")
+            outcomes["refused"] += 1
+            continue
+        if np.array_equal(record.kernel, kernel) and record.meta == {"epoch": 1}:
+            outcomes["same"] += 1
+    assert outcomes["refused"] > 0.9 * (len(data) // 7)
