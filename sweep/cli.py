@@ -329,7 +329,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from sweep.runner import run_sweep
 
-    records = run_sweep(space, out)
+    return _finished(out, lambda: run_sweep(space, out))
+
+
+def _finished(out: Path, sweep) -> int:
+    """Runs ``sweep()`` (run or resume) and prints its summary; a local MLflow database lost
+    on the way still gets the summary from the trial files, then the error naming it."""
+    from sweep.runner import SweepInterrupted, SweepTrackingLost
+
+    try:
+        records = sweep()
+    except SweepInterrupted as e:
+        print(f"ntk-sweep: error: {e}", file=sys.stderr)
+        return 1
+    except SweepTrackingLost as e:
+        _sweep_done(out, e.records)
+        print(f"ntk-sweep: error: {e}; the summary above and in {out / 'summary.md'} is "
+              "from the trial files", file=sys.stderr)
+        return 1
     return _sweep_done(out, records)
 
 
@@ -372,8 +389,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _fail(str(e))
     from sweep.runner import resume_sweep
 
-    _, records = resume_sweep(out)
-    return _sweep_done(out, records)
+    return _finished(out, lambda: resume_sweep(out)[1])
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -30,7 +30,14 @@ from core.experiment import Hooks, run_experiment
 from core.timing import since, snapshot, timed
 from core.train import Divergence
 from sweep.space import SweepSpace, substitute, to_param_space
-from sweep.tracking import StateFileError, Tracker, read_json, read_record, write_json
+from sweep.tracking import (
+    StateFileError,
+    Tracker,
+    TrackingStoreLost,
+    read_json,
+    read_record,
+    write_json,
+)
 
 TRIAL_ENV = {
     # Trials sharing a GPU must not grab each other's memory; TF stays quiet.
@@ -164,7 +171,7 @@ def trial(config: dict[str, Any]) -> None:
     cfg = config_from_dict(substitute(ctx["base"], values), "trial")
     trial_id = tune.get_context().get_trial_id() or "trial"
     out = Path(ctx["out"])
-    tracker = Tracker(ctx["tracking_uri"], buffered=True)
+    tracker = Tracker(ctx["tracking_uri"], buffered=True, existing=True)
     trial_dir = out / "trials" / trial_id
     done = trial_dir / FINAL_STATE
     if done.is_file():  # finished before its driver went away: report, do not run again
@@ -492,7 +499,7 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
 
     out = out.absolute()
     state, space = resumable_sweep(out)  # checked: ConfigError naming the file and the problem
-    tracker = Tracker(state["tracking_uri"])
+    tracker = Tracker(state["tracking_uri"], existing=True)
     tracker.reopen(state["parent_run"])
     _allow_reports_without_metric(space)
     _init_ray()
@@ -517,7 +524,7 @@ def _close_run(tracker: Tracker, result, status: str, tags: dict[str, str]) -> N
         return
     with result.checkpoint.as_directory() as directory:
         run = json.loads((Path(directory) / TRIAL_STATE).read_text())["run_id"]
-    if tracker.client.get_run(run).info.status == "RUNNING":
+    if tracker.status(run) == "RUNNING":
         tracker.tags(run, tags)
         tracker.end(run, status)
 
@@ -526,6 +533,16 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
             parent: str) -> list[dict[str, Any]]:
     try:
         grid = tuner.fit()
+    except Exception as e:  # Ray's own failure (e.g. a worker OOM-killed while it restarts)
+        import traceback
+
+        tracker.end(parent, "FAILED")
+        log = out / "driver-error.log"
+        log.write_text("".join(traceback.format_exception(e)))
+        lines = str(e).strip().splitlines() or [""]
+        raise SweepInterrupted(
+            f"Ray Tune stopped the sweep ({type(e).__name__}: {lines[0][:300]}; traceback in "
+            f"{log}). Finished trials are kept: continue with 'ntk-sweep resume {out}'") from e
     except BaseException:
         tracker.end(parent, "FAILED")
         raise
@@ -538,24 +555,48 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
                    or k.startswith("time/")}
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
         stopped = not result.error and not (out / "trials" / trial_id / FINAL_STATE).is_file()
-        if stopped:  # ended by the scheduler (ASHA): its MLflow run says so
-            _close_run(tracker, result, "KILLED", {"stopped_by": space.settings.scheduler})
-        elif result.error:
-            _close_run(tracker, result, "FAILED", {"error": str(result.error)[-5000:]})
-        records.append({**values, **metrics, "trial_id": trial_id,
+        records.append({**values, **metrics, "trial_id": trial_id, "result": result,
                         "error": str(result.error or ""), "stopped_early": stopped})
-    tracker.log(parent, {"trials": len(records),
-                         "trials_failed": sum(bool(r["error"]) for r in records),
-                         "trials_stopped_early": sum(r["stopped_early"] for r in records)})
     # Only this sweep's trials: an output directory may hold earlier sweeps' trials too
-    # (trajectories are shared across sweeps; tables and distances are not).
+    # (trajectories are shared across sweeps; tables and distances are not). The summary
+    # comes from the trial files first, so that a lost MLflow store cannot keep it back.
     own = [r["trial_id"] for r in records]
-    for path in write_sweep_summary(out, own):
-        tracker.artifact(parent, path)
-    for path in log_cross_trajectories(tracker, parent, out, own):
-        tracker.artifact(parent, path)
-    tracker.end(parent)
-    return records
+    summary = write_sweep_summary(out, own, {r["trial_id"]: r["error"] for r in records})
+    try:
+        for r in records:
+            if r["stopped_early"]:  # ended by the scheduler (ASHA): its MLflow run says so
+                _close_run(tracker, r["result"], "KILLED",
+                           {"stopped_by": space.settings.scheduler})
+            elif r["error"]:
+                _close_run(tracker, r["result"], "FAILED", {"error": r["error"][-5000:]})
+        tracker.log(parent, {"trials": len(records),
+                             "trials_failed": sum(bool(r["error"]) for r in records),
+                             "trials_stopped_early": sum(r["stopped_early"] for r in records)})
+        for path in summary:
+            tracker.artifact(parent, path)
+        for path in log_cross_trajectories(tracker, parent, out, own):
+            tracker.artifact(parent, path)
+        tracker.end(parent)
+    except TrackingStoreLost as e:
+        raise SweepTrackingLost(str(e), [_record(r) for r in records]) from e
+    return [_record(r) for r in records]
+
+
+def _record(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k != "result"}
+
+
+class SweepInterrupted(RuntimeError):
+    """Ray Tune itself failed (not a trial): the message says how to go on (``resume``)."""
+
+
+class SweepTrackingLost(RuntimeError):
+    """The sweep ran, its summary is written from the trial files, but its local MLflow
+    database went away: ``records`` are the trials, as ``run_sweep`` returns them."""
+
+    def __init__(self, message: str, records: list[dict[str, Any]]):
+        super().__init__(message)
+        self.records = records
 
 
 def trial_files(out: Path, trials: Collection[str], name: str) -> list[Path]:
@@ -653,13 +694,19 @@ def trial_outcomes(out: Path, trials: Collection[str]
     return rows, failed
 
 
-def write_sweep_summary(out: Path, trials: Collection[str]) -> list[Path]:
+def write_sweep_summary(out: Path, trials: Collection[str],
+                        errors: dict[str, str] | None = None) -> list[Path]:
     """The sweep's summary over its trials (mean ± std over seeds): CSV, Markdown (with the
-    failed trials listed under it) and the accuracy-against-switch-point plot, under ``out``."""
+    failed trials listed under it) and the accuracy-against-switch-point plot, under ``out``.
+    ``errors``: trials that failed without a file of their own saying why (Ray's error, e.g.
+    a lost tracking store), by id; their last line is listed."""
     from core.experiment import summarize, write_summary
     from sweep.plots import switch_point_plot
 
     rows, failed = trial_outcomes(out, trials)
+    listed = {f["trial"] for f in failed}
+    failed += [{"trial": t, "variant": "", "error": e.strip().splitlines()[-1][:500]}
+               for t, e in sorted((errors or {}).items()) if t not in listed and e.strip()]
     notes = "".join(f"\n- trial {f['trial']}" + (f" ({f['variant']})" if f["variant"] else "")
                     + f": {f['error']}" for f in failed)
     notes = f"\nFailed trials:\n{notes}\n" if failed else ""

@@ -90,6 +90,17 @@ def read_record(path: Path, keys: dict[str, type | tuple[type, ...]]) -> dict[st
     return data
 
 
+class TrackingStoreLost(RuntimeError):
+    """The sweep's local MLflow database was deleted, replaced or cannot be written. Unlike an
+    unreachable server it does not come back by waiting: never retried, never queued for
+    later (MLflow would otherwise write into a new, empty database); names the file."""
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 class StateFileError(ValueError):
     """A file the sweep wrote is missing or damaged; the message starts with its path."""
 
@@ -122,12 +133,52 @@ class Tracker:
     creation retry for up to ``NTK_SWEEP_TRACKING_WAIT_S`` seconds (default 900).
     """
 
-    def __init__(self, tracking_uri: str, buffered: bool = False):
+    def __init__(self, tracking_uri: str, buffered: bool = False, existing: bool = False):
+        """``existing``: the store is a sweep's that must be there already (trials, resume);
+        a local database that is missing raises TrackingStoreLost instead of being made anew."""
         self.uri = tracking_uri
+        self.database = sqlite_file(tracking_uri)
+        self._database_id: tuple[int, int] | None = None
+        if existing:  # before the client: MLflow creates a missing database when it connects
+            self._guard(must_exist=True)
         self.client = _TimedClient(MlflowClient(tracking_uri=tracking_uri))
         self.buffered = buffered
         self.pending: list[dict[str, Any]] = []
         self._last_failure = -math.inf
+
+    def _guard(self, must_exist: bool = False) -> None:
+        """For a local database: TrackingStoreLost if the file this tracker has used (or, with
+        ``must_exist``, any file) is not at its path any more, or another file is."""
+        if self.database is None:
+            return
+        try:
+            st = self.database.stat()
+        except FileNotFoundError:
+            if self._database_id is None and not must_exist:
+                return  # first use: MLflow creates it
+            raise TrackingStoreLost(f"{self.database}: the sweep's MLflow database was deleted "
+                                    "or moved while the sweep ran") from None
+        ident = (st.st_dev, st.st_ino)
+        if self._database_id is None:
+            self._database_id = ident
+        elif ident != self._database_id:
+            raise TrackingStoreLost(f"{self.database}: the sweep's MLflow database was replaced "
+                                    "by another file while the sweep ran")
+
+    def _lost(self, error: BaseException) -> TrackingStoreLost | None:
+        """A local store's failure as TrackingStoreLost (None for a remote store, and for a
+        write MLflow refused for itself, such as a changed param)."""
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(error, TrackingStoreLost):
+            return error
+        if self.database is None or (isinstance(error, MlflowException)
+                                     and error.get_http_status_code() < 500):
+            return None
+        lines = str(error).splitlines() or [""]
+        detail = next((line for line in lines if "sqlite3." in line), lines[0])
+        return TrackingStoreLost(f"{self.database}: MLflow cannot use the sweep's database "
+                                 f"({type(error).__name__}: {detail[:300]})")
 
     # --- writes: queued when the server is unreachable (buffered trackers) ---------------
 
@@ -135,6 +186,7 @@ class Tracker:
         """Performs one queued write. Ops are plain JSON data (see ``save_pending``): metrics
         as [key, value, timestamp, step], params and tags as [key, value]."""
         kind, c = op["kind"], self.client
+        self._guard()
         if kind == "batch":
             c.log_batch(op["run"], metrics=[Metric(*m) for m in op.get("metrics", ())],
                         params=[Param(*kv) for kv in op.get("params", ())],
@@ -169,6 +221,8 @@ class Tracker:
             try:
                 self._do(self.pending[0])
             except Exception as e:
+                if (lost := self._lost(e)) is not None:
+                    raise lost from e
                 if not transient(e):  # refused for itself: set aside, the rest goes on
                     op = self.pending.pop(0)
                     LOG.warning("MLflow refused a %s write (%s: %s); it is dropped",
@@ -203,8 +257,11 @@ class Tracker:
         deadline, delay = time.monotonic() + (WAIT_S if self.buffered else 0), 1.0
         while True:
             try:
+                self._guard()
                 return fn(*args, **kwargs)
             except Exception as e:
+                if (lost := self._lost(e)) is not None:
+                    raise lost from e
                 if not transient(e) or time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)
@@ -282,6 +339,10 @@ class Tracker:
         self._submit({"kind": "end", "run": run_id, "status": status})
 
     # --- reads and state changes a caller waits for ----------------------------------------
+
+    def status(self, run_id: str) -> str:
+        """The run's status (RUNNING, FINISHED, FAILED, KILLED)."""
+        return self._retrying(self.client.get_run, run_id).info.status
 
     def reopen(self, run_id: str) -> None:
         """Marks a run that a restored trial continues as running again."""

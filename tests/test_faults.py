@@ -17,12 +17,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from sweep.runner import run_sweep, tracking_uri
+from sweep.runner import SweepTrackingLost, run_sweep, tracking_uri
 from sweep.space import parse_space
 from tests.servers import BIN, free_port, mlflow_server, processes_mentioning, ray_cluster
 from tests.test_sweep import ray_local  # noqa: F401 - fixture
-
-pytestmark = pytest.mark.ray  # one xdist worker runs every Ray test, in turn (conftest)
 
 # Long enough per epoch (~0.1-0.3 s) that a test can see an epoch end and strike mid-phase.
 SLOW = {
@@ -99,7 +97,10 @@ def assert_no_duplicate_steps(client: MlflowClient, run_id: str) -> None:
 
 @pytest.mark.slow
 def test_killed_worker_in_phase1_then_phase2_resumes_to_the_same_result(tmp_path, ray_local):  # noqa: F811
-    space = parse_space(SLOW)
+    """The first kill lands between a fractional checkpoint (epoch 2.125, step 136) and the
+    report of epoch 3: the retry resumes mid-epoch, and epoch 3's loss must still be the mean
+    over the whole epoch (issue 11, item 3), as in the uninterrupted run."""
+    space = parse_space({**SLOW, "fractional_checkpoints": [2.125]})
     reference = run_sweep(space, tmp_path / "reference")
     assert reference[0]["error"] == ""
 
@@ -107,25 +108,28 @@ def test_killed_worker_in_phase1_then_phase2_resumes_to_the_same_result(tmp_path
     killed: list[tuple[int, str, int]] = []
 
     def killer():
-        def strike(phase: str, min_epoch: int):
+        def strike(phase: str, min_epoch: int, also=lambda: True):
             def ready():
                 for beat in heartbeats(out).values():
-                    if (beat["pid"] not in [k[0] for k in killed]
+                    if (beat["pid"] not in [k[0] for k in killed] and also()
                             and beat["stage"].startswith(phase) and beat["epoch"] >= min_epoch):
                         return beat
                 return None
 
-            beat = wait_for(ready, 240, f"a {phase} epoch >= {min_epoch}")
+            beat = wait_for(ready, 240, f"a {phase} epoch >= {min_epoch}", poll=0.005)
             os.kill(beat["pid"], signal.SIGKILL)
-            killed.append((beat["pid"], beat["stage"], beat["epoch"]))
+            (after,) = heartbeats(out).values()  # what the worker reported before it died
+            killed.append((beat["pid"], after["stage"], after["epoch"]))
 
-        strike("phase1", 2)  # the worker dies mid phase 1 ...
+        # The worker dies after the fractional checkpoint, before epoch 3 ends ...
+        strike("phase1", 2, lambda: list(out.glob("trajectories/*/checkpoints/136")))
         strike("phase2", 1)  # ... and its retry dies mid phase 2
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     records = run_sweep(space, out)
     thread.join(5)
+    assert [(k[1].split("/")[0], k[2]) for k in killed][:1] == [("phase1", 2)], killed
     assert [k[1].split("/")[0] for k in killed] == ["phase1", "phase2"], killed
     assert records[0]["error"] == ""
     # The retries continued from the stored checkpoints: of 6 phase-1 epochs of A, the final
@@ -139,8 +143,15 @@ def test_killed_worker_in_phase1_then_phase2_resumes_to_the_same_result(tmp_path
     (trial,) = [r for r in runs if r.data.tags.get("kind") == "trial"]  # one run, continued
     assert trial.info.status == "FINISHED"
     assert_no_duplicate_steps(client, trial.info.run_id)
-    history = client.get_metric_history(trial.info.run_id, "phase1/A/s0/loss")
-    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    history = {m.step: m.value for m in
+               client.get_metric_history(trial.info.run_id, "phase1/A/s0/loss")}
+    assert sorted(history) == [1, 2, 3, 4, 5, 6]
+    # Every epoch's loss, the resumed epoch 3 included, equals the uninterrupted run's.
+    ref_client = MlflowClient(tracking_uri(tmp_path / "reference"))
+    ref_exp = ref_client.get_experiment_by_name("fault-sweep")
+    (ref_trial,) = ref_client.search_runs([ref_exp.experiment_id], "tags.kind = 'trial'")
+    assert history == {m.step: m.value for m in ref_client.get_metric_history(
+        ref_trial.info.run_id, "phase1/A/s0/loss")}
     assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 3
 
 
@@ -244,6 +255,38 @@ def test_tracking_server_down_mid_sweep_loses_nothing(tmp_path):
     finally:
         stop_driver(driver)
     assert not list(out.glob("trials/*/pending_mlflow_writes.json"))
+
+
+@pytest.mark.slow
+def test_local_mlflow_database_deleted_mid_sweep_fails_fast_with_the_summary(tmp_path, ray_local):  # noqa: F811
+    """A local store's loss is not an outage to wait out: the next trial fails at once naming
+    the file, no fresh empty database is made, and the summary is written from the trial
+    files (the command prints it, then the error; exit code 1)."""
+    space = parse_space({**SLOW, "name": "lost-db", "seeds": [0, 1], "switch_points": [0, 2],
+                         "phase1": {**SLOW["phase1"], "epochs": 2},
+                         "sweep": {**SLOW["sweep"], "max_concurrent_trials": 1}})
+    out = tmp_path / "out"
+    db = out / "mlflow.db"
+    deleted: list[float] = []
+
+    def delete_after_the_first_trial():
+        wait_for(lambda: list(out.glob("trials/*/final.json")), 240, "a finished trial")
+        db.unlink()
+        deleted.append(time.monotonic())
+
+    thread = threading.Thread(target=delete_after_the_first_trial, daemon=True)
+    thread.start()
+    with pytest.raises(SweepTrackingLost) as caught:
+        run_sweep(space, out)
+    thread.join(5)
+    assert time.monotonic() - deleted[0] < 120, "waited for the database as for a server"
+    assert str(caught.value).startswith(f"{db}: the sweep's MLflow database was deleted")
+    assert not db.exists()  # no new, empty database
+    records = caught.value.records
+    assert len(records) == 2 and [bool(r["error"]) for r in records].count(True) == 1
+    assert str(db) in next(r["error"] for r in records if r["error"])
+    summary = (out / "summary.md").read_text()
+    assert "| AC " in summary and str(db) in summary, summary  # the finished trial's rows
 
 
 def test_tracking_server_down_at_start_is_refused_before_ray(tmp_path):
