@@ -90,6 +90,25 @@ def read_record(path: Path, keys: dict[str, type | tuple[type, ...]]) -> dict[st
     return data
 
 
+FAILPOINT = "NTK_SWEEP_FAILPOINT"  # <name>:<marker file>, for the fault-injection tests
+
+
+def failpoint(name: str) -> None:
+    """SIGKILLs this process at the named point, once (the marker file records it), when
+    ``NTK_SWEEP_FAILPOINT`` is ``<name>:<marker file>``: a test can kill a worker at an
+    instant no outside observer can hit (e.g. between creating a run and logging to it)."""
+    wanted, _, marker = os.environ.get(FAILPOINT, "").partition(":")
+    if wanted == name and marker:
+        try:
+            with open(marker, "x"):
+                pass
+        except FileExistsError:
+            return
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class TrackingStoreLost(RuntimeError):
     """The sweep's local MLflow database was deleted, replaced or cannot be written. Unlike an
     unreachable server it does not come back by waiting: never retried, never queued for
@@ -199,6 +218,7 @@ class Tracker:
             if "run" not in op:
                 op["run"] = c.create_run(op["experiment"], tags=op["tags"],
                                          run_name=op["name"]).info.run_id
+                failpoint("child-run-created")
             if op["metrics"]:
                 c.log_batch(op["run"], metrics=[Metric(*m) for m in op["metrics"]])
                 op["metrics"] = []

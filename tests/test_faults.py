@@ -156,6 +156,38 @@ def test_killed_worker_in_phase1_then_phase2_resumes_to_the_same_result(tmp_path
 
 
 @pytest.mark.slow
+def test_worker_killed_between_a_child_run_and_its_metrics_completes_it(tmp_path):
+    """The worker dies right after MLflow created an evaluated model's run, before its metrics
+    (a failpoint: no outside observer can hit that instant). The retry completes that run;
+    none is left RUNNING or empty, none is made twice, and report sees every model."""
+    import ray
+
+    from sweep.inspect import mlflow_rows
+    from sweep.tracking import FAILPOINT
+
+    marker = tmp_path / "killed"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={
+        "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", FAILPOINT: f"child-run-created:{marker}"}})
+    try:
+        space = parse_space({**SLOW, "name": "child-sweep", "switch_points": [0, 2],
+                             "phase1": {**SLOW["phase1"], "epochs": 2}})
+        records = run_sweep(space, tmp_path / "out")
+    finally:
+        ray.shutdown()
+    assert marker.exists()  # the worker was killed there, once
+    assert records[0]["error"] == ""
+    client = MlflowClient(tracking_uri(tmp_path / "out"))
+    exp = client.get_experiment_by_name("child-sweep")
+    models = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+              if r.data.tags.get("kind") in ("switch_run", "network")]
+    names = sorted(r.info.run_name for r in models)
+    assert len(names) == len(set(names)) == 4  # AC and A- at switch points 0 and 2
+    assert all(r.info.status == "FINISHED" and "accuracy" in r.data.metrics for r in models)
+    rows, _ = mlflow_rows(tracking_uri(tmp_path / "out"), "child-sweep")
+    assert len(rows) == 4
+
+
+@pytest.mark.slow
 def test_lost_node_its_trials_are_rescheduled(tmp_path):
     space = {**SLOW, "name": "node-sweep", "seeds": [0, 1],
              "phase1": {**SLOW["phase1"], "epochs": 12}, "switch_points": [0, 6, 12]}
