@@ -85,3 +85,31 @@ def test_standard_update_mode_moves_running_statistics():
     assert any(moved)
     with pytest.raises(ValueError, match="update"):
         make_apply_fn(model, "centered", "update")
+
+
+def test_the_centered_model_jumps_where_the_network_is_continuous():
+    """Why white-box attacks overstate the robustness of tangent-space models (README, "Robust
+    accuracy of tangent-space models"). Along a line x(s) = x0 + s d the ReLU network is
+    continuous: its largest logit step between grid points shrinks with the grid spacing. The
+    centered model J_{theta_t}(x) (theta - theta_t) is not: its Jacobian holds the ReLU masks,
+    which switch as x moves, so it jumps, and its largest step stays as the grid gets finer.
+    Input gradients see none of the jumps."""
+    with enable_x64():
+        model, params, bs = tiny_model("mlp")
+        params, bs = _f64(params), _f64(bs)
+        anchor = Anchor(params, bs)
+        moved = jax.tree.map(jnp.add, params, _perturb(params, jax.random.PRNGKey(1), 0.3))
+        x0 = jax.random.uniform(jax.random.PRNGKey(2), (8, 8, 1), jnp.float64)
+        d = jax.random.normal(jax.random.PRNGKey(3), (8, 8, 1), jnp.float64)
+
+        def largest_step(dynamics: str, n: int) -> float:
+            apply = make_apply_fn(model, dynamics, "frozen")
+            s = jnp.linspace(0.0, 1.0, n)
+            f = apply(anchor, moved, bs, x0[None] + s[:, None, None, None] * d[None], False)[0]
+            return float(jnp.abs(jnp.diff(f, axis=0)).max())
+
+        net = [largest_step("standard", n) for n in (1001, 16001)]
+        centered = [largest_step("centered", n) for n in (1001, 16001)]
+    assert net[1] < net[0] / 8, net  # ~1/16: continuous, steps shrink with the spacing
+    assert centered[1] > centered[0] / 2, centered  # a jump does not shrink
+    assert centered[1] > 10 * net[1], (net, centered)
