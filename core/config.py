@@ -43,8 +43,17 @@ MAX_ECHO_CHARS = 80  # of a value repeated in an error message
 MAX_SEED = 2**31 - 1
 MAX_COUNT = 10_000_000  # any count of images, units, classes, steps
 
-# What an evaluated model reports and a sweep may compare on (sweep.metric), in one place.
-RESULT_METRICS = ("accuracy", "robust_linf", "robust_l2", "transfer_linf")
+# What an evaluated model reports and a sweep may compare on (sweep.metric), in one place, in
+# table order, with the column label each table gives it. ``worst_linf`` is the headline: an
+# example counts only if it survives every L-inf attack of the ensemble (WORST_LINF).
+METRIC_LABELS = {
+    "accuracy": "clean", "worst_linf": "worst L-inf", "robust_linf": "PGD L-inf",
+    "robust_margin": "PGD-margin L-inf", "transfer_linf": "transfer L-inf", "robust_l2": "PGD L2",
+}
+RESULT_METRICS = tuple(METRIC_LABELS)
+WORST_LINF = ("accuracy", "robust_linf", "robust_margin", "transfer_linf")
+WHITE_BOX = ("robust_linf", "robust_margin")  # the masking alarm compares these ...
+BLACK_BOX = ("transfer_linf",)  # ... with these
 
 # Numbers as written: a YAML boolean is not 1 (``batch_size: true``), "3" is not 3, and with
 # ``allow_inf_nan=False`` (below) no float field takes inf or nan.
@@ -164,10 +173,19 @@ class Phase2Spec(PhaseSpec):
 
 
 class EvalSpec(_Strict):
+    """The evaluation ensemble. L-inf: ``linf`` (PGD, cross-entropy), the same attack with the
+    margin (CW) loss and ``margin_restarts`` random restarts, and (phase-2 models, with
+    ``transfer``) PGD crafted on the switch-point network; ``worst_linf`` counts an example
+    only if it survives all of them. ``l2`` is another threat model, reported apart. A model
+    whose transfer accuracy is below its white-box accuracy by more than
+    ``masking_threshold`` is flagged as masking gradients."""
+
     linf: AttackSpec = AttackSpec(iters=100)
+    margin_restarts: Int = Field(2, ge=0, le=100, description="0: no margin attack")
     l2: AttackSpec | None = AttackSpec(norm="l2", eps=0.25, step_size=0.01, iters=100)
     batch_size: Count = 500
     transfer: bool = True
+    masking_threshold: Float = Field(0.02, ge=0, le=1, description="a fraction of the test set")
     max_test: Count | None = Field(None, description="evaluate on the first n test images")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -34,11 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.attacks import AttackLoss
 from core.checkpoints import CheckpointStore, DamagedCheckpoint
-from core.config import RESULT_METRICS, ExperimentConfig
+from core.config import (
+    BLACK_BOX,
+    METRIC_LABELS,
+    RESULT_METRICS,
+    WHITE_BOX,
+    WORST_LINF,
+    ExperimentConfig,
+)
 from core.data import Dataset
 from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
-from core.evaluate import make_evaluator, make_transfer_evaluator
+from core.evaluate import accuracies, make_evaluator, make_transfer_evaluator, masked, worst_case
 from core.models import init_model, make_model
 from core.train import (
     Divergence,
@@ -51,10 +60,8 @@ from core.train import (
 
 MODES = "CAF"
 LOG = logging.getLogger("ntk_sweep")
-RESULT_FIELDS = (
-    "seed", "code", "dynamics", "switch_epoch", "switch_rule", "accuracy", "robust_linf",
-    "robust_l2", "transfer_linf", "train_loss", "train_accuracy", "seconds",
-)
+RESULT_FIELDS = ("seed", "code", "dynamics", "switch_epoch", "switch_rule", *RESULT_METRICS,
+                 "masked", "train_loss", "train_accuracy", "seconds")
 @dataclass
 class Hooks:
     """Callbacks through which a caller watches an experiment (progress bars, logging)."""
@@ -173,11 +180,18 @@ def _apply(ctx: _Context, phase: str):
 
 
 def _evaluator(ctx: _Context, phase: str):
+    """The white-box members of the ensemble (attack index, hence key, in this order: linf,
+    l2, margin, so that adding the margin attack left the other two's numbers unchanged)."""
     name = f"eval-{phase}"
     if name not in ctx.fns:
-        attacks = {"linf": ctx.cfg.eval.linf.build(keep_best=True)}
-        if ctx.cfg.eval.l2 is not None:
-            attacks["l2"] = ctx.cfg.eval.l2.build(keep_best=True)
+        spec = ctx.cfg.eval
+        linf = spec.linf.build(keep_best=True)
+        attacks = {"linf": linf}
+        if spec.l2 is not None:
+            attacks["l2"] = spec.l2.build(keep_best=True)
+        if spec.margin_restarts:
+            attacks["margin"] = dataclasses.replace(
+                linf, loss=AttackLoss.MARGIN, restarts=spec.margin_restarts)
         ctx.fns[name] = make_evaluator(_apply(ctx, phase), attacks)
     return ctx.fns[name]
 
@@ -191,9 +205,21 @@ def _transfer(ctx: _Context):
     return ctx.fns["transfer"]
 
 
-def _evaluate(ctx: _Context, phase: str, anchor, params, batch_stats, key) -> dict[str, float]:
+def _evaluate(ctx: _Context, phase: str, anchor, params, batch_stats,
+              key) -> dict[str, np.ndarray]:
+    """Per-example correctness (bool [n]) under each white-box member of the ensemble."""
     ev = _evaluator(ctx, phase)
     return ev(anchor, params, batch_stats, ctx.x_test, ctx.y_test, key, ctx.cfg.eval.batch_size)
+
+
+def result_metrics(correct: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
+    """The ``RESULT_METRICS`` of one model (NaN for attacks not run) from its per-example
+    correctness, ``worst_linf`` (the per-example worst case over ``WORST_LINF``) and
+    ``masked`` (transfer below white-box by more than ``threshold``)."""
+    correct = {**correct, "worst_linf": worst_case(correct, WORST_LINF)}
+    acc = accuracies(correct)
+    return {**{k: acc.get(k, float("nan")) for k in RESULT_METRICS},
+            "masked": masked(acc, WHITE_BOX, BLACK_BOX, threshold)}
 
 
 @dataclass
@@ -373,13 +399,11 @@ def run_phase2(
     return state, last
 
 
-def _row(seed, code, dynamics, switch, metrics, train, transfer, t0) -> dict[str, Any]:
-    """One result row (the fields of ``RESULT_FIELDS``)."""
+def _row(seed, code, dynamics, switch, metrics, train, t0) -> dict[str, Any]:
+    """One result row (the fields of ``RESULT_FIELDS``); ``metrics``: ``result_metrics``."""
     return {
         "seed": seed, "code": code, "dynamics": dynamics, "switch_epoch": switch,
-        "switch_rule": "",
-        "accuracy": metrics["accuracy"], "robust_linf": metrics["robust_linf"],
-        "robust_l2": metrics.get("robust_l2", float("nan")), "transfer_linf": transfer,
+        "switch_rule": "", **metrics,
         "train_loss": train.get("loss", float("nan")),
         "train_accuracy": train.get("accuracy", float("nan")),
         "seconds": round(time.perf_counter() - t0, 2),
@@ -415,25 +439,25 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
                 state, meta = store.restore(step, template)
             hist = meta["history"]
             ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
+            threshold = cfg.eval.masking_threshold
             net = _evaluate(ctx, "phase1", None, state.params, state.batch_stats, eval_key)
-            rows.append(_row(seed, f"{mode1}-", "network", switch, net,
-                             hist[-1] if hist else {}, float("nan"), t0))
+            rows.append(_row(seed, f"{mode1}-", "network", switch,
+                             result_metrics(net, threshold), hist[-1] if hist else {}, t0))
             anchor = Anchor(state.params, state.batch_stats)
             for code in [c for c in cfg.codes if c[0] == mode1]:
                 t0 = time.perf_counter()
                 ctx.hooks.log(f"seed {seed} {code}: phase 2 from epoch {switch}")
                 final, train = run_phase2(ctx, code, seed, step, anchor)
-                metrics = _evaluate(ctx, "phase2", anchor, final.params, final.batch_stats,
+                correct = _evaluate(ctx, "phase2", anchor, final.params, final.batch_stats,
                                     eval_key)
-                transfer = float("nan")
                 if cfg.eval.transfer:
-                    transfer = _transfer(ctx)(
+                    correct["transfer_linf"] = _transfer(ctx)(
                         (None, state.params, state.batch_stats),
                         (anchor, final.params, final.batch_stats),
                         ctx.x_test, ctx.y_test, eval_key, cfg.eval.batch_size,
                     )
-                rows.append(_row(seed, code, cfg.phase2.dynamics, switch, metrics, train,
-                                 transfer, t0))
+                rows.append(_row(seed, code, cfg.phase2.dynamics, switch,
+                                 result_metrics(correct, threshold), train, t0))
             labels = switches[switch]
             made = rows[first:]
             for r in made:
@@ -471,7 +495,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "variant": variant, "code": code,
             "switch_epoch": statistics.fmean(epochs) if rule else switch,
-            "switch_epoch_std": statistics.pstdev(epochs), "switch_rule": rule, "seeds": len(rs)}
+            "switch_epoch_std": statistics.pstdev(epochs), "switch_rule": rule, "seeds": len(rs),
+            "masked": sum(bool(r.get("masked")) for r in rs)}
         for k in RESULT_METRICS:
             vals = [r[k] for r in rs if not math.isnan(r[k])]
             row[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
@@ -490,8 +515,8 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table: clean and PGD accuracy (%), mean ± std over seeds
     (with a first column naming the variant when the rows come from a sweep that varies one)."""
     variants = any(r.get("variant") for r in summary)
-    lines = ["| code | switch epoch | seeds | clean | PGD L-inf | PGD L2 | transfer L-inf |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| code | switch epoch | seeds | " + " | ".join(METRIC_LABELS.values())
+             + " | masking |", "|---|---:|---:|" + "---:|" * len(METRIC_LABELS) + "---|"]
     if variants:
         lines = ["| variant " + lines[0], "|---" + lines[1]]
     for r in sorted(summary, key=lambda r: (r.get("variant", ""), MODES.index(r["code"][0]),
@@ -501,9 +526,10 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
         for k in RESULT_METRICS:
             mean, std = r[f"{k}_mean"], r[f"{k}_std"]
             cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
+        flag = f"masked ({r['masked']} of {r['seeds']} seeds)" if r.get("masked") else ""
         lines.append((f"| {r['variant']} " if variants else "")
                      + f"| {r['code']} | {switch_label(r)} | {r['seeds']} | "
-                     + " | ".join(cells) + " |")
+                     + " | ".join(cells) + f" | {flag} |")
     return "\n".join(lines) + "\n"
 
 

@@ -353,7 +353,7 @@ def _finished(out: Path, sweep) -> int:
 def _sweep_done(out: Path, records: list[dict]) -> int:
     """Prints the sweep's summary table, where its files are and how to open MLflow."""
     from sweep.console import stdout_console
-    from sweep.report import summary_table
+    from sweep.report import masking_warning, summary_table
     from sweep.runner import tracking_uri, trial_files, trial_outcomes
 
     console = stdout_console()
@@ -361,6 +361,8 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
     rows, own = trial_outcomes(out.absolute(), trials)
     if rows:
         console.print(summary_table(rows))
+        if warning := masking_warning(rows):
+            console.print(warning, style="yellow", highlight=False)
     # A trial's own error (divergence, a damaged file) rather than Ray's traceback.
     errors = {r["trial_id"]: r["error"][-400:] for r in records if r["error"]}
     errors.update({f["trial"]: f["error"] for f in own})
@@ -430,7 +432,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from core.config import ConfigError
     from sweep.console import stdout_console
     from sweep.inspect import report, sweep_state
-    from sweep.report import summary_table
+    from sweep.report import masking_warning, summary_table
 
     try:
         state = sweep_state(Path(args.out)) if args.out else {}
@@ -453,6 +455,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         return _fail(str(e))
     console = stdout_console()
     console.print(summary_table(rows))
+    if warning := masking_warning(rows):
+        console.print(warning, style="yellow", highlight=False)
     console.print("rebuilt from MLflow: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -162,7 +162,8 @@ def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = Non
                      "seed": int(tags["seed"]), "code": tags["code"],
                      "dynamics": tags["dynamics"], "switch_epoch": float(tags["switch_epoch"]),
                      "switch_rule": tags.get("switch_rule", ""),
-                     **{k: metrics.get(k, float("nan")) for k in RESULT_METRICS}})
+                     **{k: metrics.get(k, float("nan")) for k in RESULT_METRICS},
+                     "masked": tags.get("masked") == "true"})
     return rows, trials
 
 

@@ -47,7 +47,7 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
     codes = sorted({r["code"] for r in summary}, key=lambda c: (c.endswith("-"), c))
     variants = sorted({r.get("variant", "") for r in summary})
     markers = "osD^vP<>X"
-    for ax, key, title in ((axes[0], "robust_linf", "PGD L-inf accuracy (%)"),
+    for ax, key, title in ((axes[0], "worst_linf", "worst-case L-inf accuracy (%)"),
                            (axes[1], "accuracy", "clean accuracy (%)")):
         for code in codes:
             for v, variant in enumerate(variants):

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from core.config import RESULT_METRICS, ExperimentConfig
+from core.config import METRIC_LABELS, RESULT_METRICS, ExperimentConfig
 from core.experiment import Hooks, run_experiment, summarize, switch_label
 from sweep.console import stdout_console
 
@@ -54,12 +54,13 @@ def _pct(mean: float, std: float, seeds: int) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> Table:
-    """Clean, PGD L-inf, PGD L2 and transfer accuracy (%) per code and switch epoch."""
+    """Every result metric (%) per code and switch epoch (``METRIC_LABELS``), and the seeds
+    whose model the masking alarm flagged."""
     table = Table(title="results (mean ± std over seeds, %)")
     summary = summarize(rows)
     variants = any(r["variant"] for r in summary)
-    for col in ("variant",) * variants + ("code", "switch", "seeds", "clean", "PGD linf",
-                                          "PGD l2", "transfer linf"):
+    for col in ("variant",) * variants + ("code", "switch", "seeds", *METRIC_LABELS.values(),
+                                          "masking"):
         table.add_column(col, justify="right")
     for r in sorted(summary, key=lambda r: (r["variant"], r["code"], r["switch_rule"],
                                             r["switch_epoch"])):
@@ -68,8 +69,21 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
             *(r["variant"],) * variants, r["code"], switch_label(r), str(n),
             *(_pct(r[f"{k}_mean"], r[f"{k}_std"], n)
               for k in RESULT_METRICS),
+            f"[red]masked {r['masked']}/{n}[/red]" if r.get("masked") else "",
         )
     return table
+
+
+def masking_warning(rows: list[dict[str, Any]]) -> str | None:
+    """A warning naming the models the masking alarm flagged, or None."""
+    flagged = [r for r in rows if r.get("masked")]
+    if not flagged:
+        return None
+    names = ", ".join(f"{r['code']} t={r['switch_epoch']:g} seed {r['seed']}"
+                      + (f" ({r['variant']})" if r.get("variant") else "") for r in flagged)
+    return (f"masking: {len(flagged)} model(s) score higher under white-box PGD than under the "
+            f"transfer attack ({names}): their PGD figures are not robustness figures; "
+            "worst L-inf counts every attack")
 
 
 def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
@@ -78,6 +92,8 @@ def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
 
     stdout = stdout_console()
     stdout.print(summary_table(rows))
+    if warning := masking_warning(rows):
+        stdout.print(warning, style="yellow", highlight=False)
     plot = switch_point_plot(summarize(rows), out / "switch_point.png")
     stdout.print(f"results: {out / 'results.csv'}, {out / 'summary.csv'}, "
                  f"{out / 'summary.md'}, {out / 'results.json'}")

@@ -250,7 +250,8 @@ def trial(config: dict[str, Any]) -> None:
                 {"kind": "switch_run" if not r["code"].endswith("-") else "network",
                  "code": r["code"], "dynamics": r["dynamics"], "switch_epoch": r["switch_epoch"],
                  "switch_rule": r["switch_rule"], "seed": r["seed"],
-                 "dataset": cfg.dataset.name, "model": cfg.model.name},
+                 "dataset": cfg.dataset.name, "model": cfg.model.name,
+                 "masked": str(bool(r.get("masked"))).lower()},
                 run, {k: r[k] for k in RESULT_METRICS if not math.isnan(r[k])},
                 existing=unfinished.get(_run_name(r)))
             children[_run_name(r)] = "pending"

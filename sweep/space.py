@@ -53,7 +53,7 @@ class SweepSettings(BaseModel):
     num_samples: int = Field(1, ge=1, le=MAX_TRIALS,
                              description="samples of the random distributions")
     metric: Literal[RESULT_METRICS] = Field(  # type: ignore[valid-type]
-        "robust_linf", description="what ASHA and 'best trial' compare")
+        "worst_linf", description="what ASHA and 'best trial' compare")
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["fifo", "asha"] = "fifo"
     max_concurrent_trials: int = Field(0, ge=0, le=MAX_TRIALS,

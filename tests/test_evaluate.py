@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from core.attacks import AttackConfig, pgd, robust_correct
 from core.dynamics import Anchor, logits_fn, make_apply_fn
-from core.evaluate import make_evaluator, make_transfer_evaluator
+from core.evaluate import (
+    accuracies,
+    make_evaluator,
+    make_transfer_evaluator,
+    masked,
+    worst_case,
+)
+from core.experiment import run_experiment
 from tests.conftest import tiny_model
 
 ATTACK = AttackConfig(eps=0.1, step_size=0.05, iters=3)
@@ -20,7 +30,9 @@ def test_batched_evaluation_equals_one_batch(synthetic):
     evaluate = make_evaluator(apply, {"linf": ATTACK})
     x, y = synthetic.x_test[:30], synthetic.y_test[:30]  # 30 = 4 batches of 8, the last padded
     key = jax.random.PRNGKey(0)
-    metrics = evaluate(None, params, bs, x, y, key, batch_size=8)
+    correct = evaluate(None, params, bs, x, y, key, batch_size=8)
+    assert {k: v.shape for k, v in correct.items()} == {"accuracy": (30,), "robust_linf": (30,)}
+    metrics = accuracies(correct)
     f = logits_fn(apply, None, params, bs)
     clean = np.mean(np.asarray(f(jnp.asarray(x)).argmax(1)) == y)
     robust = []
@@ -40,7 +52,51 @@ def test_transfer_from_a_model_to_itself_is_its_own_pgd_accuracy(synthetic):
     x, y = synthetic.x_test[:16], synthetic.y_test[:16]
     key = jax.random.PRNGKey(1)
     # The linearized model at its anchor is the network, so transfer = white-box here.
-    acc = transfer((None, params, bs), (Anchor(params, bs), params, bs), x, y, key, 16)
+    correct = transfer((None, params, bs), (Anchor(params, bs), params, bs), x, y, key, 16)
     f = logits_fn(net, None, params, bs)
     x_adv = pgd(f, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, 0), ATTACK)
-    assert acc == float(np.mean(np.asarray(f(x_adv).argmax(1)) == y))
+    np.testing.assert_array_equal(correct, np.asarray(f(x_adv).argmax(1)) == y)
+
+
+def test_an_example_broken_by_any_one_attack_is_broken():
+    """The worst case is per example: two attacks that each break a different half leave
+    nothing robust, although each alone reports 50 %."""
+    correct = {"accuracy": np.array([1, 1, 1, 1, 0], bool),
+               "robust_linf": np.array([1, 1, 0, 0, 0], bool),
+               "robust_margin": np.array([0, 0, 1, 1, 0], bool),
+               "robust_l2": np.zeros(5, bool)}
+    worst = worst_case(correct, ("accuracy", "robust_linf", "robust_margin", "transfer_linf"))
+    np.testing.assert_array_equal(worst, np.zeros(5, bool))  # transfer not run: skipped
+    correct["robust_margin"] = np.array([1, 0, 0, 0, 0], bool)
+    np.testing.assert_array_equal(worst_case(correct, ("robust_linf", "robust_margin")),
+                                  [True, False, False, False, False])
+    acc = accuracies(correct)
+    assert acc["robust_linf"] == 0.4 and acc["robust_margin"] == 0.2
+
+
+@pytest.mark.parametrize("transfer, threshold, flagged", [
+    (0.30, 0.02, True), (0.49, 0.02, False), (0.47, 0.02, True), (0.60, 0.0, False),
+    (None, 0.0, False)])
+def test_the_masking_alarm(transfer, threshold, flagged):
+    """Flagged when the transfer attack beats the strongest white-box attack by more than the
+    threshold (here white-box 0.5 under PGD, 0.55 under the margin attack)."""
+    acc = {"accuracy": 0.9, "robust_linf": 0.5, "robust_margin": 0.55}
+    if transfer is not None:
+        acc["transfer_linf"] = transfer
+    assert masked(acc, ("robust_linf", "robust_margin"), ("transfer_linf",), threshold) is flagged
+
+
+def test_an_experiment_reports_the_worst_case_of_its_ensemble(tmp_path):
+    """On real models: worst L-inf is at most every L-inf member, per row; the margin attack
+    ran; the masked flag is there."""
+    from core.config import WORST_LINF
+    from tests.test_experiment import BASE, _cfg
+
+    cfg = _cfg(codes=["AC", "CA"], switch_points=[0, 1],
+               eval={**BASE["eval"], "transfer": True})
+    rows = run_experiment(cfg, tmp_path)
+    for r in rows:
+        assert isinstance(r["masked"], bool) and not math.isnan(r["robust_margin"])
+        members = [r[m] for m in WORST_LINF if not math.isnan(r[m])]
+        assert r["worst_linf"] <= min(members)
+    assert all(not math.isnan(r["transfer_linf"]) for r in rows if not r["code"].endswith("-"))

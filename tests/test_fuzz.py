@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from core.config import MAX_SCALAR_CHARS, ExperimentConfig
+from core.config import MAX_SCALAR_CHARS, RESULT_METRICS, ExperimentConfig
 from sweep.cli import main
 from sweep.runner import FAILED_STATE, VARIANT_FILE, trial_outcomes
 
@@ -43,6 +43,7 @@ NUMBERS = ["phase1.lr", "phase1.momentum", "phase1.batch_size", "phase1.epochs",
            "phase1.attack.eps", "phase1.attack.iters", "phase1.attack.restarts",
            "phase1.lr_decay_factor", "phase1.flip_epoch", "phase2.lr", "phase2.epochs",
            "phase2.batch_size", "eval.batch_size", "eval.max_test", "eval.linf.iters",
+           "eval.margin_restarts", "eval.masking_threshold",
            "eval.linf.eps", "kernel.probe_size", "kernel.probe_seed", "kernel.memory_budget_gb",
            "kernel.storage_budget_gb", "kernel.logit", "kernel.block_size",
            "dataset.synthetic.n_train", "dataset.synthetic.num_classes"]
@@ -214,8 +215,8 @@ def test_damaged_sweep_state_is_refused_naming_the_file(tmp_path_factory, capsys
     _refused(capsys, [command, str(out)], str(out / "sweep.json"))
 
 
-ROW = {"seed": 0, "code": "CC", "switch_epoch": 1.0, "switch_rule": "", "accuracy": 0.5,
-       "robust_linf": 0.1, "robust_l2": 0.2, "transfer_linf": math.nan}
+ROW = {"seed": 0, "code": "CC", "switch_epoch": 1.0, "switch_rule": "",
+       **dict.fromkeys(RESULT_METRICS, 0.25), "transfer_linf": math.nan}
 TRIAL_FILES = {"results.json": {"config": BASE, "rows": [ROW]}, FAILED_STATE: {"error": "x"},
                VARIANT_FILE: {"phase2.lr": 0.01}}
 
