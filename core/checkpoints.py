@@ -124,11 +124,18 @@ class CheckpointStore:
         so that it is no longer one of ``steps()``; returns where it went."""
         import time
 
-        target = self.directory / f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S')}"
-        try:
-            (self.directory / str(step)).rename(target)
-        except FileNotFoundError:  # another process set it aside first
-            pass
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for n in range(1000):  # the same step set aside again within a second gets -1, -2, ...
+            target = self.directory / (f"damaged-{step}-{stamp}" + (f"-{n}" if n else ""))
+            if target.exists():
+                continue
+            try:
+                (self.directory / str(step)).rename(target)
+            except FileNotFoundError:  # another process set it aside first
+                break
+            except OSError:  # another process took this name first (ENOTEMPTY): next one
+                continue
+            break
         self._manager.reload()
         return target
 

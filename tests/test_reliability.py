@@ -69,6 +69,21 @@ def test_damaged_checkpoints_are_set_aside_and_remade(tmp_path):
     assert 16 not in CheckpointStore(checkpoints).steps()
 
 
+def test_the_same_step_set_aside_twice_in_a_second_keeps_both(tmp_path):
+    """Set-aside names carried the time to the second: a step damaged again within that
+    second (a fast remake) collided with the first (OSError: directory not empty)."""
+    model = make_model("mlp", 3, widths=(8,))
+    params, bs = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
+    state = init_state(params, bs, momentum=0.9, key=jax.random.PRNGKey(1))
+    store = CheckpointStore(tmp_path / "checkpoints")
+    moved = []
+    for _ in range(3):
+        store.save(0, state, {"history": []})
+        moved.append(store.quarantine(0))
+    assert len(set(moved)) == 3 and all(p.is_dir() for p in moved)
+    assert store.steps() == []
+
+
 def test_two_experiments_sharing_a_trajectory_store(tmp_path):
     """Two processes that need the same trajectory at once: one trains it, the other waits
     for the lock and reuses it; both get the results of a run alone."""
