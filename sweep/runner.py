@@ -87,18 +87,21 @@ def variant_label(trial_dir: Path) -> str:
 
 
 RESULT_ROW = {"seed": int, "code": str, "switch_epoch": (int, float), "switch_rule": str,
-              **{k: (int, float) for k in RESULT_METRICS}}
+              "accuracy": (int, float), "robust_linf": (int, float)}  # in every version's rows
 
 
 def read_results(path: Path) -> dict[str, Any]:
     """A trial's ``results.json`` (its config and result rows), checked: StateFileError naming
-    the file and what is wrong."""
+    the file and what is wrong. A result metric an older version did not report (e.g.
+    ``worst_linf``) reads as NaN (shown as "-"), so a sweep resumed across an upgrade keeps
+    its finished trials."""
     data = read_record(path, {"config": dict, "rows": list})
     for i, row in enumerate(data["rows"]):
         if not isinstance(row, dict):
             raise StateFileError(f"{path}: rows[{i}]: not a mapping")
-        for key, kind in RESULT_ROW.items():
-            if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+        for key in (*RESULT_ROW, *RESULT_METRICS):
+            value = row.get(key) if key in RESULT_ROW else row.setdefault(key, float("nan"))
+            if not isinstance(value, RESULT_ROW.get(key, (int, float))) or isinstance(value, bool):
                 raise StateFileError(f"{path}: rows[{i}].{key}: missing or not what ntk-sweep "
                                      "wrote")
     return data

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from core.config import MAX_SCALAR_CHARS, RESULT_METRICS, ExperimentConfig
 from sweep.cli import main
-from sweep.runner import FAILED_STATE, VARIANT_FILE, trial_outcomes
+from sweep.runner import FAILED_STATE, RESULT_ROW, VARIANT_FILE, trial_outcomes
 
 BASE = {
     "name": "fuzz",
@@ -226,7 +226,7 @@ TRIAL_FILES = {"results.json": {"config": BASE, "rows": [ROW]}, FAILED_STATE: {"
     st.tuples(st.just("truncate"), st.floats(0, 0.999)),
     st.tuples(st.just("garble"), st.floats(0, 1)),
     st.tuples(st.just("not-a-mapping"), st.lists(st.integers(), max_size=3)),
-    st.tuples(st.just("row"), st.sampled_from(sorted(ROW)))))
+    st.tuples(st.just("row"), st.sampled_from(sorted(RESULT_ROW)))))
 def test_damaged_trial_files_are_failures_naming_the_file(tmp_path_factory, name, how):
     """A trial whose files are damaged is listed among the failures of the sweep's summary,
     with the file and what is wrong, never left out of the table silently."""
@@ -249,3 +249,14 @@ def test_damaged_trial_files_are_failures_naming_the_file(tmp_path_factory, name
     rows, failed = trial_outcomes(out, ["t_00000"])
     assert not rows and len(failed) == 1
     assert str(trial / name) in failed[0]["error"], failed
+
+
+def test_result_rows_of_an_older_version_read_with_nan_for_new_metrics(tmp_path):
+    """A sweep resumed across an upgrade keeps its finished trials: a row without a metric an
+    older version did not report reads as NaN, not as a damaged file."""
+    trial = tmp_path / "trials" / "t_00000"
+    trial.mkdir(parents=True)
+    old = {k: v for k, v in ROW.items() if k not in ("worst_linf", "robust_margin")}
+    (trial / "results.json").write_text(json.dumps({"config": BASE, "rows": [old]}))
+    rows, failed = trial_outcomes(tmp_path, ["t_00000"])
+    assert not failed and math.isnan(rows[0]["worst_linf"]) and rows[0]["accuracy"] == 0.25
