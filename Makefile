@@ -65,6 +65,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/attack.py --quick
+	$(BIN)/python benchmarks/evaluate.py --quick
 	$(BIN)/python benchmarks/ntk.py --quick
 	$(BIN)/python benchmarks/sweep.py --quick
 
