@@ -29,7 +29,8 @@ MODELS = {"mlp": dict(widths=(256, 256)), "cnn": dict(width=32)}
 SPEEDUP_TARGET = 1.5
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
     fn()  # compile and warm up
     times = []
     for _ in range(repeats):
@@ -73,8 +74,8 @@ def bench_model(name: str, iters: int, batch: int, repeats: int) -> dict:
     loop = _reference_loop(f, cfg)
     # Both compute the same attack: check before timing.
     same = bool(jnp.allclose(fused(x, y, key), loop(x, y, key), atol=1e-6))
-    t_fused = _median_seconds(lambda: fused(x, y, key).block_until_ready(), repeats)
-    t_loop = _median_seconds(lambda: loop(x, y, key).block_until_ready(), repeats)
+    t_fused = median_seconds(lambda: fused(x, y, key).block_until_ready(), repeats)
+    t_loop = median_seconds(lambda: loop(x, y, key).block_until_ready(), repeats)
     return {"model": name, "iters": iters, "batch": batch, "fused_s": t_fused,
             "loop_s": t_loop, "speedup": t_loop / t_fused, "same_result": same}
 

@@ -17,10 +17,9 @@ import argparse
 import dataclasses
 import json
 import platform
-import statistics
-import time
 
 import jax
+from attack import median_seconds  # benchmarks/attack.py, beside this script
 
 from core.attacks import AttackConfig, AttackLoss, Norm
 from core.data import load_digits
@@ -29,16 +28,6 @@ from core.evaluate import make_evaluator, make_transfer_evaluator
 from core.models import init_model, make_model
 
 RATIO_TARGET = 4.0
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -71,7 +60,7 @@ def main() -> None:
             tr((None, params, bs), (anchor, moved, bs), x, y, key, 500)
 
         repeats = 1 if args.quick else 3
-        a, b = _median_seconds(before, repeats), _median_seconds(after, repeats)
+        a, b = median_seconds(before, repeats), median_seconds(after, repeats)
         rows.append({"iters": iters, "pgd_only_s": round(a, 3), "ensemble_s": round(b, 3),
                      "ratio": round(b / a, 2)})
     worst = max(r["ratio"] for r in rows)
