@@ -147,8 +147,8 @@ def _read_python_batch(
 
     Every failure, a crafted file's included (a MemoryError from an array shape of 2^50, labels
     that are not numbers), is a DataError naming the file."""
-    if path.stat().st_size > _MAX_BATCH_BYTES:
-        raise DataError(f"{path}: {path.stat().st_size} bytes, larger than any CIFAR batch")
+    if (size := path.stat().st_size) > _MAX_BATCH_BYTES:
+        raise DataError(f"{path}: {size} bytes, larger than any CIFAR batch")
     try:
         batch = _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
         if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:

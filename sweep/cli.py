@@ -200,10 +200,10 @@ def _check_sqlite(path: Path) -> None:
 def _check_tracking_uri(uri: str, field: str) -> None:
     """ConfigError naming ``field`` unless the tracking server at ``uri`` answers at once."""
     from core.config import ConfigError
-    from sweep.tracking import Tracker
+    from sweep.tracking import Tracker, sqlite_file
 
-    if uri.startswith("sqlite:///"):
-        _check_sqlite(Path(uri.removeprefix("sqlite:///")))
+    if (database := sqlite_file(uri)) is not None:
+        _check_sqlite(database)
         return
     if not uri.startswith("http"):
         return
@@ -353,16 +353,14 @@ def _finished(out: Path, sweep) -> int:
 def _sweep_done(out: Path, records: list[dict]) -> int:
     """Prints the sweep's summary table, where its files are and how to open MLflow."""
     from sweep.console import stdout_console
-    from sweep.report import masking_warning, summary_table
+    from sweep.report import show_summary
     from sweep.runner import tracking_uri, trial_files, trial_outcomes
 
     console = stdout_console()
     trials = [r["trial_id"] for r in records]  # this sweep's, not earlier ones' in ``out``
     rows, own = trial_outcomes(out.absolute(), trials)
     if rows:
-        console.print(summary_table(rows))
-        if warning := masking_warning(rows):
-            console.print(warning, style="yellow", highlight=False)
+        show_summary(console, rows)
     # A trial's own error (divergence, a damaged file) rather than Ray's traceback.
     errors = {r["trial_id"]: r["error"][-400:] for r in records if r["error"]}
     errors.update({f["trial"]: f["error"] for f in own})
@@ -432,7 +430,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from core.config import ConfigError
     from sweep.console import stdout_console
     from sweep.inspect import report, sweep_state
-    from sweep.report import masking_warning, summary_table
+    from sweep.report import show_summary
 
     try:
         state = sweep_state(Path(args.out)) if args.out else {}
@@ -454,9 +452,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _fail(str(e))
     console = stdout_console()
-    console.print(summary_table(rows))
-    if warning := masking_warning(rows):
-        console.print(warning, style="yellow", highlight=False)
+    show_summary(console, rows)
     console.print("rebuilt from MLflow: " + ", ".join(str(p) for p in paths))
     return 0
 

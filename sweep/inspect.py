@@ -21,7 +21,7 @@ import yaml
 from core.config import RESULT_METRICS, ConfigError
 from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant, resolved
 from sweep.space import SweepSpace
-from sweep.tracking import PARENT_TAG
+from sweep.tracking import PARENT_TAG, StateFileError, read_record
 
 SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
                     "experiment_id": str, "parent_run": str}
@@ -35,11 +35,10 @@ def load_sweep(out: Path) -> tuple[dict[str, Any], SweepSpace]:
     path = out / SWEEP_STATE
     if not path.is_file():
         raise ConfigError(f"{path}: not found (expected the output directory of 'ntk-sweep run')")
-    state = _read_state(path)
-    for key, kind in SWEEP_STATE_KEYS.items():
-        if not isinstance(state.get(key), kind):
-            raise ConfigError(f"{path}: {key}: " + ("missing" if key not in state else
-                              f"a {type(state[key]).__name__}, not a {kind.__name__}"))
+    try:
+        state = read_record(path, SWEEP_STATE_KEYS)
+    except StateFileError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(state.get("out", ""), str):
         raise ConfigError(f"{path}: out: a {type(state['out']).__name__}, not a str")
     space = parse_space(state["space"], f"{path}: space")  # ConfigError naming the field
@@ -70,15 +69,6 @@ def sweep_state(out: Path) -> dict[str, Any]:
     return load_sweep(out)[0]
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    from sweep.tracking import StateFileError, read_json
-
-    try:
-        return read_json(path)
-    except StateFileError as e:
-        raise ConfigError(str(e)) from None
-
-
 def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per trial of the sweep's Tune experiment (``state``: its ``load_sweep``):
     id, status, failures, values of the swept paths, its last heartbeat, progress and metrics
@@ -91,7 +81,6 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     from ray.tune import ExperimentAnalysis
 
     from sweep.runner import CONTEXT_KEY, FAILED_STATE, read_results
-    from sweep.tracking import StateFileError, read_record
 
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     try:

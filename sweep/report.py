@@ -86,14 +86,19 @@ def masking_warning(rows: list[dict[str, Any]]) -> str | None:
             "worst L-inf counts every attack")
 
 
+def show_summary(console, rows: list[dict[str, Any]]) -> None:
+    """Prints ``summary_table(rows)`` and, under it, the masking warning if there is one."""
+    console.print(summary_table(rows))
+    if warning := masking_warning(rows):
+        console.print(warning, style="yellow", highlight=False)
+
+
 def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
     """Prints the summary table and where the files are, on stdout."""
     from sweep.plots import switch_point_plot
 
     stdout = stdout_console()
-    stdout.print(summary_table(rows))
-    if warning := masking_warning(rows):
-        stdout.print(warning, style="yellow", highlight=False)
+    show_summary(stdout, rows)
     plot = switch_point_plot(summarize(rows), out / "switch_point.png")
     stdout.print(f"results: {out / 'results.csv'}, {out / 'summary.csv'}, "
                  f"{out / 'summary.md'}, {out / 'results.json'}")

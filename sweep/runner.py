@@ -367,25 +367,28 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
 SWEEP_STATE = "sweep.json"
 
 
+def _local_path(location: str) -> tuple[str, Path | None]:
+    """(``sqlite:///`` or "", the file path) of a local location; (location, None) for a
+    URI of anything else (``s3://``, ``http://``)."""
+    prefix = "sqlite:///" if location.startswith("sqlite:///") else ""
+    path = location[len(prefix):]
+    return (location, None) if "://" in path else (prefix, Path(path))
+
+
 def portable(out: Path, location: str) -> str:
     """``location`` (a path, or a ``sqlite:///`` URI) as ``sweep.json`` keeps it: relative to
     ``out`` when inside it, so that a copied or moved output directory reads its own Ray
     storage and MLflow database, never the original's. Other locations stay as they are."""
-    prefix = "sqlite:///" if location.startswith("sqlite:///") else ""
-    path = location[len(prefix):]
-    if "://" in path or not Path(path).is_absolute():
+    prefix, path = _local_path(location)
+    if path is None or not path.is_absolute() or not path.is_relative_to(out):
         return location
-    try:
-        return prefix + str(Path(path).relative_to(out))
-    except ValueError:
-        return location
+    return prefix + str(path.relative_to(out))
 
 
 def resolved(out: Path, location: str) -> str:
     """The inverse of ``portable`` for the output directory ``out`` the state was read from."""
-    prefix = "sqlite:///" if location.startswith("sqlite:///") else ""
-    path = location[len(prefix):]
-    if "://" in path or Path(path).is_absolute():
+    prefix, path = _local_path(location)
+    if path is None or path.is_absolute():
         return location
     return prefix + str(out.absolute() / path)
 
@@ -550,7 +553,7 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
     except BaseException:
         tracker.end(parent, "FAILED")
         raise
-    records = []
+    records, results = [], []  # one per trial, in the same order
     for result in grid:
         values = {p: result.config[p] for p in space.distributions}
         metrics = {k: v for k, v in (result.metrics or {}).items()
@@ -559,7 +562,8 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
                    or k.startswith("time/")}
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
         stopped = not result.error and not (out / "trials" / trial_id / FINAL_STATE).is_file()
-        records.append({**values, **metrics, "trial_id": trial_id, "result": result,
+        results.append(result)
+        records.append({**values, **metrics, "trial_id": trial_id,
                         "error": str(result.error or ""), "stopped_early": stopped})
     # Only this sweep's trials: an output directory may hold earlier sweeps' trials too
     # (trajectories are shared across sweeps; tables and distances are not). The summary
@@ -567,12 +571,11 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
     own = [r["trial_id"] for r in records]
     summary = write_sweep_summary(out, own, {r["trial_id"]: r["error"] for r in records})
     try:
-        for r in records:
+        for r, result in zip(records, results, strict=True):
             if r["stopped_early"]:  # ended by the scheduler (ASHA): its MLflow run says so
-                _close_run(tracker, r["result"], "KILLED",
-                           {"stopped_by": space.settings.scheduler})
+                _close_run(tracker, result, "KILLED", {"stopped_by": space.settings.scheduler})
             elif r["error"]:
-                _close_run(tracker, r["result"], "FAILED", {"error": r["error"][-5000:]})
+                _close_run(tracker, result, "FAILED", {"error": r["error"][-5000:]})
         tracker.log(parent, {"trials": len(records),
                              "trials_failed": sum(bool(r["error"]) for r in records),
                              "trials_stopped_early": sum(r["stopped_early"] for r in records)})
@@ -582,12 +585,8 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
             tracker.artifact(parent, path)
         tracker.end(parent)
     except TrackingStoreLost as e:
-        raise SweepTrackingLost(str(e), [_record(r) for r in records]) from e
-    return [_record(r) for r in records]
-
-
-def _record(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in r.items() if k != "result"}
+        raise SweepTrackingLost(str(e), records) from e
+    return records
 
 
 class SweepInterrupted(RuntimeError):

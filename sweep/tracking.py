@@ -85,8 +85,9 @@ def read_record(path: Path, keys: dict[str, type | tuple[type, ...]]) -> dict[st
         if key not in data:
             raise StateFileError(f"{path}: {key}: missing")
         if not isinstance(data[key], kind):
-            raise StateFileError(f"{path}: {key}: a {type(data[key]).__name__}, not what "
-                                 "ntk-sweep wrote")
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            raise StateFileError(f"{path}: {key}: a {type(data[key]).__name__}, not a "
+                                 + " or ".join(k.__name__ for k in kinds))
     return data
 
 
