@@ -295,6 +295,12 @@ class ExperimentConfig(_Strict):
         """Epochs of phase 1 at most: as configured, else the largest switch point."""
         return self.phase1.epochs if self.phase1.epochs is not None else max(self.switch_points)
 
+    @property
+    def phase1_modes(self) -> tuple[str, ...]:
+        """The phase-1 data modes of the codes (one trajectory per mode and seed), in "CAF"
+        order."""
+        return tuple(m for m in "CAF" if any(c[0] == m for c in self.codes))
+
 
 def _suggest(key: str, model: type[BaseModel] | None) -> str:
     if model is None:

@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--to", default="compare", help="where to write compare.csv/.png")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="kernel settings, e.g. --set kernel.probe_size=100")
+    cla = sub.add_parser("claims", help="the paper's claims checked on a finished run")
+    cla.add_argument("run_dir", help="an experiment's or a sweep's output directory")
+    cla.add_argument("--metric", default="worst_linf",
+                     help="the robust accuracy claims 1 and 2 compare (default worst_linf)")
+    cla.add_argument("--fraction", type=float, default=0.1,
+                     help="claim 3: converged once the distance to the final kernel stays "
+                     "within this fraction of the initial one (default 0.1)")
     k8s = sub.add_parser("k8s", help="Kubernetes manifests (KubeRay RayJob) for a sweep")
     k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
     ren = k8s_sub.add_parser("render", help="print a ConfigMap and a RayJob running SPACE")
@@ -246,7 +253,22 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         print(f"ntk-sweep: training failed: {e}", file=sys.stderr)
         return 1
     print_summary(rows, out)
+    _claims_of_run(out)
     return 0
+
+
+def _claims_of_run(out: Path) -> None:
+    """Evaluates, writes and prints the claims of an experiment's output (``claims``)."""
+    from sweep.claims import record_claims, show_claims, studies
+    from sweep.console import stdout_console
+
+    console = stdout_console()
+    results = record_claims(out, studies(out))
+    show_claims(console, results)
+    no_kernels = any(c.key == "3" and c.verdict == "not enough data" for _, cs in results
+                     for c in cs)
+    console.print(f"claims: {out / 'claims.md'}" + (
+        f" (claim 3 needs the kernels: ntk-sweep kernel {out})" if no_kernels else ""))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -285,6 +307,8 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     if problem := _check_writable(run_dir):
         return _fail(problem)
     run_kernels(run_dir, spec, infos, quiet=args.quiet)
+    if (run_dir / "results.json").is_file():  # claim 3 has its data now
+        _claims_of_run(run_dir)
     return 0
 
 
@@ -352,6 +376,7 @@ def _finished(out: Path, sweep) -> int:
 
 def _sweep_done(out: Path, records: list[dict]) -> int:
     """Prints the sweep's summary table, where its files are and how to open MLflow."""
+    from sweep.claims import read_claims, show_claims
     from sweep.console import stdout_console
     from sweep.report import show_summary
     from sweep.runner import tracking_uri, trial_files, trial_outcomes
@@ -367,7 +392,9 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
     console.print(f"{len(records)} trials, {len(errors)} failed", highlight=False)
     for message in errors.values():
         console.print(f"  failed: {message}", highlight=False, markup=False)
-    console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}")
+    if (out / "claims.json").is_file():
+        show_claims(console, read_claims(out))
+    console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'claims.md'}")
     plots = [out / "switch_point.png", *sorted(out.glob("cross_trajectory*.png")),
              *trial_files(out, trials, "kernel_distances.png")]
     console.print("plots:" + "".join(f"\n  {p}" for p in plots if p.is_file()))
@@ -481,6 +508,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_claims(args: argparse.Namespace) -> int:
+    from core.config import RESULT_METRICS, ConfigError
+    from sweep.claims import show_claims, studies, study_claims, write_claims
+    from sweep.console import stdout_console
+
+    run_dir = Path(args.run_dir)
+    if args.metric not in RESULT_METRICS:
+        return _fail(f"--metric: {args.metric!r} is not one of {', '.join(RESULT_METRICS)}")
+    if not 0 < args.fraction < 1:
+        return _fail(f"--fraction: {args.fraction} is not in (0, 1)")
+    try:
+        found = studies(run_dir)
+    except ConfigError as e:
+        return _fail(str(e))
+    if not found:
+        return _fail(f"{run_dir}: no finished trials")
+    results = [(s.variant, study_claims(s, args.metric, args.fraction)) for s in found]
+    console = stdout_console()
+    show_claims(console, results)
+    if problem := _check_writable(run_dir):
+        return _fail(problem)
+    paths = write_claims(run_dir, results)
+    console.print("claims: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def cmd_k8s(args: argparse.Namespace) -> int:
     import math
 
@@ -524,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
                "kernel": cmd_kernel, "features": cmd_features, "run": cmd_run,
                "resume": cmd_resume, "status": cmd_status, "report": cmd_report,
-               "compare": cmd_compare, "k8s": cmd_k8s}
+               "compare": cmd_compare, "claims": cmd_claims, "k8s": cmd_k8s}
     return handler[args.command](args)
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -134,9 +135,7 @@ def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = Non
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"
               and r.data.tags.get(PARENT_TAG) == parent_run and r.info.status == "FINISHED"]
     # A trial's params are its sampled values (as strings); its variant is all but the seed.
-    variants = {t.info.run_id: format_variant({k: yaml.safe_load(v)
-                                               for k, v in t.data.params.items()})
-                for t in trials}
+    variants = {t.info.run_id: trial_variant(t) for t in trials}
     latest: dict[tuple[str, str], Any] = {}
     for r in runs:
         trial = r.data.tags.get(PARENT_TAG)
@@ -158,11 +157,14 @@ def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = Non
 
 def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None = None
            ) -> tuple[list[dict], list[Path]]:
-    """Rebuilds a sweep's tables and plots from MLflow into ``out`` (the sweep of
+    """Rebuilds a sweep's tables, plots and claims from MLflow into ``out`` (the sweep of
     ``parent_run``, default the experiment's latest); returns the rows and the files."""
+    import numpy as np
     from mlflow.tracking import MlflowClient
 
+    from core.claims import KernelCurve
     from core.experiment import summarize, write_summary
+    from sweep.claims import write_claims
     from sweep.plots import kernel_distance_plot, switch_point_plot
 
     rows, trials = mlflow_rows(tracking_uri, experiment, parent_run)
@@ -172,7 +174,7 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
     summary = summarize(rows)
     paths = [*write_summary(out, summary), switch_point_plot(summary, out / "switch_point.png")]
     client = MlflowClient(tracking_uri)
-    curves = {}
+    curves, kernel_curves = {}, {}
     for t in trials:
         for mode in "CAF":
             key = f"kernel/{mode}/to_init"
@@ -182,13 +184,48 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
                 t.info.run_id, f"kernel/{mode}/{m}")} for m in ("to_init", "to_final",
                                                                "velocity")}
             steps = sorted(series["to_init"])
+            seed = t.data.tags.get("seed", "?")
             curves[f"{t.info.run_id}/{mode}"] = {
-                "mode": mode, "seed": t.data.tags.get("seed", "?"),
+                "mode": mode, "seed": seed,
                 "rows": [{"epoch": s / 1000, **{m: series[m].get(s, float("nan"))
                                                 for m in series}} for s in steps]}
+            if seed.isdigit():
+                kernel_curves.setdefault(trial_variant(t), []).append(KernelCurve(
+                    mode, int(seed), np.array([s / 1000 for s in steps]),
+                    np.array([series["to_final"].get(s, np.nan) for s in steps])))
     if curves:
         paths.append(kernel_distance_plot(curves, out / "kernel_distances.png"))
-    return rows, paths
+    parent = client.get_run(trials[0].data.tags[PARENT_TAG]) if trials else None
+    return rows, [*paths, *write_claims(out, mlflow_claims(rows, kernel_curves, parent))]
+
+
+def trial_variant(trial: Any) -> str:
+    """A trial run's variant: its params (sampled values, as strings) but the seed."""
+    return format_variant({k: yaml.safe_load(v) for k, v in trial.data.params.items()})
+
+
+CROSS_METRIC = re.compile(r"kernel/cross/(?:(config\d+)/)?([CAF])(\d+)-([CAF])(\d+)/distance")
+
+
+def mlflow_claims(rows: list[dict[str, Any]], curves: dict[str, list[Any]], parent: Any
+                  ) -> list[tuple[str, list[Any]]]:
+    """The claims per variant from what the sweep logged: result rows, each trajectory's
+    ``kernel/<mode>/to_final`` curve, and the parent run's cross-trajectory distances at the
+    last common epoch (those of configuration ``config<i>`` go to the variant its tag names)."""
+    from core.claims import evaluate
+
+    pairs: dict[str | None, dict] = {}
+    for name, value in (parent.data.metrics if parent else {}).items():
+        if m := CROSS_METRIC.fullmatch(name):
+            config, ma, sa, mb, sb = m.groups()
+            label = parent.data.tags.get(f"kernel/cross/{config}") if config else None
+            pairs.setdefault(label, {})[((ma, int(sa)), (mb, int(sb)))] = value
+    results = []
+    for variant in sorted({r["variant"] for r in rows}):
+        own = [r for r in rows if r["variant"] == variant]
+        results.append((variant, evaluate(own, curves.get(variant, ()),
+                                          pairs.get(variant, pairs.get(None)))))
+    return results
 
 
 def _trajectory_dirs(stores: list[Path]) -> list[Path]:

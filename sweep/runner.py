@@ -29,6 +29,7 @@ from core.config import RESULT_METRICS, ConfigError, config_from_dict
 from core.experiment import Hooks, run_experiment
 from core.timing import since, snapshot, timed
 from core.train import Divergence
+from sweep.claims import claim_tags, read_claims
 from sweep.space import SweepSpace, substitute, to_param_space
 from sweep.tracking import (
     StateFileError,
@@ -581,6 +582,8 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
                              "trials_stopped_early": sum(r["stopped_early"] for r in records)})
         for path in summary:
             tracker.artifact(parent, path)
+        if (out / "claims.json").is_file():
+            tracker.tags(parent, claim_tags(read_claims(out)))
         for path in log_cross_trajectories(tracker, parent, out, own):
             tracker.artifact(parent, path)
         tracker.end(parent)
@@ -704,6 +707,7 @@ def write_sweep_summary(out: Path, trials: Collection[str],
     ``errors``: trials that failed without a file of their own saying why (Ray's error, e.g.
     a lost tracking store), by id; their last line is listed."""
     from core.experiment import summarize, write_summary
+    from sweep.claims import record_claims, sweep_studies
     from sweep.plots import switch_point_plot
 
     rows, failed = trial_outcomes(out, trials)
@@ -719,5 +723,7 @@ def write_sweep_summary(out: Path, trials: Collection[str],
             return [out / "summary.md"]
         return []
     summary = summarize(rows)
-    return [*write_summary(out, summary, notes),
-            switch_point_plot(summary, out / "switch_point.png")]
+    paths = [*write_summary(out, summary, notes),
+             switch_point_plot(summary, out / "switch_point.png")]
+    record_claims(out, sweep_studies(out, list(trials)))  # after summary.md: its last section
+    return [*paths, out / "claims.md", out / "claims.json"]

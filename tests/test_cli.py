@@ -91,6 +91,19 @@ def test_experiment_smoke_all_four_codes(tmp_path, capsys):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG", plot
     kernels = list(out.glob("trajectories/*/kernels/classwise-*/epoch_*.npz"))
     assert len(kernels) == 2 * len(steps)
+    # The paper's claims: written by 'experiment' (claim 3 without data), completed by
+    # 'kernel' (its kernels), and the numbers behind claim 1 are the rows' (one seed).
+    claims = {c["key"]: c for c in json.loads((out / "claims.json").read_text())[0]["claims"]}
+    assert claims["3"]["verdict"] != "not enough data", claims["3"]
+    assert claims["3 (distinct kernels)"]["verdict"] == "not enough data"  # one seed
+    worst = {(r["code"], float(r["switch_epoch"])): float(r["worst_linf"]) for r in rows}
+    assert claims["1"]["numbers"]["ac_minus_cc"] == pytest.approx(
+        worst[("AC", 1.0)] - worst[("CC", 1.0)])
+    summary_md = (out / "summary.md").read_text()
+    assert summary_md.count("## The paper's claims") == 1 and "**3: " in summary_md
+    assert main(["claims", str(out), "--metric", "robust_linf"]) == 0
+    printed = capsys.readouterr().out
+    assert "the paper's claims" in printed and "robust_linf" in printed
     feat = _cli("features", str(out), "--epoch", "1", "--classes", "0,3", "--steps", "5",
                 "--set", "kernel.probe_size=30")
     assert feat.returncode == 0, feat.stderr
@@ -102,6 +115,8 @@ def test_experiment_smoke_all_four_codes(tmp_path, capsys):
         (("kernel", "--set", "kernel.epochs=[7]"), "kernel.epochs: none of [7.0]"),
         (("features", "--epoch", "1", "--classes", "0,42"), "--classes: [42] not in"),
         (("features", "--epoch", "3"), "--epoch 3: trajectory"),
+        (("claims", "--metric", "robust"), "--metric: 'robust' is not one of"),
+        (("claims", "--fraction", "2"), "--fraction: 2.0 is not in (0, 1)"),
     ]:
         # In this process: refused before any work, so a subprocess would only add its start.
         code, err = main([args[0], str(out), *args[1:]]), capsys.readouterr().err
@@ -161,6 +176,14 @@ def test_malformed_yaml_and_missing_file(tmp_path, capsys):
     assert "malformed YAML" in capsys.readouterr().err
     assert main(["experiment", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_claims_of_a_directory_that_is_no_run_or_is_damaged(tmp_path, capsys):
+    assert main(["claims", str(tmp_path)]) == 2
+    assert "neither results.json" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text('{"config": {}, "rows": [{"seed": "0"}]}')
+    assert main(["claims", str(tmp_path)]) == 2
+    assert "results.json: rows[0].seed" in capsys.readouterr().err
 
 
 def test_unwritable_output(tmp_path, capsys):

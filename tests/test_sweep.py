@@ -3,6 +3,8 @@ phase-1 trajectories within and across sweeps."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -114,6 +116,19 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
             "cross_trajectory.png"} <= parent_artifacts
     summary = (tmp_path / "summary.md").read_text()
     assert "| AC | 2 | 2 |" in summary  # code AC, switch epoch 2, both seeds
+    # The paper's claims over both seeds: a section of the summary, files, parent-run tags.
+    assert {"claims.md", "claims.json"} <= parent_artifacts
+    assert summary.count("## The paper's claims") == 1
+    tags = client.get_run(parent.info.run_id).data.tags
+    assert tags["claim/2"] == "not enough data"  # the sweep has no AA rows
+    for key in ("1", "3", "3_distinct_kernels"):  # AC and CC rows; C and A kernels, 2 seeds
+        assert tags[f"claim/{key}"] in ("holds", "does not hold", "reversed"), key
+    (study,) = json.loads((tmp_path / "claims.json").read_text())
+    worst = {(r["code"], r["seed"]): r["worst_linf"] for t in records for r in json.loads(
+        (tmp_path / "trials" / t["trial_id"] / "results.json").read_text())["rows"]
+        if r["switch_epoch"] == 2 and not r["switch_rule"]}
+    assert study["claims"][0]["numbers"]["ac_minus_cc"] == pytest.approx(
+        sum(worst[("AC", s)] - worst[("CC", s)] for s in (0, 1)) / 2)
 
     # A second sweep over the same storage trains no phase-1 epoch.
     again = run_sweep(space, tmp_path)

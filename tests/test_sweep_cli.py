@@ -94,6 +94,12 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     assert report.returncode == 0, report.stderr
     assert (out / "report" / "summary.md").read_text() == (out / "summary.md").read_text()
     assert (out / "report" / "kernel_distances.png").stat().st_size > 0
+    # The claims too (section of both summaries): from MLflow's metrics as from the files.
+    assert "## The paper's claims" in (out / "summary.md").read_text()
+    claims = ntk_sweep("claims", str(out))
+    assert claims.returncode == 0, claims.stderr
+    assert "the paper's claims" in claims.stdout
+    assert (out / "claims.md").read_text() == (out / "report" / "claims.md").read_text()
 
     # A moved output directory reads its own files (paths in sweep.json are relative to it);
     # resume refuses to continue it away from where it ran, and touches nothing.
