@@ -48,12 +48,13 @@ MAX_COUNT = 10_000_000  # any count of images, units, classes, steps
 # example counts only if it survives every L-inf attack of the ensemble (WORST_LINF).
 METRIC_LABELS = {
     "accuracy": "clean", "worst_linf": "worst L-inf", "robust_linf": "PGD L-inf",
-    "robust_margin": "PGD-margin L-inf", "transfer_linf": "transfer L-inf", "robust_l2": "PGD L2",
+    "robust_margin": "PGD-margin L-inf", "transfer_linf": "transfer L-inf",
+    "reference_linf": "reference transfer L-inf", "robust_l2": "PGD L2",
 }
 RESULT_METRICS = tuple(METRIC_LABELS)
-WORST_LINF = ("accuracy", "robust_linf", "robust_margin", "transfer_linf")
+WORST_LINF = ("accuracy", "robust_linf", "robust_margin", "transfer_linf", "reference_linf")
 WHITE_BOX = ("robust_linf", "robust_margin")  # the masking alarm compares these ...
-BLACK_BOX = ("transfer_linf",)  # ... with these
+BLACK_BOX = ("transfer_linf", "reference_linf")  # ... with these
 
 # Numbers as written: a YAML boolean is not 1 (``batch_size: true``), "3" is not 3, and with
 # ``allow_inf_nan=False`` (below) no float field takes inf or nan.
@@ -178,13 +179,20 @@ class EvalSpec(_Strict):
     ``transfer``) PGD crafted on the switch-point network; ``worst_linf`` counts an example
     only if it survives all of them. ``l2`` is another threat model, reported apart. A model
     whose transfer accuracy is below its white-box accuracy by more than
-    ``masking_threshold`` is flagged as masking gradients."""
+    ``masking_threshold`` is flagged as masking gradients. ``reference`` names a network whose
+    adversarial examples (``linf``) every model of the seed is also scored on, e.g. ``A``: the
+    adversarially trained network, a strong source trained otherwise than the model scored; a
+    model that resists its own white-box attacks but not these examples masks gradients."""
 
     linf: AttackSpec = AttackSpec(iters=100)
     margin_restarts: Int = Field(2, ge=0, le=100, description="0: no margin attack")
     l2: AttackSpec | None = AttackSpec(norm="l2", eps=0.25, step_size=0.01, iters=100)
     batch_size: Count = 500
     transfer: bool = True
+    reference: Literal["C", "A", "F"] | None = Field(
+        None, description="transfer from the phase-1 network of this data mode at the end of "
+        "its trajectory (same seed): examples crafted once per seed, every model scored on "
+        "them (reference_linf)")
     masking_threshold: Float = Field(0.02, ge=0, le=1, description="a fraction of the test set")
     max_test: Count | None = Field(None, description="evaluate on the first n test images")
 
@@ -449,10 +457,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in, mapping by mapping (``--set`` overrides)."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -481,7 +490,7 @@ def read_config_file(path: str | Path, overrides: list[str] | None = None) -> An
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     raw = parse_yaml(text, str(path)) or {}
     if isinstance(raw, dict):
-        raw = _merge(raw, parse_overrides(overrides or []))
+        raw = merge(raw, parse_overrides(overrides or []))
     return raw
 
 

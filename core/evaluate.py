@@ -95,6 +95,25 @@ def masked(accuracy: Mapping[str, float], white_box: Collection[str],
     return bool(white and black and min(black) < min(white) - threshold)
 
 
+def make_crafter(apply: ApplyFn, attack: AttackConfig) -> Callable[..., np.ndarray]:
+    """Adversarial examples crafted once against one model, to score many models on.
+
+    Returns ``craft(model, x, y, key, batch_size) -> x_adv`` ([n, ...], the shape of x) with
+    ``model`` an (anchor, params, batch_stats) triple; batch b uses ``fold_in(key, b)``.
+    """
+
+    @jax.jit
+    def batch_adv(model, x, y, key):
+        return pgd(logits_fn(apply, *model), x, y, key, attack)
+
+    def craft(model, x, y, key, batch_size=500) -> np.ndarray:
+        parts = [np.asarray(batch_adv(model, xb, yb, jax.random.fold_in(key, b)))[mb]
+                 for b, (xb, yb, mb) in enumerate(_padded_batches(x, y, batch_size))]
+        return np.concatenate(parts)
+
+    return craft
+
+
 def make_transfer_evaluator(
     source_apply: ApplyFn, target_apply: ApplyFn, attack: AttackConfig
 ) -> Callable[..., np.ndarray]:

@@ -7,7 +7,8 @@ Keys, all derived from the seed's root key ``PRNGKey(seed)``:
   start from the same network);
 * phase 1: ``fold_in(root, 1)`` (shared minibatch order; the modes differ only in the data);
 * phase 2 with data mode m from switch step s: ``fold_in(fold_in(fold_in(root, 2), m), s)``;
-* evaluation: ``fold_in(root, 3)``.
+* evaluation: ``fold_in(root, 3)``; the reference network's examples: ``fold_in(root, 4)``;
+* ``ntk-sweep attack --source``: ``fold_in(root, 5)``.
 
 Phase-1 trajectories are stored under ``<out>/trajectories/<id>``, where the id hashes what
 determines the trajectory (dataset, model, phase-1 optimisation and attack, data mode, seed);
@@ -47,7 +48,14 @@ from core.config import (
 )
 from core.data import Dataset
 from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
-from core.evaluate import accuracies, make_evaluator, make_transfer_evaluator, masked, worst_case
+from core.evaluate import (
+    accuracies,
+    make_crafter,
+    make_evaluator,
+    make_transfer_evaluator,
+    masked,
+    worst_case,
+)
 from core.models import init_model, make_model
 from core.train import (
     Divergence,
@@ -410,16 +418,88 @@ def _row(seed, code, dynamics, switch, metrics, train, t0) -> dict[str, Any]:
     }
 
 
+def _restore(ctx: _Context, phase1: Phase1, mode: str, seed: int, init: tuple[Any, Any],
+             step: int) -> tuple[Phase1, TrainState, dict[str, Any]]:
+    """The checkpoint at ``step`` of a trained trajectory; a damaged one is set aside and
+    retrained from the checkpoint before it (the trajectory returned is then a new one)."""
+    try:
+        return phase1, *phase1.store.restore(step, phase1.template)
+    except DamagedCheckpoint as e:
+        _set_aside(ctx, phase1.store, trajectory_id(ctx.cfg, mode, seed), e)
+        phase1.store.close()
+        phase1 = train_phase1(ctx, mode, seed, init)
+        return phase1, *phase1.store.restore(step, phase1.template)
+
+
+def reference_examples(ctx: _Context, seed: int, init: tuple[Any, Any],
+                        key: jax.Array) -> np.ndarray:
+    """x_adv [n_test, ...]: ``eval.linf`` PGD crafted on the phase-1 network of mode
+    ``eval.reference`` (seed ``seed``) at its last checkpoint within this run's phase 1
+    (``phase1.epochs``, or the largest switch point)."""
+    mode = ctx.cfg.eval.reference
+    phase1 = train_phase1(ctx, mode, seed, init)
+    end = epoch_to_step(ctx.cfg.phase1_epochs, phase1.steps_per_epoch)
+    last = max(s for s in phase1.store.steps() if s <= end)  # not a longer earlier run's
+    phase1, state, meta = _restore(ctx, phase1, mode, seed, init, last)
+    phase1.store.close()
+    ctx.hooks.log(f"seed {seed}: reference examples from the {mode} network at epoch "
+                  f"{meta['epoch']:g}")
+    if "craft" not in ctx.fns:
+        ctx.fns["craft"] = make_crafter(_apply(ctx, "phase1"), ctx.cfg.eval.linf.build())
+    return ctx.fns["craft"]((None, state.params, state.batch_stats), ctx.x_test, ctx.y_test,
+                            key, ctx.cfg.eval.batch_size)
+
+
+def _score(ctx: _Context, phase: str, anchor, state: TrainState, x: np.ndarray) -> np.ndarray:
+    """bool [n]: the model's correctness on inputs ``x`` (e.g. adversarial examples crafted
+    on another model) with the test labels."""
+    name = f"clean-{phase}"
+    if name not in ctx.fns:
+        ctx.fns[name] = make_evaluator(_apply(ctx, phase), {})
+    return ctx.fns[name](anchor, state.params, state.batch_stats, x, ctx.y_test,
+                         jax.random.PRNGKey(0), ctx.cfg.eval.batch_size)["accuracy"]
+
+
+def initial_params(ctx: _Context, seed: int) -> tuple[Any, Any]:
+    """(params, batch_stats) at initialisation for ``seed`` (key ``fold_in(seed, 0)``)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+    return init_model(ctx.model, key, ctx.data.x_train.shape[1:])
+
+
+def eval_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """The evaluation keys of a seed: the ensemble's (``fold_in(seed, 3)``) and the reference
+    examples' (``fold_in(seed, 4)``)."""
+    root = jax.random.PRNGKey(seed)
+    return jax.random.fold_in(root, 3), jax.random.fold_in(root, 4)
+
+
+def evaluate_model(ctx: _Context, key: jax.Array, switch: TrainState, anchor: Anchor | None,
+                   state: TrainState, x_ref: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per-example correctness (bool [n]) of one model under the ensemble: a phase-1 network
+    (``anchor`` None, ``state`` the network) or a phase-2 model around ``anchor``, whose
+    transfer attack is crafted on the switch-point network ``switch``; ``x_ref``: the
+    reference network's examples, if the config names one."""
+    phase = "phase1" if anchor is None else "phase2"
+    correct = _evaluate(ctx, phase, anchor, state.params, state.batch_stats, key)
+    if anchor is not None and ctx.cfg.eval.transfer:
+        correct["transfer_linf"] = _transfer(ctx)(
+            (None, switch.params, switch.batch_stats), (anchor, state.params, state.batch_stats),
+            ctx.x_test, ctx.y_test, key, ctx.cfg.eval.batch_size)
+    if x_ref is not None:
+        correct["reference_linf"] = _score(ctx, phase, anchor, state, x_ref)
+    return correct
+
+
 def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
     """Every trajectory and switch run of one seed; one result row per evaluated model."""
     cfg = ctx.cfg
-    root = jax.random.PRNGKey(seed)
-    init = init_model(ctx.model, jax.random.fold_in(root, 0), ctx.data.x_train.shape[1:])
-    eval_key = jax.random.fold_in(root, 3)
+    init = initial_params(ctx, seed)
+    eval_key, ref_key = eval_keys(seed)
+    x_ref = None if cfg.eval.reference is None else reference_examples(ctx, seed, init, ref_key)
     rows: list[dict[str, Any]] = []
-    for mode1 in sorted({c[0] for c in cfg.codes}, key=MODES.index):
+    for mode1 in cfg.phase1_modes:
         phase1 = train_phase1(ctx, mode1, seed, init)
-        store, spe, template = phase1.store, phase1.steps_per_epoch, phase1.template
+        spe = phase1.steps_per_epoch
         # switch epoch -> labels of its rows: "" for a listed switch point, the rule's label
         # for the epoch a switch rule chose (a shared epoch is trained and evaluated once).
         switches: dict[float, list[str]] = {e: [""] for e in cfg.switch_points}
@@ -429,18 +509,11 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             first = len(rows)
             t0 = time.perf_counter()
             step = epoch_to_step(switch, spe)
-            try:
-                state, meta = store.restore(step, template)
-            except DamagedCheckpoint as e:  # retrain it from the checkpoint before
-                _set_aside(ctx, store, trajectory_id(cfg, mode1, seed), e)
-                store.close()
-                phase1 = train_phase1(ctx, mode1, seed, init)
-                store = phase1.store
-                state, meta = store.restore(step, template)
+            phase1, state, meta = _restore(ctx, phase1, mode1, seed, init, step)
             hist = meta["history"]
             ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
             threshold = cfg.eval.masking_threshold
-            net = _evaluate(ctx, "phase1", None, state.params, state.batch_stats, eval_key)
+            net = evaluate_model(ctx, eval_key, state, None, state, x_ref)
             rows.append(_row(seed, f"{mode1}-", "network", switch,
                              result_metrics(net, threshold), hist[-1] if hist else {}, t0))
             anchor = Anchor(state.params, state.batch_stats)
@@ -448,14 +521,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
                 t0 = time.perf_counter()
                 ctx.hooks.log(f"seed {seed} {code}: phase 2 from epoch {switch}")
                 final, train = run_phase2(ctx, code, seed, step, anchor)
-                correct = _evaluate(ctx, "phase2", anchor, final.params, final.batch_stats,
-                                    eval_key)
-                if cfg.eval.transfer:
-                    correct["transfer_linf"] = _transfer(ctx)(
-                        (None, state.params, state.batch_stats),
-                        (anchor, final.params, final.batch_stats),
-                        ctx.x_test, ctx.y_test, eval_key, cfg.eval.batch_size,
-                    )
+                correct = evaluate_model(ctx, eval_key, state, anchor, final, x_ref)
                 rows.append(_row(seed, code, cfg.phase2.dynamics, switch,
                                  result_metrics(correct, threshold), train, t0))
             labels = switches[switch]
@@ -465,7 +531,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             rows += [{**r, "switch_rule": label} for label in labels[1:] for r in made]
             for r in rows[first:] if ctx.hooks.on_result else ():
                 ctx.hooks.on_result(r)
-        store.close()
+        phase1.store.close()
     return rows
 
 
@@ -473,7 +539,8 @@ def planned_steps(cfg: ExperimentConfig, n_train: int) -> int:
     """Minibatch steps of the whole experiment, for progress bars."""
     spe1 = n_train // cfg.phase1.batch_size
     spe2 = n_train // cfg.phase2.batch_size
-    phase1 = len({c[0] for c in cfg.codes}) * epoch_to_step(cfg.phase1_epochs, spe1)
+    modes = set(cfg.phase1_modes) | ({cfg.eval.reference} if cfg.eval.reference else set())
+    phase1 = len(modes) * epoch_to_step(cfg.phase1_epochs, spe1)
     switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
     phase2 = len(cfg.codes) * switches * epoch_to_step(cfg.phase2.epochs, spe2)
     return len(cfg.seeds) * (phase1 + phase2)
@@ -562,6 +629,20 @@ def write_results(out: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) 
     return paths
 
 
+def make_context(cfg: ExperimentConfig, out: Path, hooks: Hooks | None = None,
+                 store_root: str | Path | None = None) -> _Context:
+    """The data (test set cut to ``eval.max_test``), model and caches an experiment's phases
+    and evaluations share; trajectories under ``store_root`` (default ``out``)."""
+    data = cfg.dataset.load()
+    n_test = cfg.eval.max_test or len(data.y_test)
+    return _Context(
+        cfg, data, jnp.asarray(data.x_train), jnp.asarray(data.y_train),
+        data.x_test[:n_test], data.y_test[:n_test],
+        make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs()), out,
+        hooks or Hooks(), Path(store_root) if store_root is not None else out,
+    )
+
+
 def run_experiment(
     cfg: ExperimentConfig, out: str | Path, hooks: Hooks | None = None,
     store_root: str | Path | None = None,
@@ -571,19 +652,10 @@ def run_experiment(
     Phase-1 trajectories live under ``store_root/trajectories`` (default ``out``): experiments
     given the same root share them, and never train a stored epoch again.
     """
-    hooks = hooks or Hooks()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = cfg.dataset
-    data = ds.load()
-    n_test = cfg.eval.max_test or len(data.y_test)
-    ctx = _Context(
-        cfg, data, jnp.asarray(data.x_train), jnp.asarray(data.y_train),
-        data.x_test[:n_test], data.y_test[:n_test],
-        make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs()), out, hooks,
-        Path(store_root) if store_root is not None else out,
-    )
-    hooks.planned_steps(planned_steps(cfg, len(data.y_train)))
+    ctx = make_context(cfg, out, hooks, store_root)
+    ctx.hooks.planned_steps(planned_steps(cfg, len(ctx.data.y_train)))
     rows = [r for seed in cfg.seeds for r in run_seed(ctx, seed)]
     write_results(out, cfg, rows)
     return rows

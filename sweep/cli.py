@@ -72,6 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     cla.add_argument("--fraction", type=float, default=0.1,
                      help="claim 3: converged once the distance to the final kernel stays "
                      "within this fraction of the initial one (default 0.1)")
+    att = sub.add_parser("attack", help="rebuild one model of a finished run, attack it again")
+    att.add_argument("run_dir", help="an experiment's output directory, or a sweep trial's "
+                     "(<out>/trials/<id>)")
+    att.add_argument("--model", required=True, help="CODE@EPOCH, e.g. AC@10, or A-@30 for the "
+                     "phase-1 network")
+    att.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
+    att.add_argument("--source", default=None, help="also score it on PGD examples crafted on "
+                     "this model of the same seed, e.g. A-@30")
+    att.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="evaluation settings, e.g. --set eval.linf.iters=500")
     k8s = sub.add_parser("k8s", help="Kubernetes manifests (KubeRay RayJob) for a sweep")
     k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
     ren = k8s_sub.add_parser("render", help="print a ConfigMap and a RayJob running SPACE")
@@ -534,6 +544,41 @@ def cmd_claims(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from core.audit import AuditError, ModelRef, recorded_row
+    from core.config import ConfigError, config_from_dict, merge, parse_overrides
+    from sweep.runner import read_results
+    from sweep.tracking import StateFileError
+
+    run_dir = Path(args.run_dir)
+    try:
+        results = read_results(run_dir / "results.json")
+        extra = parse_overrides(args.overrides)
+        if set(extra) - {"eval"}:
+            raise ConfigError(f"--set: only eval.* settings apply here, got "
+                              f"{sorted(set(extra) - {'eval'})}")
+        cfg = config_from_dict(merge(results["config"], extra), str(run_dir / "results.json"))
+        ref = ModelRef.parse(args.model)
+        source = ModelRef.parse(args.source) if args.source else None
+        seed = cfg.seeds[0] if args.seed is None else args.seed
+        if seed not in cfg.seeds:
+            raise AuditError(f"--seed {seed}: the run's seeds are {list(cfg.seeds)}")
+        recorded = recorded_row(results["rows"], ref, seed)
+        if source is not None:
+            recorded_row(results["rows"], source, seed)  # it exists too
+    except (StateFileError, ConfigError, AuditError) as e:
+        return _fail(str(e))
+    store_root = next((d for d in (run_dir, run_dir.parent.parent)
+                       if (d / "trajectories").is_dir()), run_dir)
+    if problem := _check_writable(run_dir):
+        return _fail(problem)
+
+    from sweep.report import run_audit
+
+    run_eval = config_from_dict(results["config"], str(run_dir / "results.json")).eval
+    return run_audit(cfg, run_dir, store_root, ref, seed, source, recorded, run_eval)
+
+
 def cmd_k8s(args: argparse.Namespace) -> int:
     import math
 
@@ -577,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
                "kernel": cmd_kernel, "features": cmd_features, "run": cmd_run,
                "resume": cmd_resume, "status": cmd_status, "report": cmd_report,
-               "compare": cmd_compare, "claims": cmd_claims, "k8s": cmd_k8s}
+               "compare": cmd_compare, "claims": cmd_claims, "attack": cmd_attack,
+               "k8s": cmd_k8s}
     return handler[args.command](args)
 
 

@@ -104,3 +104,58 @@ def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
                  f"{out / 'summary.md'}, {out / 'results.json'}")
     stdout.print(f"plot: {plot}")
     stdout.print("(code 'X-' is the phase-1 network itself at the switch epoch)")
+
+
+def run_audit(cfg: ExperimentConfig, run_dir: Path, store_root: Path, ref, seed: int, source,
+              recorded: dict[str, Any], run_eval: Any) -> int:
+    """``ntk-sweep attack``: rebuilds ``ref`` (``core.audit``) with a progress bar, prints the
+    recorded and the audited figures side by side and writes ``audits/<model>-seed<s>.json``.
+    Exit 1 if the rebuilt model is not the run's: under the run's own evaluation settings
+    (``run_eval``) every figure must equal the recorded row's, under others (on the same test
+    images) its clean accuracy."""
+    import json
+
+    from core.audit import audit, differences
+    from core.experiment import Hooks, make_context
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task(f"rebuilding {ref} seed {seed} (phase 2 again)", total=None)
+        hooks = Hooks(on_step=lambda: progress.advance(task),
+                      log=lambda m: progress.update(task, description=m))
+        ctx = make_context(cfg, run_dir, hooks, store_root)
+        result = audit(ctx, ref, seed, source)
+    stdout = stdout_console()
+    table = Table(title=f"{ref}, seed {seed}: accuracy (%) as recorded and as audited now")
+    for column in ("metric", "recorded", "audit"):
+        table.add_column(column, justify="right")
+    extra = ("source_linf",) if source is not None else ()
+    for k in (*RESULT_METRICS, *extra):
+        label = METRIC_LABELS.get(k, f"transfer from {source} L-inf")
+        table.add_row(label, _pct(recorded.get(k, math.nan), 0, 1), _pct(result[k], 0, 1))
+    stdout.print(table)
+    diff = differences(recorded, result)
+    same_settings = cfg.eval == run_eval
+    if same_settings and source is None:
+        problem = bool(diff)
+    else:  # other attacks: only the clean accuracy is comparable, on the same images
+        problem = "accuracy" in diff and cfg.eval.max_test == run_eval.max_test
+    if problem:
+        stdout.print(f"[red]the rebuilt model does not reproduce the run's row ({', '.join(diff)} "
+                     "differ): the code or the stack changed since the run; these are not the "
+                     "figures of the run's model[/red]")
+    elif same_settings and source is None:
+        stdout.print("rebuilt and evaluated with the run's settings: every figure equals the "
+                     "recorded row's")
+    if result["masked"]:
+        stdout.print("masking: a transfer attack beats the white-box ones on this model",
+                     style="yellow")
+    out = run_dir / "audits" / f"{ref.code}@{ref.switch:g}-seed{seed}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({
+        "model": str(ref), "seed": seed, "source": str(source) if source else None,
+        "eval": cfg.eval.model_dump(mode="json"), "reproduces_row": not problem,
+        "recorded": {k: recorded.get(k) for k in RESULT_METRICS},
+        "audit": {k: result[k] for k in (*RESULT_METRICS, *extra, "masked")}}, indent=1))
+    stdout.print(f"audit: {out}")
+    return 1 if problem else 0

@@ -13,6 +13,7 @@ from core.attacks import AttackConfig, pgd, robust_correct
 from core.dynamics import Anchor, logits_fn, make_apply_fn
 from core.evaluate import (
     accuracies,
+    make_crafter,
     make_evaluator,
     make_transfer_evaluator,
     masked,
@@ -58,6 +59,22 @@ def test_transfer_from_a_model_to_itself_is_its_own_pgd_accuracy(synthetic):
     np.testing.assert_array_equal(correct, np.asarray(f(x_adv).argmax(1)) == y)
 
 
+def test_examples_crafted_once_score_as_the_transfer_attack(synthetic):
+    """``make_crafter`` + a clean evaluation on its examples = ``make_transfer_evaluator``
+    (same keys, batch by batch), so a reference network's examples are crafted once."""
+    model, params, bs = tiny_model("cnn")
+    _, other, other_bs = tiny_model("cnn", seed=1)
+    net = make_apply_fn(model, "standard", "frozen")
+    x, y = synthetic.x_test[:30], synthetic.y_test[:30]
+    key = jax.random.PRNGKey(2)
+    x_adv = make_crafter(net, ATTACK)((None, params, bs), x, y, key, batch_size=8)
+    assert x_adv.shape == x.shape and np.abs(x_adv - x).max() <= ATTACK.eps + 1e-6
+    scored = make_evaluator(net, {})(None, other, other_bs, x_adv, y, key, 8)["accuracy"]
+    transfer = make_transfer_evaluator(net, net, ATTACK)(
+        (None, params, bs), (None, other, other_bs), x, y, key, 8)
+    np.testing.assert_array_equal(scored, transfer)
+
+
 def test_an_example_broken_by_any_one_attack_is_broken():
     """The worst case is per example: two attacks that each break a different half leave
     nothing robust, although each alone reports 50 %."""
@@ -100,3 +117,22 @@ def test_an_experiment_reports_the_worst_case_of_its_ensemble(tmp_path):
         members = [r[m] for m in WORST_LINF if not math.isnan(r[m])]
         assert r["worst_linf"] <= min(members)
     assert all(not math.isnan(r["transfer_linf"]) for r in rows if not r["code"].endswith("-"))
+
+
+def test_a_named_reference_network_scores_every_model(tmp_path):
+    """``eval.reference: A`` trains the A trajectory even without an A code, crafts its
+    examples once per seed, scores every row on them, and the worst case counts them."""
+    from tests.test_experiment import BASE, _cfg
+
+    cfg = _cfg(codes=["CC"], switch_points=[0, 2], eval={**BASE["eval"], "reference": "A"})
+    rows = run_experiment(cfg, tmp_path)
+    trajectories = sorted(p.name for p in (tmp_path / "trajectories").iterdir() if p.is_dir())
+    assert len(trajectories) == 2  # C for the rows, A for the reference
+    for r in rows:
+        assert 0 <= r["reference_linf"] <= 1
+        assert r["worst_linf"] <= min(r["reference_linf"], r["robust_linf"], r["accuracy"])
+    # Without it: the same rows but for the new column (its key comes after the others').
+    plain = run_experiment(_cfg(codes=["CC"], switch_points=[0, 2]), tmp_path / "plain")
+    for a, b in zip(rows, plain, strict=True):
+        assert math.isnan(b["reference_linf"])
+        assert (a["accuracy"], a["robust_linf"]) == (b["accuracy"], b["robust_linf"])
