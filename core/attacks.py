@@ -11,6 +11,17 @@ attack is a single compiled program. Every random draw comes from the key passed
 
 With ``keep_best`` (evaluation), each image keeps the first iterate that the model
 misclassifies, so a sample counts as robust only if every iterate is classified correctly.
+
+``schedule="apgd"`` replaces the fixed step by APGD's (Croce & Hein 2020, the core of
+AutoAttack), per image: initial step eta = 2 eps, a momentum step
+
+    z       = P(x_k + eta s(grad L(x_k)))
+    x_{k+1} = P(x_k + 0.75 (z - x_k) + 0.25 (x_k - x_{k-1}))       (x_1 = z: no momentum)
+
+and at checkpoints (after 22 % of the iterations, then at intervals shrinking by 3 % to at
+least 6 %) eta halves, and the image restarts from its highest-loss point, when the loss rose
+in at most 75 % of the steps since the last checkpoint, or when eta was not halved there and
+the best loss has not improved since.
 """
 
 from __future__ import annotations
@@ -50,6 +61,8 @@ class AttackConfig:
       restarts: independent random starts in evaluation; a sample is robust only if it
         survives all of them.
       keep_best: keep each sample's first misclassified iterate (evaluation).
+      schedule: ``fixed`` (step_size every iteration) or ``apgd`` (APGD's adaptive step from
+        2 eps, momentum 0.75; step_size unused).
     """
 
     norm: Norm = Norm.LINF
@@ -60,6 +73,7 @@ class AttackConfig:
     loss: AttackLoss = AttackLoss.CROSS_ENTROPY
     restarts: int = 1
     keep_best: bool = False
+    schedule: str = "fixed"
 
     @classmethod
     def reference(cls, norm: Norm | str = Norm.LINF, iters: int = 20, **kw) -> AttackConfig:
@@ -130,6 +144,8 @@ def pgd(
       key: PRNG key for the random start.
       cfg: the attack.
     """
+    if cfg.schedule == "apgd":
+        return apgd(logits_fn, x, y, key, cfg)
     norm = Norm(cfg.norm)
 
     def loss_and_logits(xa):
@@ -156,6 +172,84 @@ def pgd(
     if not cfg.keep_best:
         return xa
     return jnp.where(_expand(found, xa), best, xa)
+
+
+def apgd_checkpoints(iters: int) -> list[int]:
+    """The iterations (0-based) after which APGD checks its progress: the first after
+    max(22 % of iters, 1) iterations, each next one sooner by max(3 %, 1), at least 6 %
+    (AutoAttack's integer version of the paper's p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03,
+    0.06))."""
+    first, least, shrink = (max(int(f * iters), 1) for f in (0.22, 0.06, 0.03))
+    points, at, window = [], first, first
+    while at <= iters:
+        points.append(at - 1)
+        window = max(window - shrink, least)
+        at += window
+    return points
+
+
+def apgd(
+    logits_fn: LogitsFn, x: jax.Array, y: jax.Array, key: jax.Array, cfg: AttackConfig
+) -> jax.Array:
+    """``pgd`` with APGD's step-size schedule (module docstring): ``cfg.iters`` + 1 gradient
+    evaluations, as AutoAttack's APGD."""
+    norm = Norm(cfg.norm)
+    marks = apgd_checkpoints(cfg.iters)
+    is_mark = jnp.zeros(cfg.iters, bool).at[jnp.array(marks)].set(True)
+    windows = jnp.zeros(cfg.iters).at[jnp.array(marks)].set(
+        jnp.diff(jnp.array([-1, *marks])).astype(jnp.float32))
+
+    def loss_grad(xa):
+        def total(v):
+            logits = logits_fn(v)
+            per = attack_loss(logits, y, cfg.loss)
+            return per.sum(), (per, logits)
+
+        g, (per, logits) = jax.grad(total, has_aux=True)(xa)
+        return g, per, logits
+
+    def to_ball(v):
+        return jnp.clip(x + project(v - x, norm, cfg.eps), 0.0, 1.0)
+
+    start = random_start(key, x, norm, cfg.eps) if cfg.random_start else jnp.zeros_like(x)
+    x0 = jnp.clip(x + start, 0.0, 1.0)
+    g0, loss0, logits0 = loss_grad(x0)
+    found = logits0.argmax(axis=1) != y
+    b = x.shape[0]
+    carry = dict(xa=x0, old=x0, g=g0, eta=jnp.full(b, 2 * cfg.eps, x.dtype), prev=loss0,
+                 best_loss=loss0, x_max=x0, g_max=g0, rises=jnp.zeros(b),
+                 halved=jnp.zeros(b, bool), best_at_mark=loss0, adv=x0, found=found)
+
+    def body(i, c):
+        momentum = jnp.where(i > 0, 0.75, 1.0)
+        z = to_ball(c["xa"] + _expand(c["eta"], x) * _ascent_direction(c["g"], norm))
+        xa = to_ball(c["xa"] + momentum * (z - c["xa"]) + (1 - momentum) * (c["xa"] - c["old"]))
+        g, loss, logits = loss_grad(xa)
+        wrong = (logits.argmax(axis=1) != y) & ~c["found"]
+        adv = jnp.where(_expand(wrong, x), xa, c["adv"])
+        better = loss > c["best_loss"]
+        x_max = jnp.where(_expand(better, x), xa, c["x_max"])
+        g_max = jnp.where(_expand(better, x), g, c["g_max"])
+        best_loss = jnp.where(better, loss, c["best_loss"])
+        rises = c["rises"] + (loss > c["prev"])
+        # At a checkpoint: halve eta and go back to the best point where progress stalled.
+        stalled = (rises <= 0.75 * windows[i]) | (~c["halved"] & (c["best_at_mark"] >= best_loss))
+        halve = is_mark[i] & stalled
+        old = xa
+        xa = jnp.where(_expand(halve, x), x_max, xa)
+        g = jnp.where(_expand(halve, x), g_max, g)
+        return dict(
+            xa=xa, old=old, g=g, eta=jnp.where(halve, c["eta"] / 2, c["eta"]), prev=loss,
+            best_loss=best_loss, x_max=x_max, g_max=g_max,
+            rises=jnp.where(is_mark[i], 0.0, rises),
+            halved=jnp.where(is_mark[i], halve, c["halved"]),
+            best_at_mark=jnp.where(is_mark[i], best_loss, c["best_at_mark"]),
+            adv=adv, found=c["found"] | wrong)
+
+    c = jax.lax.fori_loop(0, cfg.iters, body, carry)
+    if cfg.keep_best:
+        return jnp.where(_expand(c["found"], x), c["adv"], c["x_max"])
+    return c["x_max"]
 
 
 def _expand(mask: jax.Array, like: jax.Array) -> jax.Array:

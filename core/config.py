@@ -136,6 +136,8 @@ class AttackSpec(_Strict):
     random_start: bool = True
     loss: Literal["ce", "margin"] = "ce"
     restarts: Int = Field(1, ge=1, le=100)
+    schedule: Literal["fixed", "apgd"] = Field(
+        "fixed", description="apgd: APGD's adaptive step from 2 eps (step_size unused)")
 
     def build(self, keep_best: bool = False) -> AttackConfig:
         from core.attacks import AttackConfig, AttackLoss, Norm
@@ -145,7 +147,7 @@ class AttackSpec(_Strict):
             step = 2 * self.eps / self.iters if self.norm == "linf" else 0.01
         return AttackConfig(
             Norm(self.norm), self.eps, step, self.iters, self.random_start,
-            AttackLoss(self.loss), self.restarts, keep_best,
+            AttackLoss(self.loss), self.restarts, keep_best, self.schedule,
         )
 
 

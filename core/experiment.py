@@ -110,6 +110,10 @@ class _Context:
     fns: dict[str, Any] = field(default_factory=dict)
 
 
+NEW_ATTACK_FIELDS = {"schedule": "fixed"}
+"""AttackSpec fields newer than the first stored trajectories, with their defaults."""
+
+
 def trajectory_id(cfg: ExperimentConfig, mode: str, seed: int) -> str:
     """Content hash of everything that determines a phase-1 trajectory (not its length)."""
     spec = {
@@ -124,6 +128,11 @@ def trajectory_id(cfg: ExperimentConfig, mode: str, seed: int) -> str:
     if mode == "C":
         spec["phase1"].pop("attack")
         spec["phase1"].pop("adv_scheme")
+    # Fields added after trajectories were first stored are left out at their default, so
+    # that those keep their ids (and are continued, not trained again).
+    for name, default in NEW_ATTACK_FIELDS.items():
+        if spec["phase1"].get("attack", {}).get(name, default) == default:
+            spec["phase1"].get("attack", {}).pop(name, None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from core.attacks import AttackConfig, attack_loss, pgd, robust_correct
+from core.attacks import AttackConfig, apgd_checkpoints, attack_loss, pgd, robust_correct
 from core.dynamics import Anchor, make_apply_fn
 from core.train import init_state, make_step, run_phase
 from tests.conftest import tiny_model
@@ -21,9 +21,10 @@ ATTACKS = {
 }
 
 
+@pytest.mark.parametrize("schedule", ["fixed", "apgd"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("dynamics", ["standard", "linearized", "centered"])
-def test_pgd_stays_in_the_ball_and_the_box(norm, dynamics):
+def test_pgd_stays_in_the_ball_and_the_box(norm, dynamics, schedule):
     model, params, bs = tiny_model("cnn")
     apply = make_apply_fn(model, dynamics, "frozen")
     moved = jax.tree.map(lambda p: p * 1.1 + 0.01, params)  # away from the anchor
@@ -31,7 +32,7 @@ def test_pgd_stays_in_the_ball_and_the_box(norm, dynamics):
     x = jax.random.uniform(jax.random.PRNGKey(0), (16, 8, 8, 1))
     x = x.at[:4].set(0.0).at[4:8].set(1.0)  # images on the box boundary
     y = jnp.arange(16) % 3
-    cfg = ATTACKS[norm]
+    cfg = dataclasses.replace(ATTACKS[norm], schedule=schedule)
     x_adv = jax.jit(lambda x, y, k: pgd(f, x, y, k, cfg))(x, y, jax.random.PRNGKey(1))
     delta = (x_adv - x).reshape(16, -1)
     tol = 1e-6
@@ -48,15 +49,17 @@ def _linear_binary(w: jax.Array, b: float):
     return lambda x: jnp.stack([jnp.zeros(x.shape[0]), x.reshape(x.shape[0], -1) @ w + b], axis=1)
 
 
+@pytest.mark.parametrize("schedule", ["fixed", "apgd"])
 @pytest.mark.parametrize("loss", ["ce", "margin"])
-def test_pgd_reaches_the_linear_worst_case_linf(loss):
+def test_pgd_reaches_the_linear_worst_case_linf(loss, schedule):
     d = 20
     w = jax.random.normal(jax.random.PRNGKey(0), (d,))
     f = _linear_binary(w, 0.1)
     x = jax.random.uniform(jax.random.PRNGKey(1), (8, d))
     y = jnp.arange(8) % 2
     eps = 0.15
-    cfg = AttackConfig(norm="linf", eps=eps, step_size=eps / 4, iters=20, loss=loss)
+    cfg = AttackConfig(norm="linf", eps=eps, step_size=eps / 4, iters=20, loss=loss,
+                       schedule=schedule)
     x_adv = pgd(f, x, y, jax.random.PRNGKey(2), cfg)
     # Worst case inside box and ball: move each pixel by eps against the label's sign of w,
     # clipped to [0, 1] (the feasible set is a product of intervals).
@@ -67,20 +70,39 @@ def test_pgd_reaches_the_linear_worst_case_linf(loss):
     np.testing.assert_allclose(margin(f(x_adv)), margin(f(optimum)), rtol=1e-5)
 
 
-def test_pgd_reaches_the_linear_worst_case_l2():
+@pytest.mark.parametrize("schedule", ["fixed", "apgd"])
+def test_pgd_reaches_the_linear_worst_case_l2(schedule):
     d = 20
     w = jax.random.normal(jax.random.PRNGKey(0), (d,))
     f = _linear_binary(w, 0.0)
     x = 0.4 + 0.2 * jax.random.uniform(jax.random.PRNGKey(1), (8, d))  # box never binds
     y = jnp.arange(8) % 2
     eps = 0.1
-    cfg = AttackConfig(norm="l2", eps=eps, step_size=0.05, iters=30, loss="margin")
+    cfg = AttackConfig(norm="l2", eps=eps, step_size=0.05, iters=30, loss="margin",
+                       schedule=schedule)
     x_adv = pgd(f, x, y, jax.random.PRNGKey(2), cfg)
     s = jnp.where(y == 1, -1.0, 1.0)[:, None]
     optimum = x + eps * s * w / jnp.linalg.norm(w)
-    np.testing.assert_allclose(x_adv, optimum, atol=1e-5)
+    # APGD's step halves towards the optimum rather than landing on it: 30 steps, 1e-5.
+    np.testing.assert_allclose(x_adv, optimum, atol=1e-5 if schedule == "fixed" else 5e-5)
     worst = (x @ w) * s[:, 0] + eps * jnp.linalg.norm(w)  # analytic worst margin
-    np.testing.assert_allclose(attack_loss(f(x_adv), y, "margin"), worst, rtol=1e-5)
+    np.testing.assert_allclose(attack_loss(f(x_adv), y, "margin"), worst,
+                               rtol=1e-5 if schedule == "fixed" else 1e-4)
+
+
+def test_apgd_checkpoints_are_autoattacks():
+    """The iterations after which APGD checks progress, against a plain transcription of
+    AutoAttack's counter (first window 22 %, shrinking by 3 %, at least 6 %)."""
+    for iters in (1, 5, 10, 20, 100, 1000):
+        first, least, shrink = max(int(0.22 * iters), 1), max(int(0.06 * iters), 1), \
+            max(int(0.03 * iters), 1)
+        expected, counter, k = [], 0, first
+        for i in range(iters):
+            counter += 1
+            if counter == k:
+                expected.append(i)
+                k, counter = max(k - shrink, least), 0
+        assert apgd_checkpoints(iters) == expected, iters
 
 
 def test_attack_is_one_compiled_loop():
@@ -122,8 +144,10 @@ def test_more_pgd_iterations_never_beat_fgsm(synthetic, norm):
     for iters in (10, 40):
         cfg = dataclasses.replace(base, iters=iters, step_size=2.5 * eps / iters)
         accs.append(float(jnp.mean(robust_correct(f, x, y, key, cfg))))
+    accs.append(float(jnp.mean(robust_correct(
+        f, x, y, key, dataclasses.replace(base, iters=40, schedule="apgd")))))
     assert clean > 0.8
-    assert accs[0] <= fgsm and accs[1] <= fgsm
+    assert all(a <= fgsm for a in accs), (fgsm, accs)
     assert fgsm < clean  # the attack does something
 
 

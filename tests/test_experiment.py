@@ -22,6 +22,20 @@ def _cfg(**changes):
     return config_from_dict({**BASE, **changes})
 
 
+def test_trajectory_ids_of_stored_trajectories_do_not_change():
+    """Ids as the first release computed them (trajectories stored by it are continued, not
+    trained again): a field added since (the attack's ``schedule``) changes them only when set
+    to something else than its default."""
+    from core.experiment import trajectory_id
+
+    cfg = _cfg(switch_points=[1])
+    assert [trajectory_id(cfg, m, s) for m, s in (("A", 0), ("C", 0), ("F", 3))] == \
+        ["c2c4de496ac92a8c", "a86a7129d44e19eb", "fc1269afc875cfb1"]
+    apgd = _cfg(switch_points=[1], phase1={**BASE["phase1"], "attack": {"schedule": "apgd"}})
+    assert trajectory_id(apgd, "A", 0) != "c2c4de496ac92a8c"
+    assert trajectory_id(apgd, "C", 0) == "a86a7129d44e19eb"  # C has no attack
+
+
 def test_whole_epochs_and_switch_points_name_colliding_steps():
     cfg = _cfg(switch_points=[0, 0.5, 2], fractional_checkpoints=[0.125, 0.25, 0.4])
     steps = checkpoint_steps(cfg, steps_per_epoch=2)
