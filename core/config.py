@@ -52,6 +52,7 @@ METRIC_LABELS = {
     "reference_linf": "reference transfer L-inf", "robust_l2": "PGD L2",
 }
 RESULT_METRICS = tuple(METRIC_LABELS)
+MODES = "CAF"  # data modes: clean, adversarial, flip (clean, then adversarial from flip_epoch)
 WORST_LINF = ("accuracy", "robust_linf", "robust_margin", "transfer_linf", "reference_linf")
 WHITE_BOX = ("robust_linf", "robust_margin")  # the masking alarm compares these ...
 BLACK_BOX = ("transfer_linf", "reference_linf")  # ... with these
@@ -261,7 +262,7 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _codes(cls, codes: tuple[str, ...]) -> tuple[str, ...]:
         for c in codes:
-            if len(c) != 2 or any(m not in "CAF" for m in c):
+            if len(c) != 2 or any(m not in MODES for m in c):
                 raise ValueError(f"{c!r} is not a loader code: two letters of C, A, F (e.g. AC)")
         return tuple(dict.fromkeys(codes))
 
@@ -307,9 +308,9 @@ class ExperimentConfig(_Strict):
 
     @property
     def phase1_modes(self) -> tuple[str, ...]:
-        """The phase-1 data modes of the codes (one trajectory per mode and seed), in "CAF"
-        order."""
-        return tuple(m for m in "CAF" if any(c[0] == m for c in self.codes))
+        """The phase-1 data modes of the codes (one trajectory per mode and seed), in
+        ``MODES`` order."""
+        return tuple(m for m in MODES if any(c[0] == m for c in self.codes))
 
 
 def _suggest(key: str, model: type[BaseModel] | None) -> str:

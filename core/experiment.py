@@ -41,6 +41,7 @@ from core.checkpoints import CheckpointStore, DamagedCheckpoint
 from core.config import (
     BLACK_BOX,
     METRIC_LABELS,
+    MODES,
     RESULT_METRICS,
     WHITE_BOX,
     WORST_LINF,
@@ -66,7 +67,6 @@ from core.train import (
     run_phase,
 )
 
-MODES = "CAF"
 LOG = logging.getLogger("ntk_sweep")
 RESULT_FIELDS = ("seed", "code", "dynamics", "switch_epoch", "switch_rule", *RESULT_METRICS,
                  "masked", "train_loss", "train_accuracy", "seconds")
@@ -157,7 +157,7 @@ def kernel_storage_bytes(cfg: ExperimentConfig, num_classes: int) -> int:
     per_kernel = spec.probe_size ** 2 * outputs[spec.output] * (8 if spec.dtype == "float64"
                                                                  else 4)
     checkpoints = len(checkpoint_epochs(cfg)) if spec.epochs is None else len(spec.epochs)
-    return per_kernel * checkpoints * len({c[0] for c in cfg.codes})
+    return per_kernel * checkpoints * len(cfg.phase1_modes)
 
 
 def checkpoint_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> dict[int, float]:

@@ -176,7 +176,7 @@ def _sweep_kernel_bytes(space, num_classes: int) -> float:
     for cfg in space.configs():
         if not cfg.kernel.enabled:
             continue
-        modes = sorted({c[0] for c in cfg.codes})
+        modes = cfg.phase1_modes
         for mode in modes:
             key = trajectory_id(cfg, mode, cfg.seeds[0]) + repr(cfg.kernel)
             per_trajectory[key] = kernel_storage_bytes(cfg, num_classes) / len(modes)

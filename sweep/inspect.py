@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from core.config import RESULT_METRICS, ConfigError
+from core.config import MODES, RESULT_METRICS, ConfigError
 from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant, resolved
 from sweep.space import SweepSpace
 from sweep.tracking import PARENT_TAG, StateFileError, read_record
@@ -176,7 +176,7 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
     client = MlflowClient(tracking_uri)
     curves, kernel_curves = {}, {}
     for t in trials:
-        for mode in "CAF":
+        for mode in MODES:
             key = f"kernel/{mode}/to_init"
             if key not in t.data.metrics:
                 continue

@@ -219,7 +219,7 @@ def trial(config: dict[str, Any]) -> None:
                 "seed": seed, "trial_id": trial_id,
                 "ray_node": ray.get_runtime_context().get_node_id(),
                 **{f"trajectory/{m}": trajectory_id(cfg, m, seed)
-                   for m in sorted({c[0] for c in cfg.codes})}}
+                   for m in cfg.phase1_modes}}
         run = tracker.start(ctx["experiment_id"], trial_id, tags, parent=ctx["parent_run"])
         tracker.params(run, {path: value for path, value in values.items()})
         seen, children, unfinished = set(), {}, {}
@@ -420,7 +420,7 @@ def models_per_trial(space: SweepSpace) -> int:
     progress and ASHA's time axis."""
     def models(cfg) -> int:
         switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
-        return switches * (len(cfg.codes) + len({c[0] for c in cfg.codes}))
+        return switches * (len(cfg.codes) + len(cfg.phase1_modes))
 
     return max(models(cfg) for cfg in space.configs())
 
@@ -647,7 +647,7 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
                              cfg.kernel.model_dump(mode="json")], sort_keys=True)
         labels.setdefault(family, label)
         seed = cfg.seeds[0]
-        for mode in sorted({c[0] for c in cfg.codes}):
+        for mode in cfg.phase1_modes:
             directory = out / "trajectories" / trajectory_id(cfg, mode, seed)
             store = KernelTrajectory(kernel_directory(directory, cfg.kernel))
             if store.epochs():
