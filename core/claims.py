@@ -37,7 +37,7 @@ from typing import Any, Literal
 import numpy as np
 
 from core.kernel_store import KernelTrajectory
-from core.kernels import distance
+from core.kernels import distance, per_kernel
 
 Verdict = Literal["holds", "does not hold", "reversed", "not enough data"]
 VERDICTS: tuple[Verdict, ...] = ("holds", "does not hold", "reversed", "not enough data")
@@ -245,13 +245,6 @@ def evaluate(rows: Sequence[Mapping[str, Any]], curves: Sequence[KernelCurve] = 
             claim_distinct(final_distances or {})]
 
 
-def _classwise(k: np.ndarray, output: str) -> np.ndarray:
-    """[..., N, N] kernels as class-wise stacks [C, N, N] (full: its diagonal blocks)."""
-    if output == "full":  # [N, N, O, O]
-        return np.einsum("ijoo->oij", k)
-    return k if k.ndim == 3 else k[None]
-
-
 def kernel_evidence(trajectories: Mapping[tuple[str, int], KernelTrajectory]
                     ) -> tuple[list[KernelCurve], dict[tuple[tuple[str, int], tuple[str, int]],
                                                        float]]:
@@ -265,12 +258,12 @@ def kernel_evidence(trajectories: Mapping[tuple[str, int], KernelTrajectory]
         if len(epochs) < 2:
             continue
         last = store.load(epochs[-1])
-        final = _classwise(last.kernel, last.meta["output"])
+        final = per_kernel(last.kernel[None], last.meta["output"])[0]
         to_final = []
         for e in epochs:
             r = store.load(e)
-            to_final.append(float(np.mean(distance(_classwise(r.kernel, r.meta["output"]),
-                                                   final))))
+            k = per_kernel(r.kernel[None], r.meta["output"])[0]
+            to_final.append(float(np.mean(distance(k, final))))
         curves.append(KernelCurve(mode, seed, np.asarray(epochs, np.float64),
                                   np.asarray(to_final)))
         finals[(mode, seed)] = (epochs[-1], final)

@@ -59,6 +59,13 @@ def trajectory_distances(kernels: np.ndarray, epochs: np.ndarray) -> dict[str, n
     }
 
 
+def per_kernel(kernels: np.ndarray, output: str) -> np.ndarray:
+    """[T, ..., N, N] -> [T, C, N, N]: class-wise stacks stay, single kernels get C = 1."""
+    if output == "full":  # [T, N, N, O, O] -> class-wise diagonal blocks [T, O, N, N]
+        return np.einsum("tijoo->toij", kernels)
+    return kernels if kernels.ndim == 4 else kernels[:, None]
+
+
 def pairwise_distances(kernels: np.ndarray) -> np.ndarray:
     """[T, T, ...] matrix S(k_s, k_t) for a trajectory [T, ..., N, N] (epoch-by-epoch heatmap)."""
     return distance(kernels[:, None], kernels[None, :])

@@ -28,7 +28,7 @@ from core.config import ExperimentConfig, KernelSpec, SwitchRule, config_from_di
 from core.data import Dataset, balanced_subset
 from core.dynamics import BatchNormMode, Dynamics, make_apply_fn
 from core.kernel_store import KernelRecord, KernelTrajectory
-from core.kernels import cross_distance, summary, trajectory_distances
+from core.kernels import cross_distance, per_kernel, summary, trajectory_distances
 from core.models import init_model, make_model
 from core.ntk import NtkEngine
 from core.train import TrainState, init_state
@@ -167,13 +167,6 @@ def switch_rule_trigger(records: list[KernelRecord], rule: SwitchRule) -> float 
         if run >= rule.checkpoints and epochs[t] >= rule.after:
             return float(epochs[t])
     return None
-
-
-def per_kernel(kernels: np.ndarray, output: str) -> np.ndarray:
-    """[T, ..., N, N] -> [T, C, N, N]: class-wise stacks stay, single kernels get C = 1."""
-    if output == "full":  # [T, N, N, O, O] -> class-wise diagonal blocks [T, O, N, N]
-        return np.einsum("tijoo->toij", kernels)
-    return kernels if kernels.ndim == 4 else kernels[:, None]
 
 
 def trajectory_measures(trajectory: KernelTrajectory, num_classes: int) -> list[dict[str, Any]]:

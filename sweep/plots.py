@@ -12,8 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from core.kernel_store import KernelTrajectory  # noqa: E402
-from core.kernels import pairwise_distances  # noqa: E402
-from core.trajectory_kernels import per_kernel  # noqa: E402
+from core.kernels import pairwise_distances, per_kernel  # noqa: E402
 
 CODE_STYLE = {"CC": "tab:blue", "AC": "tab:red", "CA": "tab:green", "AA": "tab:purple",
               "C-": "tab:gray", "A-": "black"}
