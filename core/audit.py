@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from core.checkpoints import CheckpointStore
-from core.config import RESULT_METRICS, WORST_LINF, ExperimentConfig
+from core.config import RESULT_METRICS, WORST_LINF, ExperimentConfig, is_network
 from core.dynamics import Anchor
 from core.evaluate import accuracies, make_crafter, worst_case
 from core.experiment import (
@@ -80,7 +80,7 @@ def rebuild(ctx: _Context, ref: ModelRef, seed: int) -> Rebuilt:
     """The switch-point checkpoint of ``ref`` (never trained here: AuditError if it is not
     stored) and, for a phase-2 code, phase 2 run again from it."""
     cfg = ctx.cfg
-    if ref.code not in cfg.codes and ref.code[1] != "-":
+    if ref.code not in cfg.codes and not is_network(ref.code):
         raise AuditError(f"{ref}: the run's codes are {', '.join(cfg.codes)} (and X- networks)")
     mode = ref.code[0]
     directory = ctx.store_root / "trajectories" / trajectory_id(cfg, mode, seed)
@@ -96,7 +96,7 @@ def rebuild(ctx: _Context, ref: ModelRef, seed: int) -> Rebuilt:
         state, _ = store.restore(step, template)
     finally:
         store.close()
-    if ref.code[1] == "-":
+    if is_network(ref.code):
         return Rebuilt(None, state, state)
     anchor = Anchor(state.params, state.batch_stats)
     final, _ = run_phase2(ctx, ref.code, seed, step, anchor)

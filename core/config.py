@@ -53,6 +53,12 @@ METRIC_LABELS = {
 }
 RESULT_METRICS = tuple(METRIC_LABELS)
 MODES = "CAF"  # data modes: clean, adversarial, flip (clean, then adversarial from flip_epoch)
+NETWORK = "-"  # second letter of a result row's code for the phase-1 network itself ("A-")
+
+
+def is_network(code: str) -> bool:
+    """Whether a result row's ``code`` is a phase-1 network (``A-``), not a phase-2 model."""
+    return code.endswith(NETWORK)
 WORST_LINF = ("accuracy", "robust_linf", "robust_margin", "transfer_linf", "reference_linf")
 WHITE_BOX = ("robust_linf", "robust_margin")  # the masking alarm compares these ...
 BLACK_BOX = ("transfer_linf", "reference_linf")  # ... with these

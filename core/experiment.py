@@ -42,6 +42,7 @@ from core.config import (
     BLACK_BOX,
     METRIC_LABELS,
     MODES,
+    NETWORK,
     RESULT_METRICS,
     WHITE_BOX,
     WORST_LINF,
@@ -523,7 +524,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
             threshold = cfg.eval.masking_threshold
             net = evaluate_model(ctx, eval_key, state, None, state, x_ref)
-            rows.append(_row(seed, f"{mode1}-", "network", switch,
+            rows.append(_row(seed, mode1 + NETWORK, "network", switch,
                              result_metrics(net, threshold), hist[-1] if hist else {}, t0))
             anchor = Anchor(state.params, state.batch_stats)
             for code in [c for c in cfg.codes if c[0] == mode1]:

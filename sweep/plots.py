@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.config import is_network  # noqa: E402
 from core.kernel_store import KernelTrajectory  # noqa: E402
 from core.kernels import pairwise_distances, per_kernel  # noqa: E402
 
@@ -43,7 +44,7 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
     variants told apart by marker and shade.
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    codes = sorted({r["code"] for r in summary}, key=lambda c: (c.endswith("-"), c))
+    codes = sorted({r["code"] for r in summary}, key=lambda c: (is_network(c), c))
     variants = sorted({r.get("variant", "") for r in summary})
     markers = "osD^vP<>X"
     for ax, key, title in ((axes[0], "worst_linf", "worst-case L-inf accuracy (%)"),
@@ -57,8 +58,8 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path) -> Path:
                 x = [r["switch_epoch"] for r in rows]
                 y = np.array([100 * r[f"{key}_mean"] for r in rows])
                 err = np.array([100 * r[f"{key}_std"] for r in rows])
-                style = "--" if code.endswith("-") else "-"
-                label = f"{code[0]} network" if code.endswith("-") else code
+                style = "--" if is_network(code) else "-"
+                label = f"{code[0]} network" if is_network(code) else code
                 label += f" {variant}" if variant else ""
                 shade = 1.0 - 0.6 * v / max(len(variants) - 1, 1)
                 ax.errorbar(x, y, yerr=err, fmt=style + markers[v % len(markers)], ms=4,

@@ -25,7 +25,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from core.config import RESULT_METRICS, ConfigError, config_from_dict
+from core.config import RESULT_METRICS, ConfigError, config_from_dict, is_network
 from core.experiment import Hooks, run_experiment
 from core.timing import since, snapshot, timed
 from core.train import Divergence
@@ -57,7 +57,7 @@ def tracking_uri(out: Path) -> str:
 
 def _summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Means over the trial's phase-2 runs so far (what Tune compares)."""
-    phase2 = [r for r in rows if not r["code"].endswith("-")]
+    phase2 = [r for r in rows if not is_network(r["code"])]
     out: dict[str, float] = {}
     for key in RESULT_METRICS:
         vals = [r[key] for r in phase2 if not math.isnan(r[key])]
@@ -251,7 +251,7 @@ def trial(config: dict[str, Any]) -> None:
         if _run_name(r) not in children:
             tracker.child(
                 ctx["experiment_id"], _run_name(r),
-                {"kind": "switch_run" if not r["code"].endswith("-") else "network",
+                {"kind": "switch_run" if not is_network(r["code"]) else "network",
                  "code": r["code"], "dynamics": r["dynamics"], "switch_epoch": r["switch_epoch"],
                  "switch_rule": r["switch_rule"], "seed": r["seed"],
                  "dataset": cfg.dataset.name, "model": cfg.model.name,
@@ -259,7 +259,7 @@ def trial(config: dict[str, Any]) -> None:
                 run, {k: r[k] for k in RESULT_METRICS if not math.isnan(r[k])},
                 existing=unfinished.get(_run_name(r)))
             children[_run_name(r)] = "pending"
-        if r["switch_rule"] and r["code"].endswith("-"):  # once per trajectory
+        if r["switch_rule"] and is_network(r["code"]):  # once per trajectory
             tracker.log(run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]},
                         skip=seen)
         tracker.save_pending(pending)
