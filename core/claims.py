@@ -130,6 +130,9 @@ def claim_1(rows: Sequence[Mapping[str, Any]], metric: str, min_gap: float = MIN
                 f"CC {metric} by switch epoch: {cc}",
                 f"AC - CC at epoch {last:g}: {gap.text()}",
                 f"AC at epoch {last:g} - AC at epoch {first:g}: {growth.text()}")
+    near = paired(cc_last, _by_seed(rows, "C-", last, metric), min_gap)
+    if near is not None:  # the claim's second half, as evidence: CC near the standard network
+        evidence += (f"CC - C- (the standard network) at epoch {last:g}: {near.text()}",)
     if gap.sign < 0:
         verdict: Verdict = "reversed"
     elif gap.sign > 0 and growth.sign > 0:
