@@ -22,7 +22,7 @@ import yaml
 from core.config import MODES, RESULT_METRICS, ConfigError
 from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant, resolved
 from sweep.space import SweepSpace
-from sweep.tracking import PARENT_TAG, StateFileError, read_record
+from sweep.tracking import PARENT_TAG, StateFileError, read_record, search_all
 
 SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
                     "experiment_id": str, "parent_run": str}
@@ -126,7 +126,7 @@ def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = Non
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"MLflow at {tracking_uri} has no experiment {experiment!r}")
-    runs = client.search_runs([exp.experiment_id], max_results=50_000)
+    runs = search_all(client, [exp.experiment_id])
     if parent_run is None:
         sweeps = [r for r in runs if r.data.tags.get("kind") == "sweep"]
         if not sweeps:

@@ -19,6 +19,21 @@ from core.config import read_prefix
 from core.timing import timed
 
 PARENT_TAG = "mlflow.parentRunId"
+PAGE = 10_000  # runs per MLflow search request; every search pages through all of them
+
+
+def search_all(client: Any, experiment_ids: list[str], filter_string: str = "") -> list[Any]:
+    """Every run that matches, page by page (``PAGE`` a request): no cap on how many, so a
+    sweep's report and resume never see a truncated list (MLflow answers at most 50,000 runs
+    a request)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=PAGE,
+                                  page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
 LOG = logging.getLogger("ntk_sweep")
 
 
@@ -385,9 +400,8 @@ class Tracker:
         before it logged its metrics or ended it: the next attempt completes it
         (``child(..., existing=...)``), it does not skip it."""
         def read() -> tuple[dict[str, str], dict[str, tuple[str, list[str]]]]:
-            runs = self.client.search_runs(
-                [self.client.get_run(run_id).info.experiment_id],
-                filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'", max_results=50_000)
+            runs = search_all(self.client, [self.client.get_run(run_id).info.experiment_id],
+                              f"tags.`{PARENT_TAG}` = '{run_id}'")
             done = {r.info.run_name: r.info.run_id for r in runs if r.info.status == "FINISHED"}
             broken = {r.info.run_name: (r.info.run_id, sorted(r.data.metrics)) for r in runs
                       if r.info.status != "FINISHED"}
