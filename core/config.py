@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from core.kernels import SWITCH_MEASURES
+
 if TYPE_CHECKING:  # imported where used: validating a config must not pay for importing jax
     from core.attacks import AttackConfig
     from core.data import Dataset
@@ -238,7 +240,7 @@ class SwitchRule(_Strict):
     there (unless a listed switch point lies later) and never runs past ``phase1.epochs``.
     """
 
-    measure: Literal["velocity", "to_previous"] = "velocity"
+    measure: Literal[SWITCH_MEASURES] = "velocity"  # type: ignore[valid-type]
     below: Float = Field(gt=0)
     checkpoints: Int = Field(1, ge=1, le=1000, description="consecutive checkpoints below")
     after: Float = Field(0, ge=0, le=MAX_EPOCHS, description="the earliest epoch it may trigger at")

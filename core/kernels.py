@@ -19,6 +19,8 @@ denominator, which scale together.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 _EPS = 1e-30
@@ -145,12 +147,27 @@ def polar(kernels: np.ndarray, top: int | None = None) -> dict[str, np.ndarray]:
     return {"radius": radius, "angle": angle}
 
 
+PER_KERNEL: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
+    "alignment": lambda k, labels, c: target_alignment(k, labels, c),
+    "centered_alignment": lambda k, labels, c: target_alignment(k, labels, c, centered=True),
+    "top10_mass": lambda k, labels, c: top_k_mass(k, 10),
+    "top20_mass": lambda k, labels, c: top_k_mass(k, 20),
+    "effective_rank": lambda k, labels, c: effective_rank(k),
+}
+"""The measures of one kernel, f(K [..., N, N], labels [N], number of classes) -> [...]."""
+
+ALONG_TRAJECTORY = ("to_init", "to_previous", "to_final", "velocity")
+"""The measures of a kernel within its trajectory (``trajectory_distances``' keys)."""
+
+SWITCH_MEASURES = ("velocity", "to_previous")
+"""Those a switch rule may read: known at a checkpoint from the checkpoints before it."""
+
+MEASURES = (*ALONG_TRAJECTORY, *PER_KERNEL)
+"""Every measure of a kernel trajectory, in table order: what the sweep logs to MLflow,
+``ntk-sweep kernel`` prints and ``kernel_measures.csv`` holds. A new one is added here (and
+tested); the others follow."""
+
+
 def summary(k: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
-    """The per-kernel measures of one kernel or stack: alignment, spectrum, effective rank."""
-    return {
-        "alignment": target_alignment(k, labels, num_classes),
-        "centered_alignment": target_alignment(k, labels, num_classes, centered=True),
-        "top10_mass": top_k_mass(k, 10),
-        "top20_mass": top_k_mass(k, 20),
-        "effective_rank": effective_rank(k),
-    }
+    """The per-kernel measures (``PER_KERNEL``) of one kernel or stack."""
+    return {name: fn(k, labels, num_classes) for name, fn in PER_KERNEL.items()}

@@ -15,6 +15,7 @@ from rich.table import Table
 from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
 from core.data import DataError
 from core.experiment import write_csv
+from core.kernels import MEASURES
 from core.trajectory_kernels import (
     TrajectoryInfo,
     compute_trajectory_kernels,
@@ -27,8 +28,7 @@ from core.trajectory_kernels import (
 from sweep.console import stdout_console
 from sweep.plots import kernel_distance_plot, trajectory_heatmap
 
-COLUMNS = ("epoch", "to_init", "to_previous", "velocity", "to_final", "alignment",
-           "centered_alignment", "top10_mass", "effective_rank")
+COLUMNS = ("epoch", *MEASURES)
 
 
 def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[TrajectoryInfo]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from core.config import RESULT_METRICS, ConfigError, config_from_dict, is_network
 from core.experiment import Hooks, run_experiment
+from core.kernels import MEASURES
 from core.timing import since, snapshot, timed
 from core.train import Divergence
 from sweep.claims import claim_tags, read_claims
@@ -308,8 +309,6 @@ def trial(config: dict[str, Any]) -> None:
     _report(final)
 
 
-KERNEL_MEASURES = ("to_init", "to_previous", "to_final", "velocity", "alignment",
-                   "centered_alignment", "top10_mass", "effective_rank")
 
 
 def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Path,
@@ -346,7 +345,7 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
         rows = trajectory_measures(stores[info.mode], len(np.unique(first.labels)))
         trajectories[info.id] = {"mode": info.mode, "seed": seed, "rows": rows}
         for r in rows:
-            tracker.log(run, {f"kernel/{info.mode}/{k}": r[k] for k in KERNEL_MEASURES},
+            tracker.log(run, {f"kernel/{info.mode}/{k}": r[k] for k in MEASURES},
                         step=round(1000 * r["epoch"]), skip=seen)
         for epoch in sorted({*cfg.switch_points, epochs[-1]} & set(epochs)):
             tracker.artifact(run, stores[info.mode].path(epoch), f"kernels/{info.mode}")

@@ -136,3 +136,16 @@ def test_flipped_bits_in_a_kernel_file_are_a_clear_error_naming_it(tmp_path):
         if np.array_equal(record.kernel, kernel) and record.meta == {"epoch": 1}:
             outcomes["same"] += 1
     assert outcomes["refused"] > 0.9 * (len(data) // 7)
+
+
+def test_every_measure_comes_from_the_registry():
+    """What is computed is what ``MEASURES`` lists (so the sweep's MLflow metrics, the kernel
+    tables and CSV follow it), and a switch rule reads only measures along a trajectory."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 2, 6, 6))
+    k = a @ a.transpose(0, 1, 3, 2)
+    labels = np.arange(6) % 2
+    assert set(km.trajectory_distances(k, np.arange(3.0))) == set(km.ALONG_TRAJECTORY)
+    assert set(km.summary(k[0], labels, 2)) == set(km.PER_KERNEL)
+    assert km.MEASURES == (*km.ALONG_TRAJECTORY, *km.PER_KERNEL)
+    assert set(km.SWITCH_MEASURES) <= set(km.ALONG_TRAJECTORY)

@@ -93,6 +93,9 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     # The rule triggered where the logged distance to the previous kernel is below 10.
     trial = client.get_run(trials[0].info.run_id)
     assert trial.data.metrics["switch_rule/A/epoch"] == 1
+    from core.kernels import MEASURES
+
+    assert {f"kernel/{m}/{k}" for m in "AC" for k in MEASURES} <= set(trial.data.metrics)
     to_prev = client.get_metric_history(trial.info.run_id, "kernel/A/to_previous")
     assert [m.step for m in to_prev if m.value < 10][1] == 1000
     # Trajectory ids as tags, kernels (switch points and last checkpoint) as artifacts.
