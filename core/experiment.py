@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +71,16 @@ from core.train import (
 LOG = logging.getLogger("ntk_sweep")
 RESULT_FIELDS = ("seed", "code", "dynamics", "switch_epoch", "switch_rule", *RESULT_METRICS,
                  "masked", "train_loss", "train_accuracy", "seconds")
+class Stage(NamedTuple):
+    """What an experiment is training: phase 1 of data mode ``code`` (``C``), or phase 2 of
+    loader ``code`` (``AC``) from the phase-1 checkpoint at ``switch_step``; seed ``seed``."""
+
+    phase: int
+    code: str
+    seed: int
+    switch_step: int | None = None
+
+
 @dataclass
 class Hooks:
     """Callbacks through which a caller watches an experiment (progress bars, logging)."""
@@ -78,9 +88,8 @@ class Hooks:
     on_step: Callable[[], None] | None = None
     log: Callable[[str], None] = lambda message: None
     planned_steps: Callable[[int], None] = lambda n: None
-    # (label, epoch, metrics) after each epoch; label phase1/<mode>/seed<s> or
-    # phase2/<code>/seed<s>/step<switch step>
-    on_epoch: Callable[[str, int, dict[str, float]], None] | None = None
+    # (stage, epoch, the epoch's mean training metrics) after each epoch
+    on_epoch: Callable[[Stage, int, dict[str, float]], None] | None = None
     on_result: Callable[[dict[str, Any]], None] | None = None  # each evaluated model's row
 
 
@@ -353,7 +362,7 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             history.append({"epoch": epoch, **metrics})
             if ctx.hooks.on_epoch:
-                ctx.hooks.on_epoch(f"phase1/{mode}/seed{seed}", epoch, metrics)
+                ctx.hooks.on_epoch(Stage(1, mode, seed), epoch, metrics)
 
         def on_checkpoint(s: TrainState, step: int, running: list[dict[str, float]]) -> bool:
             meta = {"epoch": ckpt_steps[step], "exact_epoch": step / spe, "step": step,
@@ -401,7 +410,7 @@ def run_phase2(
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         last.update(metrics)
         if ctx.hooks.on_epoch:
-            ctx.hooks.on_epoch(f"phase2/{code}/seed{seed}/step{switch_step}", epoch, metrics)
+            ctx.hooks.on_epoch(Stage(2, code, seed, switch_step), epoch, metrics)
 
     state = init_state(anchor.params, anchor.batch_stats, spec.momentum, key)
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import RESULT_METRICS, ConfigError, config_from_dict, is_network
-from core.experiment import Hooks, run_experiment
+from core.experiment import Hooks, Stage, run_experiment
 from core.kernels import MEASURES
 from core.timing import since, snapshot, timed
 from core.train import Divergence
@@ -235,10 +235,11 @@ def trial(config: dict[str, Any]) -> None:
     def on_step() -> None:
         steps["done"] += 1
 
-    def on_epoch(label: str, epoch: int, metrics: dict[str, float]) -> None:
-        if label.startswith("phase1"):
+    def on_epoch(stage: Stage, epoch: int, metrics: dict[str, float]) -> None:
+        if stage.phase == 1:
             trained["phase1_epochs"] += 1
-        name = label.replace("/seed", "/s").replace("/step", "/t")
+        name = f"phase{stage.phase}/{stage.code}/s{stage.seed}" + (
+            f"/t{stage.switch_step}" if stage.phase == 2 else "")
         tracker.log(run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch, skip=seen)
         _heartbeat(trial_dir, name, epoch, len(tracker.pending))
         tracker.save_pending(pending)  # undelivered writes survive a killed worker
