@@ -33,10 +33,10 @@ from core.experiment import (
     evaluate_model,
     initial_params,
     reference_examples,
-    result_metrics,
     run_phase2,
     trajectory_id,
 )
+from core.results import result_metrics
 from core.train import TrainState, init_state
 
 SOURCE_KEY = 5

@@ -18,14 +18,12 @@ a trajectory found there is continued from its latest checkpoint instead of retr
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,26 +37,19 @@ import numpy as np
 from core.attacks import AttackLoss
 from core.checkpoints import CheckpointStore, DamagedCheckpoint
 from core.config import (
-    BLACK_BOX,
-    METRIC_LABELS,
     MODES,
     NETWORK,
-    RESULT_METRICS,
-    WHITE_BOX,
-    WORST_LINF,
     ExperimentConfig,
 )
 from core.data import Dataset
 from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
 from core.evaluate import (
-    accuracies,
     make_crafter,
     make_evaluator,
     make_transfer_evaluator,
-    masked,
-    worst_case,
 )
 from core.models import init_model, make_model
+from core.results import result_metrics, result_row, write_results
 from core.train import (
     Divergence,
     TrainState,
@@ -69,8 +60,6 @@ from core.train import (
 )
 
 LOG = logging.getLogger("ntk_sweep")
-RESULT_FIELDS = ("seed", "code", "dynamics", "switch_epoch", "switch_rule", *RESULT_METRICS,
-                 "masked", "train_loss", "train_accuracy", "seconds")
 class Stage(NamedTuple):
     """What an experiment is training: phase 1 of data mode ``code`` (``C``), or phase 2 of
     loader ``code`` (``AC``) from the phase-1 checkpoint at ``switch_step``; seed ``seed``."""
@@ -237,16 +226,6 @@ def _evaluate(ctx: _Context, phase: str, anchor, params, batch_stats,
     """Per-example correctness (bool [n]) under each white-box member of the ensemble."""
     ev = _evaluator(ctx, phase)
     return ev(anchor, params, batch_stats, ctx.x_test, ctx.y_test, key, ctx.cfg.eval.batch_size)
-
-
-def result_metrics(correct: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
-    """The ``RESULT_METRICS`` of one model (NaN for attacks not run) from its per-example
-    correctness, ``worst_linf`` (the per-example worst case over ``WORST_LINF``) and
-    ``masked`` (transfer below white-box by more than ``threshold``)."""
-    correct = {**correct, "worst_linf": worst_case(correct, WORST_LINF)}
-    acc = accuracies(correct)
-    return {**{k: acc.get(k, float("nan")) for k in RESULT_METRICS},
-            "masked": masked(acc, WHITE_BOX, BLACK_BOX, threshold)}
 
 
 @dataclass
@@ -426,17 +405,6 @@ def run_phase2(
     return state, last
 
 
-def _row(seed, code, dynamics, switch, metrics, train, t0) -> dict[str, Any]:
-    """One result row (the fields of ``RESULT_FIELDS``); ``metrics``: ``result_metrics``."""
-    return {
-        "seed": seed, "code": code, "dynamics": dynamics, "switch_epoch": switch,
-        "switch_rule": "", **metrics,
-        "train_loss": train.get("loss", float("nan")),
-        "train_accuracy": train.get("accuracy", float("nan")),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-
-
 def _restore(ctx: _Context, phase1: Phase1, mode: str, seed: int, init: tuple[Any, Any],
              step: int) -> tuple[Phase1, TrainState, dict[str, Any]]:
     """The checkpoint at ``step`` of a trained trajectory; a damaged one is set aside and
@@ -533,7 +501,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
             threshold = cfg.eval.masking_threshold
             net = evaluate_model(ctx, eval_key, state, None, state, x_ref)
-            rows.append(_row(seed, mode1 + NETWORK, "network", switch,
+            rows.append(result_row(seed, mode1 + NETWORK, "network", switch,
                              result_metrics(net, threshold), hist[-1] if hist else {}, t0))
             anchor = Anchor(state.params, state.batch_stats)
             for code in [c for c in cfg.codes if c[0] == mode1]:
@@ -541,7 +509,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
                 ctx.hooks.log(f"seed {seed} {code}: phase 2 from epoch {switch}")
                 final, train = run_phase2(ctx, code, seed, step, anchor)
                 correct = evaluate_model(ctx, eval_key, state, anchor, final, x_ref)
-                rows.append(_row(seed, code, cfg.phase2.dynamics, switch,
+                rows.append(result_row(seed, code, cfg.phase2.dynamics, switch,
                                  result_metrics(correct, threshold), train, t0))
             labels = switches[switch]
             made = rows[first:]
@@ -563,89 +531,6 @@ def planned_steps(cfg: ExperimentConfig, n_train: int) -> int:
     switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
     phase2 = len(cfg.codes) * switches * epoch_to_step(cfg.phase2.epochs, spe2)
     return len(cfg.seeds) * (phase1 + phase2)
-
-
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds for each (variant, code, switch epoch), and for
-    each (variant, code, switch rule), whose ``switch_epoch`` is the mean epoch the rule chose.
-    A row's ``variant`` (sweeps: the trial's sampled values other than the seed, e.g.
-    ``phase1.attack.eps=0.1``) is empty for a single experiment."""
-    groups: dict[tuple[str, str, str, float], list[dict[str, Any]]] = {}
-    for r in rows:
-        rule = r.get("switch_rule", "")
-        key = (r.get("variant", ""), r["code"], rule, 0.0 if rule else r["switch_epoch"])
-        groups.setdefault(key, []).append(r)
-    out = []
-    for (variant, code, rule, switch), rs in groups.items():
-        epochs = [r["switch_epoch"] for r in rs]
-        row: dict[str, Any] = {
-            "variant": variant, "code": code,
-            "switch_epoch": statistics.fmean(epochs) if rule else switch,
-            "switch_epoch_std": statistics.pstdev(epochs), "switch_rule": rule, "seeds": len(rs),
-            "masked": sum(bool(r.get("masked")) for r in rs)}
-        for k in RESULT_METRICS:
-            vals = [r[k] for r in rs if not math.isnan(r[k])]
-            row[f"{k}_mean"] = statistics.fmean(vals) if vals else float("nan")
-            row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-        out.append(row)
-    return out
-
-
-def switch_label(row: dict[str, Any]) -> str:
-    """``2`` for a listed switch point; ``velocity<0.05x3 → 2.4`` for a switch rule."""
-    rule = row.get("switch_rule", "")
-    return f"{rule} → {row['switch_epoch']:.3g}" if rule else f"{row['switch_epoch']:g}"
-
-
-def summary_markdown(summary: list[dict[str, Any]]) -> str:
-    """The summary as a Markdown table: clean and PGD accuracy (%), mean ± std over seeds
-    (with a first column naming the variant when the rows come from a sweep that varies one)."""
-    variants = any(r.get("variant") for r in summary)
-    lines = ["| code | switch epoch | seeds | " + " | ".join(METRIC_LABELS.values())
-             + " | masking |", "|---|---:|---:|" + "---:|" * len(METRIC_LABELS) + "---|"]
-    if variants:
-        lines = ["| variant " + lines[0], "|---" + lines[1]]
-    for r in sorted(summary, key=lambda r: (r.get("variant", ""), MODES.index(r["code"][0]),
-                                            r["code"], r.get("switch_rule", ""),
-                                            r["switch_epoch"])):
-        cells = []
-        for k in RESULT_METRICS:
-            mean, std = r[f"{k}_mean"], r[f"{k}_std"]
-            cells.append("-" if math.isnan(mean) else f"{100 * mean:.1f} ± {100 * std:.1f}")
-        flag = f"masked ({r['masked']} of {r['seeds']} seeds)" if r.get("masked") else ""
-        lines.append((f"| {r['variant']} " if variants else "")
-                     + f"| {r['code']} | {switch_label(r)} | {r['seeds']} | "
-                     + " | ".join(cells) + f" | {flag} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, table: list[dict[str, Any]], fields) -> None:
-    """Writes ``table`` (one dict per row) as CSV with columns ``fields``."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(table)
-
-
-def write_summary(out: Path, summary: list[dict[str, Any]], notes: str = "") -> list[Path]:
-    """Writes ``summary.csv`` and ``summary.md`` (the table, then ``notes``) under ``out``."""
-    (out / "summary.md").write_text(summary_markdown(summary) + notes)
-    write_csv(out / "summary.csv", summary,
-               list(summary[0]) if summary else ["code", "switch_epoch", "seeds"])
-    return [out / "summary.csv", out / "summary.md"]
-
-
-def write_results(out: Path, cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[str, Path]:
-    """Writes results.csv, summary.csv, summary.md and results.json under ``out``."""
-    paths = {"results": out / "results.csv", "summary": out / "summary.csv",
-             "markdown": out / "summary.md", "json": out / "results.json"}
-    summary = summarize(rows)
-    write_summary(out, summary)
-    write_csv(paths["results"], rows, RESULT_FIELDS)
-    paths["json"].write_text(json.dumps(
-        {"config": cfg.model_dump(mode="json"), "rows": rows, "summary": summary}, indent=1
-    ))
-    return paths
 
 
 def make_context(cfg: ExperimentConfig, out: Path, hooks: Hooks | None = None,

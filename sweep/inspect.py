@@ -163,7 +163,7 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
     from mlflow.tracking import MlflowClient
 
     from core.claims import KernelCurve
-    from core.experiment import summarize, write_summary
+    from core.results import summarize, write_summary
     from sweep.claims import write_claims
     from sweep.plots import kernel_distance_plot, switch_point_plot
 
@@ -268,7 +268,7 @@ def compare(dir_a: Path, dir_b: Path, out: Path, overrides: list[str]) -> list[d
     ``compare.csv`` and ``compare.png`` into ``out``."""
     import matplotlib.pyplot as plt
 
-    from core.experiment import write_csv
+    from core.results import write_csv
     from core.trajectory_kernels import (
         compute_trajectory_kernels,
         cross_trajectory_distances,

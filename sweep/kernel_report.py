@@ -14,8 +14,8 @@ from rich.table import Table
 
 from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
 from core.data import DataError
-from core.experiment import write_csv
 from core.kernels import MEASURES
+from core.results import write_csv
 from core.trajectory_kernels import (
     TrajectoryInfo,
     compute_trajectory_kernels,

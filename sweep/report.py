@@ -18,7 +18,8 @@ from rich.progress import (
 from rich.table import Table
 
 from core.config import METRIC_LABELS, RESULT_METRICS, ExperimentConfig
-from core.experiment import Hooks, run_experiment, summarize, switch_label
+from core.experiment import Hooks, run_experiment
+from core.results import summarize, switch_label
 from sweep.console import stdout_console
 
 console = Console(stderr=True)

@@ -706,7 +706,7 @@ def write_sweep_summary(out: Path, trials: Collection[str],
     failed trials listed under it) and the accuracy-against-switch-point plot, under ``out``.
     ``errors``: trials that failed without a file of their own saying why (Ray's error, e.g.
     a lost tracking store), by id; their last line is listed."""
-    from core.experiment import summarize, write_summary
+    from core.results import summarize, write_summary
     from sweep.claims import record_claims, sweep_studies
     from sweep.plots import switch_point_plot
 

@@ -127,7 +127,7 @@ def test_switch_rule_schema_errors():
 
 
 def test_summary_keeps_sweep_variants_apart():
-    from core.experiment import summarize, summary_markdown
+    from core.results import summarize, summary_markdown
 
     def row(variant, seed, robust):
         return {"variant": variant, "seed": seed, "code": "AC", "switch_epoch": 2.0,
