@@ -131,7 +131,17 @@ class KernelRecorder:
 def compute_trajectory_kernels(
     info: TrajectoryInfo, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
 ) -> KernelTrajectory:
-    """Computes (or finds already stored) the kernel at each requested phase-1 checkpoint."""
+    """Computes (or finds already stored) the kernel at each requested phase-1 checkpoint,
+    holding the trajectory's lock: trials that share a trajectory compute its kernels once
+    (the second finds them stored)."""
+    from core.experiment import trajectory_lock
+
+    with trajectory_lock(info.directory):
+        return _compute_kernels(info, spec, on_kernel)
+
+
+def _compute_kernels(info: TrajectoryInfo, spec: KernelSpec,
+                     on_kernel: Callable[[float], None] | None) -> KernelTrajectory:
     traj = open_trajectory(info)
     recorder = KernelRecorder(info.directory, spec, traj.data, traj.model,
                               {"model": info.config.model.name, "mode": info.mode,

@@ -144,3 +144,24 @@ def test_summary_keeps_sweep_variants_apart():
     assert table.splitlines()[0].startswith("| variant | code |")
     # clean, then worst L-inf (not evaluated here), then PGD L-inf
     assert "| phase1.attack.eps=0.3 | AC | 2 | 1 | 90.0 ± 0.0 | - | 50.0 ± 0.0 |" in table
+
+
+def test_trials_sharing_a_trajectory_compute_its_kernels_once(tmp_path):
+    """Two workers (threads here; trials in a sweep) asking for one trajectory's kernels at
+    once: the trajectory's lock makes the second find them stored."""
+    import threading
+
+    from core.trajectory_kernels import compute_trajectory_kernels, find_trajectories
+
+    cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[0.5], kernel={"probe_size": 12})
+    run_experiment(cfg, tmp_path)
+    (info,) = find_trajectories(tmp_path)
+    computed: list[float] = []
+    workers = [threading.Thread(target=compute_trajectory_kernels,
+                                args=(info, cfg.kernel, computed.append)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stored = compute_trajectory_kernels(info, cfg.kernel).epochs()
+    assert sorted(computed) == stored == [0.0, 0.5, 1.0, 2.0]  # each once
