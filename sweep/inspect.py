@@ -22,7 +22,13 @@ import yaml
 from core.config import MODES, RESULT_METRICS, ConfigError
 from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant, resolved
 from sweep.space import SweepSpace
-from sweep.tracking import PARENT_TAG, StateFileError, read_record, search_all
+from sweep.tracking import (
+    PARENT_TAG,
+    StateFileError,
+    kernel_epoch,
+    read_record,
+    search_all,
+)
 
 SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
                     "experiment_id": str, "parent_run": str}
@@ -187,11 +193,11 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
             seed = t.data.tags.get("seed", "?")
             curves[f"{t.info.run_id}/{mode}"] = {
                 "mode": mode, "seed": seed,
-                "rows": [{"epoch": s / 1000, **{m: series[m].get(s, float("nan"))
+                "rows": [{"epoch": kernel_epoch(s), **{m: series[m].get(s, float("nan"))
                                                 for m in series}} for s in steps]}
             if seed.isdigit():
                 kernel_curves.setdefault(trial_variant(t), []).append(KernelCurve(
-                    mode, int(seed), np.array([s / 1000 for s in steps]),
+                    mode, int(seed), np.array([kernel_epoch(s) for s in steps]),
                     np.array([series["to_final"].get(s, np.nan) for s in steps])))
     if curves:
         paths.append(kernel_distance_plot(curves, out / "kernel_distances.png"))

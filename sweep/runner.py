@@ -36,6 +36,7 @@ from sweep.tracking import (
     StateFileError,
     Tracker,
     TrackingStoreLost,
+    kernel_step,
     read_json,
     read_record,
     write_json,
@@ -347,7 +348,7 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
         trajectories[info.id] = {"mode": info.mode, "seed": seed, "rows": rows}
         for r in rows:
             tracker.log(run, {f"kernel/{info.mode}/{k}": r[k] for k in MEASURES},
-                        step=round(1000 * r["epoch"]), skip=seen)
+                        step=kernel_step(r["epoch"]), skip=seen)
         for epoch in sorted({*cfg.switch_points, epochs[-1]} & set(epochs)):
             tracker.artifact(run, stores[info.mode].path(epoch), f"kernels/{info.mode}")
     modes = sorted(stores)
@@ -355,7 +356,7 @@ def log_kernels(tracker: Tracker, run: str, cfg, store_root: Path, trial_dir: Pa
         for b in modes[i + 1:]:
             for r in cross_trajectory_distances(stores[a], stores[b]):
                 tracker.log(run, {f"kernel/cross/{a}{b}/distance": r["distance"]},
-                            step=round(1000 * r["epoch"]), skip=seen)
+                            step=kernel_step(r["epoch"]), skip=seen)
     if not trajectories:
         return []
     plots = [kernel_distance_plot(trajectories, trial_dir / "kernel_distances.png")]
@@ -667,7 +668,7 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
                 rows = cross_trajectory_distances(stores[a], stores[b])
                 for r in rows:
                     tracker.log(parent, {f"kernel/cross/{prefix}{a}-{b}/distance": r["distance"]},
-                                step=round(1000 * r["epoch"]))
+                                step=kernel_step(r["epoch"]))
                 matrix[i, j] = matrix[j, i] = rows[-1]["distance"] if rows else np.nan
         plots.append(heatmap_plot(
             names, matrix, "kernel distance between trajectories (last common epoch)"

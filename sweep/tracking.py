@@ -19,6 +19,21 @@ from core.config import read_prefix
 from core.timing import timed
 
 PARENT_TAG = "mlflow.parentRunId"
+KERNEL_STEPS_PER_EPOCH = 1000
+"""MLflow step of a kernel measure: round(1000 * epoch), so fractional checkpoints (0.125)
+get their own steps; training metrics use the epoch itself."""
+
+
+def kernel_step(epoch: float) -> int:
+    """The MLflow step of a kernel measure at ``epoch`` (``KERNEL_STEPS_PER_EPOCH``)."""
+    return round(KERNEL_STEPS_PER_EPOCH * epoch)
+
+
+def kernel_epoch(step: int) -> float:
+    """The epoch of a kernel measure logged at MLflow ``step``."""
+    return step / KERNEL_STEPS_PER_EPOCH
+
+
 PAGE = 10_000  # runs per MLflow search request; every search pages through all of them
 
 
