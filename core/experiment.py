@@ -60,6 +60,8 @@ from core.train import (
 )
 
 LOG = logging.getLogger("ntk_sweep")
+
+
 class Stage(NamedTuple):
     """What an experiment is training: phase 1 of data mode ``code`` (``C``), or phase 2 of
     loader ``code`` (``AC``) from the phase-1 checkpoint at ``switch_step``; seed ``seed``."""
