@@ -496,6 +496,20 @@ def config_from_dict(raw: Any, source: str = "config") -> ExperimentConfig:
         raise ConfigError(f"{source}: invalid configuration\n{format_errors(e)}") from None
 
 
+def stored_config(raw: Any, source: str) -> ExperimentConfig:
+    """A config as ntk-sweep wrote it beside its results (``results.json``), possibly by an
+    earlier version: every field was written, so a field missing there predates it and is
+    read with the behaviour it had then, not today's default (evaluation attacks without
+    ``schedule`` ran PGD's fixed step, though APGD is the default now)."""
+    if isinstance(raw, dict) and isinstance(raw.get("eval"), dict):
+        ev = dict(raw["eval"])
+        for name in ("linf", "l2"):
+            if isinstance(ev.get(name), dict) and "schedule" not in ev[name]:
+                ev[name] = {**ev[name], "schedule": "fixed"}
+        raw = {**raw, "eval": ev}
+    return config_from_dict(raw, source)
+
+
 def read_config_file(path: str | Path, overrides: list[str] | None = None) -> Any:
     """The YAML document at ``path`` with ``key.path=value`` overrides merged in."""
     path = Path(path)

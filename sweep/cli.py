@@ -546,7 +546,12 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from core.audit import AuditError, ModelRef, recorded_row
-    from core.config import ConfigError, config_from_dict, merge, parse_overrides
+    from core.config import (
+        ConfigError,
+        merge,
+        parse_overrides,
+        stored_config,
+    )
     from sweep.runner import read_results
     from sweep.tracking import StateFileError
 
@@ -557,7 +562,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if set(extra) - {"eval"}:
             raise ConfigError(f"--set: only eval.* settings apply here, got "
                               f"{sorted(set(extra) - {'eval'})}")
-        cfg = config_from_dict(merge(results["config"], extra), str(run_dir / "results.json"))
+        source_file = str(run_dir / "results.json")
+        run_eval = stored_config(results["config"], source_file).eval
+        cfg = stored_config(merge(results["config"], extra), source_file)
         ref = ModelRef.parse(args.model)
         source = ModelRef.parse(args.source) if args.source else None
         seed = cfg.seeds[0] if args.seed is None else args.seed
@@ -575,7 +582,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     from sweep.report import run_audit
 
-    run_eval = config_from_dict(results["config"], str(run_dir / "results.json")).eval
     return run_audit(cfg, run_dir, store_root, ref, seed, source, recorded, run_eval)
 
 

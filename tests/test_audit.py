@@ -34,6 +34,21 @@ def test_a_rebuilt_model_reproduces_its_row(run, capsys):
     assert main(["attack", str(run), "--model", "A-@0"]) == 0
 
 
+def test_a_run_of_an_earlier_version_is_audited_with_its_own_attacks(tmp_path, capsys):
+    """results.json written before evaluation attacks had a ``schedule`` (they ran PGD's fixed
+    step): audited with that, not with today's default (APGD), it reproduces its rows."""
+    cfg = _cfg(codes=["CC"], switch_points=[1],
+               eval={**BASE["eval"], "linf": {**BASE["eval"]["linf"], "schedule": "fixed"}})
+    run_experiment(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    del results["config"]["eval"]["linf"]["schedule"]  # as the earlier version wrote it
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["attack", str(tmp_path), "--model", "CC@1"]) == 0
+    assert "every figure equals the recorded row's" in capsys.readouterr().out
+    record = json.loads((tmp_path / "audits" / "CC@1-seed0.json").read_text())
+    assert record["eval"]["linf"]["schedule"] == "fixed"
+
+
 def test_other_attacks_and_a_source_model(run, capsys):
     assert main(["attack", str(run), "--model", "CC@1", "--source", "A-@1",
                  "--set", "eval.linf.iters=4", "--set", "eval.margin_restarts=3"]) == 0
