@@ -49,6 +49,7 @@ from core.evaluate import (
     make_transfer_evaluator,
 )
 from core.models import init_model, make_model
+from core.preflight import preflight
 from core.results import result_metrics, result_row, write_results
 from core.train import (
     Divergence,
@@ -561,6 +562,7 @@ def run_experiment(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = make_context(cfg, out, hooks, store_root)
+    preflight(cfg, data=ctx.data)  # before any training: batch sizes, a switch rule's probe set
     ctx.hooks.planned_steps(planned_steps(cfg, len(ctx.data.y_train)))
     rows = [r for seed in cfg.seeds for r in run_seed(ctx, seed)]
     write_results(out, cfg, rows)

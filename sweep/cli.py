@@ -120,48 +120,6 @@ def _load(config: str, overrides: list[str]):
     return load_config(resolve(config), overrides)
 
 
-def _preflight(cfg, kernels: bool = False, kernel_bytes: float | None = None) -> None:
-    """Checks that need the data: the dataset loads, each batch fits the training set and,
-    when kernels will be computed (``kernels``, or a switch rule), the probe set fits the
-    data and the kernel files (``kernel_bytes``, default those of the config's seeds) fit
-    ``kernel.storage_budget_gb``."""
-    from core.config import ConfigError
-    from core.experiment import kernel_storage_bytes
-    from core.trajectory_kernels import probe_set
-
-    ds = cfg.dataset
-    data = ds.load()
-    n = len(data.y_train)
-    for phase in ("phase1", "phase2"):
-        if getattr(cfg, phase).batch_size > n:
-            raise ConfigError(
-                f"{phase}.batch_size: {getattr(cfg, phase).batch_size} exceeds the "
-                f"{n} training images of {ds.name}"
-            )
-    if not (kernels or cfg.switch_rule is not None):
-        return
-    spec = cfg.kernel
-    if spec.probe_size > n:
-        raise ConfigError(f"kernel.probe_size: {spec.probe_size} exceeds the {n} training "
-                          f"images of {ds.name}")
-    if spec.logit >= data.num_classes:
-        raise ConfigError(f"kernel.logit: {spec.logit} is not a class of {ds.name} "
-                          f"(0 to {data.num_classes - 1})")
-    try:
-        probe_set(data, spec)
-    except ValueError as e:
-        raise ConfigError(f"kernel.probe_size: {e}") from None
-    if kernel_bytes is None:
-        kernel_bytes = kernel_storage_bytes(cfg, data.num_classes) * len(cfg.seeds)
-    estimate = kernel_bytes / 1e9
-    if estimate > spec.storage_budget_gb:
-        raise ConfigError(
-            f"kernel.storage_budget_gb: the kernel files would take about {estimate:.1f} GB "
-            f"({spec.probe_size} probe images, output {spec.output}), above "
-            f"the budget of {spec.storage_budget_gb:g} GB; lower kernel.probe_size, list "
-            "kernel.epochs, use kernel.output: logit, or raise kernel.storage_budget_gb")
-
-
 def out_dir(args: argparse.Namespace, space, path: Path) -> Path:
     """A sweep's output directory: --out, else runs/<name>."""
     return Path(args.out or Path("runs") / (space.base.get("name") or path.stem))
@@ -244,10 +202,11 @@ def _check_tracking_uri(uri: str, field: str) -> None:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from core.config import ConfigError
     from core.data import DataError
+    from core.preflight import preflight
 
     try:
         cfg = _load(args.config, args.overrides)
-        _preflight(cfg)
+        preflight(cfg)
     except (ConfigError, DataError) as e:
         return _fail(str(e))
     out = Path(args.out or Path("runs") / cfg.name)
@@ -345,6 +304,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from core.config import ConfigError, read_config_file
     from core.data import DataError
+    from core.preflight import preflight
     from search_spaces import resolve
     from sweep.space import parse_space
 
@@ -352,7 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = resolve(args.space)
         space = parse_space(read_config_file(path, args.overrides), str(path))
         first = space.config({p: d.args[0] for p, d in space.distributions.items()})
-        _preflight(first, kernels=first.kernel.enabled,
+        preflight(first, kernels=first.kernel.enabled,
                    kernel_bytes=_sweep_kernel_bytes(space, first.dataset.load().num_classes))
         _check_tracking(out_dir(args, space, path))
     except (ConfigError, DataError) as e:

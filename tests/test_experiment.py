@@ -165,3 +165,14 @@ def test_trials_sharing_a_trajectory_compute_its_kernels_once(tmp_path):
         w.join()
     stored = compute_trajectory_kernels(info, cfg.kernel).epochs()
     assert sorted(computed) == stored == [0.0, 0.5, 1.0, 2.0]  # each once
+
+
+def test_run_experiment_checks_its_config_against_the_data_before_work(tmp_path):
+    """The checks the command line made (core.preflight) hold for run_experiment itself:
+    a batch larger than the training set is refused naming the field, nothing trained."""
+    from core.config import ConfigError
+
+    cfg = _cfg(switch_points=[1], phase1={**BASE["phase1"], "batch_size": 65})  # 64 images
+    with pytest.raises(ConfigError, match="phase1.batch_size: 65 exceeds the 64 training"):
+        run_experiment(cfg, tmp_path)
+    assert not (tmp_path / "trajectories").exists()
