@@ -23,11 +23,11 @@ import numpy as np
 from core.checkpoints import CheckpointStore
 from core.config import RESULT_METRICS, WORST_LINF, ExperimentConfig, is_network
 from core.dynamics import Anchor
-from core.evaluate import accuracies, make_crafter, worst_case
+from core.evaluate import accuracies, worst_case
 from core.experiment import (
-    _apply,
     _Context,
     _score,
+    craft,
     epoch_to_step,
     eval_keys,
     evaluate_model,
@@ -119,14 +119,8 @@ def audit(ctx: _Context, ref: ModelRef, seed: int, source: ModelRef | None = Non
     metrics = result_metrics(correct, cfg.eval.masking_threshold)
     if source is not None:
         src = rebuild(ctx, source, seed)
-        phase = "phase1" if src.anchor is None else "phase2"
-        name = f"craft-{phase}"
-        if name not in ctx.fns:
-            ctx.fns[name] = make_crafter(_apply(ctx, phase), cfg.eval.linf.build())
-        x_src = ctx.fns[name]((src.anchor, src.state.params, src.state.batch_stats),
-                              ctx.x_test, ctx.y_test,
-                              jax.random.fold_in(jax.random.PRNGKey(seed), SOURCE_KEY),
-                              cfg.eval.batch_size)
+        x_src = craft(ctx, src.anchor, src.state,
+                      jax.random.fold_in(jax.random.PRNGKey(seed), SOURCE_KEY))
         target_phase = "phase1" if model.anchor is None else "phase2"
         correct["source_linf"] = _score(ctx, target_phase, model.anchor, model.state, x_src)
         worst = worst_case(correct, (*WORST_LINF, "source_linf"))

@@ -434,10 +434,18 @@ def reference_examples(ctx: _Context, seed: int, init: tuple[Any, Any],
     phase1.store.close()
     ctx.hooks.log(f"seed {seed}: reference examples from the {mode} network at epoch "
                   f"{meta['epoch']:g}")
-    if "craft" not in ctx.fns:
-        ctx.fns["craft"] = make_crafter(_apply(ctx, "phase1"), ctx.cfg.eval.linf.build())
-    return ctx.fns["craft"]((None, state.params, state.batch_stats), ctx.x_test, ctx.y_test,
-                            key, ctx.cfg.eval.batch_size)
+    return craft(ctx, None, state, key)
+
+
+def craft(ctx: _Context, anchor: Anchor | None, state: TrainState, key: jax.Array) -> np.ndarray:
+    """x_adv [n_test, ...]: ``eval.linf`` crafted on a phase-1 network (``anchor`` None) or a
+    phase-2 model around ``anchor``; one compiled crafter per phase."""
+    phase = "phase1" if anchor is None else "phase2"
+    name = f"craft-{phase}"
+    if name not in ctx.fns:
+        ctx.fns[name] = make_crafter(_apply(ctx, phase), ctx.cfg.eval.linf.build())
+    return ctx.fns[name]((anchor, state.params, state.batch_stats), ctx.x_test, ctx.y_test,
+                         key, ctx.cfg.eval.batch_size)
 
 
 def _score(ctx: _Context, phase: str, anchor, state: TrainState, x: np.ndarray) -> np.ndarray:
