@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from core.attacks import AttackLoss
+from core.attacks import AttackLoss, attack_config
 from core.audit import ModelRef, rebuild
 from core.config import config_from_dict
 from core.evaluate import make_evaluator
@@ -44,7 +44,7 @@ def main() -> None:
     results = json.loads((args.run_dir / "results.json").read_text())
     cfg = config_from_dict(results["config"])
     ctx = make_context(cfg, args.run_dir)
-    base = dataclasses.replace(cfg.eval.linf.build(keep_best=True), iters=args.iters,
+    base = dataclasses.replace(attack_config(cfg.eval.linf, keep_best=True), iters=args.iters,
                                step_size=2 * cfg.eval.linf.eps / args.iters)
     attacks = {
         "pgd_ce": base,

@@ -29,10 +29,14 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import optax
+
+if TYPE_CHECKING:
+    from core.config import AttackSpec
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -270,3 +274,14 @@ def robust_correct(
 
     ok = logits_fn(x).argmax(axis=1) == y
     return jax.lax.fori_loop(0, max(cfg.restarts, 1), body, ok)
+
+
+def attack_config(spec: AttackSpec, keep_best: bool = False) -> AttackConfig:
+    """The attack a config's ``AttackSpec`` describes (``keep_best``: keep each example's
+    strongest iterate, as the evaluation does). Default step: 2 eps / iters (L-inf), 0.01
+    (L2)."""
+    step = spec.step_size
+    if step is None:
+        step = 2 * spec.eps / spec.iters if spec.norm == "linf" else 0.01
+    return AttackConfig(Norm(spec.norm), spec.eps, step, spec.iters, spec.random_start,
+                        AttackLoss(spec.loss), spec.restarts, keep_best, spec.schedule)

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from core.checkpoints import CheckpointStore
 from core.config import RESULT_METRICS, WORST_LINF, ExperimentConfig, is_network
 from core.dynamics import Anchor
 from core.evaluate import accuracies, worst_case
@@ -34,7 +33,6 @@ from core.experiment import (
     initial_params,
     reference_examples,
     run_phase2,
-    trajectory_id,
 )
 from core.results import result_metrics
 from core.train import TrainState, init_state
@@ -83,8 +81,9 @@ def rebuild(ctx: _Context, ref: ModelRef, seed: int) -> Rebuilt:
     if ref.code not in cfg.codes and not is_network(ref.code):
         raise AuditError(f"{ref}: the run's codes are {', '.join(cfg.codes)} (and X- networks)")
     mode = ref.code[0]
-    directory = ctx.store_root / "trajectories" / trajectory_id(cfg, mode, seed)
-    store = CheckpointStore(directory / "checkpoints")
+    trajectory = ctx.store.get(cfg, mode, seed)
+    directory = trajectory.directory
+    store = trajectory.checkpoints()
     step = epoch_to_step(ref.switch, len(ctx.y_train) // cfg.phase1.batch_size)
     if step not in store.steps():
         epochs = sorted(store.meta(s)["epoch"] for s in store.steps())

@@ -11,7 +11,7 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -26,10 +26,6 @@ from pydantic import (
 )
 
 from core.kernels import SWITCH_MEASURES
-
-if TYPE_CHECKING:  # imported where used: validating a config must not pay for importing jax
-    from core.attacks import AttackConfig
-    from core.data import Dataset
 
 REFERENCE_FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 MAX_EPOCHS = 10_000  # of either phase: beyond, a typo (1e9), not an experiment
@@ -106,12 +102,6 @@ class DatasetSpec(_Strict):
     data_dir: str | None = Field(None, max_length=4096)
     synthetic: SyntheticSpec = SyntheticSpec()
 
-    def load(self) -> Dataset:
-        """The dataset this spec names (synthetic data is drawn from seed 0)."""
-        from core.data import load_dataset
-
-        return load_dataset(self.name, self.data_dir, seed=0, **self.synthetic.model_dump())
-
     @model_validator(mode="after")
     def _cifar_dir(self) -> DatasetSpec:
         if self.name.startswith("cifar") and self.data_dir is None:
@@ -147,17 +137,6 @@ class AttackSpec(_Strict):
     restarts: Int = Field(1, ge=1, le=100)
     schedule: Literal["fixed", "apgd"] = Field(
         "fixed", description="apgd: APGD's adaptive step from 2 eps (step_size unused)")
-
-    def build(self, keep_best: bool = False) -> AttackConfig:
-        from core.attacks import AttackConfig, AttackLoss, Norm
-
-        step = self.step_size
-        if step is None:
-            step = 2 * self.eps / self.iters if self.norm == "linf" else 0.01
-        return AttackConfig(
-            Norm(self.norm), self.eps, step, self.iters, self.random_start,
-            AttackLoss(self.loss), self.restarts, keep_best, self.schedule,
-        )
 
 
 class EvalAttackSpec(AttackSpec):

@@ -17,11 +17,14 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from core.config import DatasetSpec
 
 
 class DataError(ValueError):
@@ -277,3 +280,8 @@ def balanced_subset(labels: np.ndarray, size: int, key: jax.Array, num_classes: 
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, c), idx.size))
         chosen.append(np.sort(idx[perm[:k]]))
     return np.concatenate(chosen).astype(np.int64)
+
+
+def dataset_of(spec: DatasetSpec) -> Dataset:
+    """The dataset a config's ``DatasetSpec`` names (synthetic data is drawn from seed 0)."""
+    return load_dataset(spec.name, spec.data_dir, seed=0, **spec.synthetic.model_dump())

@@ -10,20 +10,14 @@ Keys, all derived from the seed's root key ``PRNGKey(seed)``:
 * evaluation: ``fold_in(root, 3)``; the reference network's examples: ``fold_in(root, 4)``;
 * ``ntk-sweep attack --source``: ``fold_in(root, 5)``.
 
-Phase-1 trajectories are stored under ``<out>/trajectories/<id>``, where the id hashes what
-determines the trajectory (dataset, model, phase-1 optimisation and attack, data mode, seed);
-a trajectory found there is continued from its latest checkpoint instead of retrained.
+Phase-1 trajectories live in a ``TrajectoryStore`` (``core/trajectory_store.py``: ids, layout,
+locks); a trajectory found there is continued from its latest checkpoint instead of retrained.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
-import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,14 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core.attacks import AttackLoss
+from core.attacks import AttackLoss, attack_config
 from core.checkpoints import CheckpointStore, DamagedCheckpoint
 from core.config import (
     MODES,
     NETWORK,
     ExperimentConfig,
 )
-from core.data import Dataset
+from core.data import Dataset, dataset_of
 from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
 from core.evaluate import (
     make_crafter,
@@ -58,6 +52,12 @@ from core.train import (
     learning_rate,
     make_step,
     run_phase,
+)
+from core.trajectory_store import (
+    Trajectory,
+    TrajectoryStore,
+    checkpoint_steps,
+    epoch_to_step,
 )
 
 LOG = logging.getLogger("ntk_sweep")
@@ -83,18 +83,8 @@ class Hooks:
     # (stage, epoch, the epoch's mean training metrics) after each epoch
     on_epoch: Callable[[Stage, int, dict[str, float]], None] | None = None
     on_result: Callable[[dict[str, Any]], None] | None = None  # each evaluated model's row
-
-
-@contextlib.contextmanager
-def trajectory_lock(directory: Path):
-    """An exclusive lock (``flock``) on ``<directory>.lock``, held while the block runs."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with open(directory.with_name(directory.name + ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    # each phase-1 trajectory the experiment trained or continued, once it is complete
+    on_trajectory: Callable[[Trajectory], None] | None = None
 
 
 @dataclass
@@ -108,68 +98,8 @@ class _Context:
     model: Any
     out: Path
     hooks: Hooks
-    store_root: Path
+    store: TrajectoryStore
     fns: dict[str, Any] = field(default_factory=dict)
-
-
-NEW_ATTACK_FIELDS = {"schedule": "fixed"}
-"""AttackSpec fields newer than the first stored trajectories, with their defaults."""
-
-
-def trajectory_id(cfg: ExperimentConfig, mode: str, seed: int) -> str:
-    """Content hash of everything that determines a phase-1 trajectory (not its length)."""
-    spec = {
-        "dataset": cfg.dataset.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json"),
-        "phase1": cfg.phase1.model_dump(mode="json", exclude={"epochs"}),
-        "mode": mode,
-        "seed": seed,
-    }
-    if mode != "F":
-        spec["phase1"].pop("flip_epoch")
-    if mode == "C":
-        spec["phase1"].pop("attack")
-        spec["phase1"].pop("adv_scheme")
-    # Fields added after trajectories were first stored are left out at their default, so
-    # that those keep their ids (and are continued, not trained again).
-    for name, default in NEW_ATTACK_FIELDS.items():
-        if spec["phase1"].get("attack", {}).get(name, default) == default:
-            spec["phase1"].get("attack", {}).pop(name, None)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def epoch_to_step(epoch: float, steps_per_epoch: int) -> int:
-    """The minibatch step at (possibly fractional) epoch: round(epoch * steps_per_epoch)."""
-    return int(round(epoch * steps_per_epoch))
-
-
-def checkpoint_epochs(cfg: ExperimentConfig) -> list[float]:
-    """Every whole epoch of phase 1, the fractional checkpoints and the switch points."""
-    last = cfg.phase1_epochs
-    whole = range(int(math.floor(last)) + 1)
-    points = {*whole, *cfg.fractional_checkpoints, *cfg.switch_points, last}
-    return sorted(p for p in points if p <= last)
-
-
-def kernel_storage_bytes(cfg: ExperimentConfig, num_classes: int) -> int:
-    """Upper bound on the kernel files of one seed (every data mode's trajectory, each
-    checkpoint or ``kernel.epochs``), uncompressed: probe_size^2 x outputs x itemsize each."""
-    spec = cfg.kernel
-    outputs = {"logit": 1, "trace": 1, "classwise": num_classes, "full": num_classes ** 2}
-    per_kernel = spec.probe_size ** 2 * outputs[spec.output] * (8 if spec.dtype == "float64"
-                                                                 else 4)
-    checkpoints = len(checkpoint_epochs(cfg)) if spec.epochs is None else len(spec.epochs)
-    return per_kernel * checkpoints * len(cfg.phase1_modes)
-
-
-def checkpoint_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> dict[int, float]:
-    """{step: epoch} of phase-1 checkpoints. Where several epochs round to one step, a whole
-    epoch or a switch point names it rather than a fractional checkpoint."""
-    named = {*range(int(math.floor(cfg.phase1_epochs)) + 1), *cfg.switch_points}
-    steps: dict[int, float] = {}
-    for e in sorted(checkpoint_epochs(cfg), key=lambda e: e in named):  # named ones last: win
-        steps[epoch_to_step(e, steps_per_epoch)] = e
-    return steps
 
 
 def _phase_steps(ctx: _Context, phase: str) -> dict[bool, Any]:
@@ -186,7 +116,7 @@ def _phase_steps(ctx: _Context, phase: str) -> dict[bool, Any]:
     common = dict(momentum=spec.momentum, lr_fn=lr_fn, scheme=spec.adv_scheme)
     ctx.fns[phase] = {
         False: make_step(apply, **common),
-        True: make_step(apply, attack=spec.attack.build(), **common),
+        True: make_step(apply, attack=attack_config(spec.attack), **common),
     }
     return ctx.fns[phase]
 
@@ -204,10 +134,10 @@ def _evaluator(ctx: _Context, phase: str):
     name = f"eval-{phase}"
     if name not in ctx.fns:
         spec = ctx.cfg.eval
-        linf = spec.linf.build(keep_best=True)
+        linf = attack_config(spec.linf, keep_best=True)
         attacks = {"linf": linf}
         if spec.l2 is not None:
-            attacks["l2"] = spec.l2.build(keep_best=True)
+            attacks["l2"] = attack_config(spec.l2, keep_best=True)
         if spec.margin_restarts:
             attacks["margin"] = dataclasses.replace(
                 linf, loss=AttackLoss.MARGIN, restarts=spec.margin_restarts)
@@ -217,7 +147,7 @@ def _evaluator(ctx: _Context, phase: str):
 
 def _transfer(ctx: _Context):
     if "transfer" not in ctx.fns:
-        attack = ctx.cfg.eval.linf.build()
+        attack = attack_config(ctx.cfg.eval.linf)
         ctx.fns["transfer"] = make_transfer_evaluator(
             _apply(ctx, "phase1"), _apply(ctx, "phase2"), attack
         )
@@ -237,6 +167,7 @@ class Phase1:
     restoring, and the epoch at which the switch rule triggered (None: no rule, or it did
     not trigger within ``phase1.epochs``)."""
 
+    trajectory: Trajectory
     store: CheckpointStore
     steps_per_epoch: int
     template: TrainState
@@ -247,13 +178,11 @@ class _RuleWatch:
     """Evaluates ``cfg.switch_rule`` at each phase-1 checkpoint from the probe-set kernels of
     the checkpoints so far (computed once, stored with the trajectory for later measures)."""
 
-    def __init__(self, ctx: _Context, directory: Path, mode: str, seed: int, tid: str):
+    def __init__(self, ctx: _Context, trajectory: Trajectory):
         from core.trajectory_kernels import KernelRecorder
 
         self.rule = ctx.cfg.switch_rule
-        self.recorder = KernelRecorder(directory, ctx.cfg.kernel, ctx.data, ctx.model,
-                                       {"model": ctx.cfg.model.name, "mode": mode,
-                                        "seed": seed, "trajectory": tid})
+        self.recorder = KernelRecorder(trajectory, ctx.cfg.kernel, ctx.data, ctx.model)
         self.records: dict[int, Any] = {}  # step -> KernelRecord
         self.epoch: float | None = None
 
@@ -307,13 +236,13 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
     reached) or ``phase1.epochs`` ends."""
     cfg, spec = ctx.cfg, ctx.cfg.phase1
     spe = len(ctx.y_train) // spec.batch_size
-    tid = trajectory_id(cfg, mode, seed)
-    directory = ctx.store_root / "trajectories" / tid
+    trajectory = ctx.store.get(cfg, mode, seed)
+    tid = trajectory.id
     # Trials of a sweep that share this trajectory wait here; the next one finds the
     # checkpoints and trains nothing.
-    with trajectory_lock(directory):
-        store = CheckpointStore(directory / "checkpoints")
-        watch = _RuleWatch(ctx, directory, mode, seed, tid) if cfg.switch_rule else None
+    with trajectory.lock():
+        store = trajectory.checkpoints()
+        watch = _RuleWatch(ctx, trajectory) if cfg.switch_rule else None
         listed_last = epoch_to_step(max(cfg.switch_points, default=0), spe)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
         state = init_state(*init, spec.momentum, key)
@@ -338,8 +267,7 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
         if done:
             history = meta["history"]
             ctx.hooks.log(f"trajectory {tid} ({mode}, seed {seed}): continuing at step {done[-1]}")
-        record = {"id": tid, "mode": mode, "seed": seed, "config": cfg.model_dump(mode="json")}
-        (store.directory.parent / "trajectory.json").write_text(json.dumps(record, indent=1))
+        trajectory.write_record()
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             history.append({"epoch": epoch, **metrics})
@@ -366,7 +294,7 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
         except Divergence as e:
             raise Divergence(f"phase 1 (data mode {mode}, seed {seed}, lr {spec.lr:g}): {e}"
                              ) from None
-    phase1 = Phase1(store, spe, template)
+    phase1 = Phase1(trajectory, store, spe, template)
     if watch is not None:
         phase1.rule_epoch = watch.epoch
         rule = cfg.switch_rule.label()
@@ -415,7 +343,7 @@ def _restore(ctx: _Context, phase1: Phase1, mode: str, seed: int, init: tuple[An
     try:
         return phase1, *phase1.store.restore(step, phase1.template)
     except DamagedCheckpoint as e:
-        _set_aside(ctx, phase1.store, trajectory_id(ctx.cfg, mode, seed), e)
+        _set_aside(ctx, phase1.store, phase1.trajectory.id, e)
         phase1.store.close()
         phase1 = train_phase1(ctx, mode, seed, init)
         return phase1, *phase1.store.restore(step, phase1.template)
@@ -443,7 +371,7 @@ def craft(ctx: _Context, anchor: Anchor | None, state: TrainState, key: jax.Arra
     phase = "phase1" if anchor is None else "phase2"
     name = f"craft-{phase}"
     if name not in ctx.fns:
-        ctx.fns[name] = make_crafter(_apply(ctx, phase), ctx.cfg.eval.linf.build())
+        ctx.fns[name] = make_crafter(_apply(ctx, phase), attack_config(ctx.cfg.eval.linf))
     return ctx.fns[name]((anchor, state.params, state.batch_stats), ctx.x_test, ctx.y_test,
                          key, ctx.cfg.eval.batch_size)
 
@@ -530,6 +458,8 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             for r in rows[first:] if ctx.hooks.on_result else ():
                 ctx.hooks.on_result(r)
         phase1.store.close()
+        if ctx.hooks.on_trajectory:
+            ctx.hooks.on_trajectory(phase1.trajectory)
     return rows
 
 
@@ -548,13 +478,13 @@ def make_context(cfg: ExperimentConfig, out: Path, hooks: Hooks | None = None,
                  store_root: str | Path | None = None) -> _Context:
     """The data (test set cut to ``eval.max_test``), model and caches an experiment's phases
     and evaluations share; trajectories under ``store_root`` (default ``out``)."""
-    data = cfg.dataset.load()
+    data = dataset_of(cfg.dataset)
     n_test = cfg.eval.max_test or len(data.y_test)
     return _Context(
         cfg, data, jnp.asarray(data.x_train), jnp.asarray(data.y_train),
         data.x_test[:n_test], data.y_test[:n_test],
         make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs()), out,
-        hooks or Hooks(), Path(store_root) if store_root is not None else out,
+        hooks or Hooks(), TrajectoryStore(store_root if store_root is not None else out),
     )
 
 

@@ -11,6 +11,7 @@ kernels [O, N, N], or a trajectory [T, O, N, N]) and reduces the last two axes. 
 * CKA            CKA(K1, K2) = 1 - S(H K1 H, H K2 H)
 * top-k mass     sum_{i<=k} lambda_i^2 / sum_i lambda_i^2   (lambda sorted by magnitude)
 * effective rank exp(-sum_i p_i log p_i), p_i = |lambda_i| / sum_j |lambda_j|
+* conditioning   log10(|lambda|_max / |lambda|_min): how ill-posed kernel regression is
 * polar          radius ||K_t - K_0||_F / ||K_T - K_0||_F, angle arccos(1 - S(K_t, K_0))
 
 All are invariant to scaling a kernel by c > 0 except the polar radius' numerator and
@@ -125,6 +126,16 @@ def effective_rank(k: np.ndarray) -> np.ndarray:
     return np.exp(-(p * logp).sum(-1))
 
 
+def log10_condition(k: np.ndarray) -> np.ndarray:
+    """log10 of the condition number |lambda|_max / |lambda|_min. Eigenvalues below
+    |lambda|_max x eps of the kernel's dtype are numerically zero: a singular kernel reads
+    -log10(eps) (7.2 for float32, 15.7 for float64), never inf."""
+    lam = np.abs(eigenvalues(k))
+    top = np.maximum(lam[..., 0], _EPS)
+    bottom = np.maximum(lam[..., -1], top * np.finfo(lam.dtype).eps)
+    return np.log10(top / bottom)
+
+
 def _project_top(k: np.ndarray, basis: np.ndarray) -> np.ndarray:
     """U U^T K U U^T for an orthonormal basis U [..., N, k]."""
     proj = basis @ np.swapaxes(basis, -1, -2)
@@ -153,6 +164,7 @@ PER_KERNEL: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
     "top10_mass": lambda k, labels, c: top_k_mass(k, 10),
     "top20_mass": lambda k, labels, c: top_k_mass(k, 20),
     "effective_rank": lambda k, labels, c: effective_rank(k),
+    "log10_condition": lambda k, labels, c: log10_condition(k),
 }
 """The measures of one kernel, f(K [..., N, N], labels [N], number of classes) -> [...]."""
 

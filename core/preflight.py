@@ -6,7 +6,7 @@ kernels and the storage their files would take."""
 from __future__ import annotations
 
 from core.config import ConfigError, ExperimentConfig
-from core.data import Dataset
+from core.data import Dataset, dataset_of
 
 
 def preflight(cfg: ExperimentConfig, kernels: bool = False, kernel_bytes: float | None = None,
@@ -16,11 +16,11 @@ def preflight(cfg: ExperimentConfig, kernels: bool = False, kernel_bytes: float 
     data and the kernel files (``kernel_bytes``, default those of the config's seeds) fit
     ``kernel.storage_budget_gb``. ConfigError naming the field, before any work; ``data``:
     the dataset if already loaded."""
-    from core.experiment import kernel_storage_bytes
     from core.trajectory_kernels import probe_set
+    from core.trajectory_store import kernel_storage_bytes
 
     ds = cfg.dataset
-    data = data if data is not None else ds.load()
+    data = data if data is not None else dataset_of(ds)
     n = len(data.y_train)
     for phase in ("phase1", "phase2"):
         if getattr(cfg, phase).batch_size > n:

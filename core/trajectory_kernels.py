@@ -1,11 +1,8 @@
 """Kernel trajectories of an experiment: the empirical NTK at every phase-1 checkpoint, and the
 measures along and across trajectories.
 
-Layout under an experiment's output directory::
-
-    trajectories/<id>/trajectory.json            mode, seed, config (written by phase 1)
-    trajectories/<id>/checkpoints/<step>/        orbax checkpoints
-    trajectories/<id>/kernels/<output>-<hash>/epoch_*.npz    (hash of probe set, logit, dtype)
+Kernels are stored with their trajectory (``Trajectory.kernels``, see
+``core/trajectory_store.py`` for the layout).
 
 The probe set is drawn from ``kernel.probe_seed`` only (not the run's seed), so kernels of
 different seeds and data modes are computed on the same images and can be compared.
@@ -13,44 +10,23 @@ different seeds and data modes are computed on the same images and can be compar
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
 from core.checkpoints import CheckpointStore
-from core.config import ExperimentConfig, KernelSpec, SwitchRule, config_from_dict
-from core.data import Dataset, balanced_subset
+from core.config import KernelSpec, SwitchRule
+from core.data import Dataset, balanced_subset, dataset_of
 from core.dynamics import BatchNormMode, Dynamics, make_apply_fn
 from core.kernel_store import KernelRecord, KernelTrajectory
 from core.kernels import cross_distance, per_kernel, summary, trajectory_distances
 from core.models import init_model, make_model
 from core.ntk import NtkEngine
 from core.train import TrainState, init_state
-
-
-@dataclass(frozen=True)
-class TrajectoryInfo:
-    id: str
-    mode: str
-    seed: int
-    directory: Path
-    config: ExperimentConfig
-
-
-def find_trajectories(run_dir: str | Path) -> list[TrajectoryInfo]:
-    """The phase-1 trajectories stored under an experiment's output directory."""
-    infos = []
-    for meta_path in sorted(Path(run_dir).glob("trajectories/*/trajectory.json")):
-        meta = json.loads(meta_path.read_text())
-        cfg = config_from_dict(meta["config"], str(meta_path))
-        infos.append(TrajectoryInfo(meta["id"], meta["mode"], meta["seed"], meta_path.parent, cfg))
-    return infos
+from core.trajectory_store import Trajectory
 
 
 def probe_set(data: Dataset, spec: KernelSpec) -> np.ndarray:
@@ -76,22 +52,15 @@ class OpenTrajectory:
         return self.store.restore(step, self.template)[0]
 
 
-def open_trajectory(info: TrajectoryInfo) -> OpenTrajectory:
+def open_trajectory(trajectory: Trajectory) -> OpenTrajectory:
     """Loads the trajectory's dataset and model and opens its checkpoint store."""
-    cfg = info.config
+    cfg = trajectory.config
     ds = cfg.dataset
-    data = ds.load()
+    data = dataset_of(ds)
     model = make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs())
     params, batch_stats = init_model(model, jax.random.PRNGKey(0), data.x_train.shape[1:])
     template = init_state(params, batch_stats, cfg.phase1.momentum, jax.random.PRNGKey(0))
-    return OpenTrajectory(data, model, CheckpointStore(info.directory / "checkpoints"), template)
-
-
-def kernel_directory(trajectory_dir: Path, spec: KernelSpec) -> Path:
-    """``kernels/<output>-<hash>``: kernels of other probe sets, logits or dtypes never mix."""
-    key = {k: getattr(spec, k) for k in ("probe_size", "probe_seed", "output", "logit", "dtype")}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    return Path(trajectory_dir) / "kernels" / f"{spec.output}-{digest}"
+    return OpenTrajectory(data, model, trajectory.checkpoints(), template)
 
 
 class KernelRecorder:
@@ -101,19 +70,19 @@ class KernelRecorder:
     both write the same files, so a kernel is never computed twice.
     """
 
-    def __init__(self, trajectory_dir: Path, spec: KernelSpec, data: Dataset, model: Any,
-                 meta: dict[str, Any]):
+    def __init__(self, trajectory: Trajectory, spec: KernelSpec, data: Dataset, model: Any):
         self.spec = spec
         self.indices = probe_set(data, spec)
         self.x_probe = data.x_train[self.indices]
         self.labels = data.y_train[self.indices]
-        self.meta = meta  # model, mode, seed, trajectory id
+        self.meta = {"model": trajectory.config.model.name, "mode": trajectory.mode,
+                     "seed": trajectory.seed, "trajectory": trajectory.id}
         self.engine = NtkEngine(
             make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
             logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
             memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype, model=model,
         )
-        self.trajectory = KernelTrajectory(kernel_directory(trajectory_dir, spec))
+        self.trajectory = trajectory.kernels(spec)
 
     def record(self, state: TrainState, step: int, checkpoint_meta: dict[str, Any]) -> None:
         """Computes and saves the kernel of ``state`` (checkpoint ``step``) unless stored."""
@@ -129,23 +98,19 @@ class KernelRecorder:
 
 
 def compute_trajectory_kernels(
-    info: TrajectoryInfo, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
+    trajectory: Trajectory, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
 ) -> KernelTrajectory:
     """Computes (or finds already stored) the kernel at each requested phase-1 checkpoint,
     holding the trajectory's lock: trials that share a trajectory compute its kernels once
     (the second finds them stored)."""
-    from core.experiment import trajectory_lock
-
-    with trajectory_lock(info.directory):
-        return _compute_kernels(info, spec, on_kernel)
+    with trajectory.lock():
+        return _compute_kernels(trajectory, spec, on_kernel)
 
 
-def _compute_kernels(info: TrajectoryInfo, spec: KernelSpec,
+def _compute_kernels(trajectory: Trajectory, spec: KernelSpec,
                      on_kernel: Callable[[float], None] | None) -> KernelTrajectory:
-    traj = open_trajectory(info)
-    recorder = KernelRecorder(info.directory, spec, traj.data, traj.model,
-                              {"model": info.config.model.name, "mode": info.mode,
-                               "seed": info.seed, "trajectory": info.id})
+    traj = open_trajectory(trajectory)
+    recorder = KernelRecorder(trajectory, spec, traj.data, traj.model)
     wanted = None if spec.epochs is None else set(spec.epochs)
     for step in traj.store.steps():
         record = traj.store.meta(step)

@@ -45,24 +45,17 @@ class Study:
 def _add_trajectories(study: Study, cfg: ExperimentConfig, store_root: Path) -> None:
     """The kernel trajectories of the config's C and A trajectories: those of its kernel
     settings, or the only ones of its output mode that were computed."""
-    from core.experiment import trajectory_id
-    from core.trajectory_kernels import kernel_directory
+    from core.trajectory_store import TrajectoryStore
 
-    for mode in cfg.phase1_modes:
-        for seed in cfg.seeds:
-            directory = store_root / "trajectories" / trajectory_id(cfg, mode, seed)
-            kernels = kernel_directory(directory, cfg.kernel)
-            if not kernels.is_dir():  # computed with other settings (``kernel --set``)?
-                others = list((directory / "kernels").glob(f"{cfg.kernel.output}-*"))
-                kernels = others[0] if len(others) == 1 else kernels
-            study.kernels[(mode, seed)] = KernelTrajectory(kernels)
+    for trajectory in TrajectoryStore(store_root).of(cfg):
+        key = (trajectory.mode, trajectory.seed)
+        study.kernels[key] = trajectory.kernels(cfg.kernel, any_of_output=True)
 
 
 def studies(run_dir: Path) -> list[Study]:
     """The studies of an experiment or sweep output directory; ConfigError naming the file
     if it is neither, or damaged."""
-    from sweep.runner import read_results
-    from sweep.tracking import StateFileError
+    from sweep.layout import StateFileError, read_results
 
     try:
         if (run_dir / "sweep.json").is_file():
@@ -80,7 +73,7 @@ def studies(run_dir: Path) -> list[Study]:
 
 
 def _sweep_studies(out: Path) -> list[Study]:
-    from sweep.inspect import load_sweep, trial_status
+    from sweep.review import load_sweep, trial_status
 
     state, _ = load_sweep(out)
     return sweep_studies(out, [r["trial"] for r in trial_status(out, state)
@@ -89,7 +82,7 @@ def _sweep_studies(out: Path) -> list[Study]:
 
 def sweep_studies(out: Path, trials: list[str]) -> list[Study]:
     """One study per variant over the given trials that finished (their results.json)."""
-    from sweep.runner import read_results, variant_label
+    from sweep.layout import read_results, variant_label
 
     by_variant: dict[str, Study] = {}
     for trial in sorted(trials):
@@ -156,7 +149,7 @@ def show_claims(console: Console, results: list[tuple[str, list[Claim]]]) -> Non
 def read_claims(out: Path) -> list[tuple[str, list[Claim]]]:
     """What ``write_claims`` wrote (``claims.json``), for printing without recomputing;
     StateFileError naming the file if it is not that."""
-    from sweep.tracking import StateFileError, read_json
+    from sweep.layout import StateFileError, read_json
 
     path = out / "claims.json"
     try:

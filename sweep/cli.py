@@ -15,6 +15,12 @@ from pathlib import Path
 EXIT_BAD_INPUT = 2
 
 
+def _add_set(parser: argparse.ArgumentParser, help: str = "override a field") -> None:
+    """``--set KEY=VALUE`` (repeatable): config overrides, parsed by ``parse_overrides``."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help=help)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntk-sweep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,29 +29,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("config", help="a YAML file, or the name of a shipped one (see 'list')")
     exp.add_argument("--out", default=None, help="output directory (default runs/<name>)")
-    exp.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="KEY=VALUE", help="override a field, e.g. --set phase1.epochs=3")
+    _add_set(exp, "override a field, e.g. --set phase1.epochs=3")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     val = sub.add_parser("validate", help="validate an experiment config and exit")
     val.add_argument("config")
-    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set(val)
     ker = sub.add_parser("kernel", help="empirical NTKs of an experiment's phase-1 checkpoints")
     ker.add_argument("run_dir", help="an experiment's output directory")
-    ker.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="kernel settings, e.g. --set kernel.probe_size=100")
+    _add_set(ker, "kernel settings, e.g. --set kernel.probe_size=100")
     ker.add_argument("--quiet", action="store_true", help="no progress bar")
     fea = sub.add_parser("features", help="NTK eigen-feature images of phase-1 checkpoints")
     fea.add_argument("run_dir", help="an experiment's output directory")
     fea.add_argument("--epoch", type=float, required=True, help="a phase-1 checkpoint epoch")
     fea.add_argument("--classes", default=None, help="comma-separated classes (default 0-9)")
     fea.add_argument("--steps", type=int, default=600, help="signed-gradient steps")
-    fea.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="kernel settings, e.g. --set kernel.probe_size=100")
+    _add_set(fea, "kernel settings, e.g. --set kernel.probe_size=100")
     run = sub.add_parser("run", help="run a sweep as Ray Tune trials, recorded in MLflow")
     run.add_argument("space", help="a sweep YAML file, or the name of a shipped one")
     run.add_argument("--out", default=None, help="output directory (default runs/<name>)")
-    run.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="KEY=VALUE", help="override a field, e.g. --set phase2.epochs=3")
+    _add_set(run, "override a field, e.g. --set phase2.epochs=3")
     res = sub.add_parser("resume", help="finish an interrupted sweep (finished trials are kept)")
     res.add_argument("out", help="the sweep's output directory (holds sweep.json)")
     sta = sub.add_parser("status", help="the trials of a sweep: state, progress, metrics")
@@ -63,8 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--store", action="append", default=[],
                      help="output directories to search (default runs/*)")
     cmp.add_argument("--to", default="compare", help="where to write compare.csv/.png")
-    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="kernel settings, e.g. --set kernel.probe_size=100")
+    _add_set(cmp, "kernel settings, e.g. --set kernel.probe_size=100")
     cla = sub.add_parser("claims", help="the paper's claims checked on a finished run")
     cla.add_argument("run_dir", help="an experiment's or a sweep's output directory")
     cla.add_argument("--metric", default="worst_linf",
@@ -80,15 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--seed", type=int, default=None, help="default: the run's first seed")
     att.add_argument("--source", default=None, help="also score it on PGD examples crafted on "
                      "this model of the same seed, e.g. A-@30")
-    att.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="evaluation settings, e.g. --set eval.linf.iters=500")
+    _add_set(att, "evaluation settings, e.g. --set eval.linf.iters=500")
     k8s = sub.add_parser("k8s", help="Kubernetes manifests (KubeRay RayJob) for a sweep")
     k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
     ren = k8s_sub.add_parser("render", help="print a ConfigMap and a RayJob running SPACE")
     ren.add_argument("space", help="a sweep YAML file, or the name of a shipped one")
     ren.add_argument("--image", required=True, help="the ntk-sweep image (see Dockerfile)")
-    ren.add_argument("--set", dest="overrides", action="append", default=[],
-                     metavar="KEY=VALUE", help="override a field of the sweep")
+    _add_set(ren, "override a field of the sweep")
     ren.add_argument("--max-workers", type=int, default=4, help="autoscaling upper bound")
     ren.add_argument("--worker-cpus", type=int, default=None,
                      help="CPUs per worker pod (default: 4, or 8 with GPUs)")
@@ -128,7 +127,7 @@ def out_dir(args: argparse.Namespace, space, path: Path) -> Path:
 def _sweep_kernel_bytes(space, num_classes: int) -> float:
     """Kernel files of a sweep: one set per distinct trajectory (trials that differ only in
     phase 2 share theirs), times ``num_samples`` when values are drawn at random."""
-    from core.experiment import kernel_storage_bytes, trajectory_id
+    from core.trajectory_store import kernel_storage_bytes, trajectory_id
 
     per_trajectory: dict[str, float] = {}
     for cfg in space.configs():
@@ -144,7 +143,7 @@ def _sweep_kernel_bytes(space, num_classes: int) -> float:
 
 def _check_tracking(out: Path) -> None:
     """ConfigError unless the MLflow store the sweep will use answers (checked before Ray)."""
-    from sweep.runner import tracking_uri
+    from sweep.layout import tracking_uri
 
     _check_tracking_uri(tracking_uri(out.absolute()), "MLFLOW_TRACKING_URI")
 
@@ -214,7 +213,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         return _fail(problem)
 
     from core.train import Divergence
-    from sweep.report import print_summary, run_with_progress
+    from sweep.terminal import print_summary, run_with_progress
 
     try:
         rows = run_with_progress(cfg, out, quiet=args.quiet)
@@ -303,7 +302,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from core.config import ConfigError, read_config_file
-    from core.data import DataError
+    from core.data import DataError, dataset_of
     from core.preflight import preflight
     from search_spaces import resolve
     from sweep.space import parse_space
@@ -313,7 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         space = parse_space(read_config_file(path, args.overrides), str(path))
         first = space.config({p: d.args[0] for p, d in space.distributions.items()})
         preflight(first, kernels=first.kernel.enabled,
-                   kernel_bytes=_sweep_kernel_bytes(space, first.dataset.load().num_classes))
+                   kernel_bytes=_sweep_kernel_bytes(space, dataset_of(first.dataset).num_classes))
         _check_tracking(out_dir(args, space, path))
     except (ConfigError, DataError) as e:
         return _fail(str(e))
@@ -348,8 +347,8 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
     """Prints the sweep's summary table, where its files are and how to open MLflow."""
     from sweep.claims import read_claims, show_claims
     from sweep.console import stdout_console
-    from sweep.report import show_summary
-    from sweep.runner import tracking_uri, trial_files, trial_outcomes
+    from sweep.layout import tracking_uri, trial_files, trial_outcomes
+    from sweep.terminal import show_summary
 
     console = stdout_console()
     trials = [r["trial_id"] for r in records]  # this sweep's, not earlier ones' in ``out``
@@ -376,7 +375,7 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from core.config import ConfigError
-    from sweep.inspect import resumable_sweep
+    from sweep.review import resumable_sweep
 
     out = Path(args.out)
     try:
@@ -394,7 +393,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from core.config import ConfigError
     from sweep.console import stdout_console
-    from sweep.inspect import load_sweep, trial_status
+    from sweep.review import load_sweep, trial_status
 
     out = Path(args.out)
     try:
@@ -426,8 +425,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from core.config import ConfigError
     from sweep.console import stdout_console
-    from sweep.inspect import report, sweep_state
-    from sweep.report import show_summary
+    from sweep.review import report, sweep_state
+    from sweep.terminal import show_summary
 
     try:
         state = sweep_state(Path(args.out)) if args.out else {}
@@ -458,7 +457,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from core.config import ConfigError
     from core.data import DataError
     from sweep.console import stdout_console
-    from sweep.inspect import compare, resolve_trajectory
+    from sweep.review import compare, resolve_trajectory
 
     stores = [Path(s) for s in args.store] or sorted(Path("runs").glob("*/"))
     try:
@@ -512,8 +511,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         parse_overrides,
         stored_config,
     )
-    from sweep.runner import read_results
-    from sweep.tracking import StateFileError
+    from core.trajectory_store import TrajectoryStore
+    from sweep.layout import StateFileError, read_results
 
     run_dir = Path(args.run_dir)
     try:
@@ -536,11 +535,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     except (StateFileError, ConfigError, AuditError) as e:
         return _fail(str(e))
     store_root = next((d for d in (run_dir, run_dir.parent.parent)
-                       if (d / "trajectories").is_dir()), run_dir)
+                       if TrajectoryStore(d).directory.is_dir()), run_dir)
     if problem := _check_writable(run_dir):
         return _fail(problem)
 
-    from sweep.report import run_audit
+    from sweep.terminal import run_audit
 
     return run_audit(cfg, run_dir, store_root, ref, seed, source, recorded, run_eval)
 

@@ -14,7 +14,6 @@ Ray dashboard is reached only through the head's ClusterIP service (job submissi
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -149,7 +148,3 @@ def dump(documents: list[dict[str, Any]]) -> str:
     """Multi-document YAML, keys in the order written."""
     return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
 
-
-def render_file(path: Path, image: str, **options: Any) -> str:
-    """The manifests of the sweep file at ``path`` as YAML."""
-    return dump(render_sweep(path.stem, path.read_text(), image, **options))

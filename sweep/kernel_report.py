@@ -13,28 +13,27 @@ from rich.progress import Progress
 from rich.table import Table
 
 from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
-from core.data import DataError
+from core.data import DataError, dataset_of
 from core.kernels import MEASURES
 from core.results import write_csv
 from core.trajectory_kernels import (
-    TrajectoryInfo,
     compute_trajectory_kernels,
     cross_trajectory_distances,
-    find_trajectories,
     open_trajectory,
     probe_set,
     trajectory_measures,
 )
+from core.trajectory_store import Trajectory, TrajectoryStore
 from sweep.console import stdout_console
 from sweep.plots import kernel_distance_plot, trajectory_heatmap
 
 COLUMNS = ("epoch", *MEASURES)
 
 
-def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[TrajectoryInfo]]:
+def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[Trajectory]]:
     """The kernel settings (the experiment's, with ``kernel.*`` overrides), validated against
     the data, and the run's trajectories."""
-    infos = find_trajectories(run_dir)
+    infos = TrajectoryStore(run_dir).stored()
     base = infos[0].config.kernel.model_dump() if infos else {}
     extra = parse_overrides(overrides)
     unknown = set(extra) - {"kernel"}
@@ -47,7 +46,7 @@ def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[T
         raise ConfigError(f"invalid kernel settings\n{lines}") from None
     if infos:
         ds = infos[0].config.dataset
-        data = ds.load()
+        data = dataset_of(ds)
         if spec.probe_size > len(data.y_train):
             raise DataError(f"kernel.probe_size: {spec.probe_size} exceeds the "
                             f"{len(data.y_train)} training images")
@@ -72,7 +71,7 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
+def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[Trajectory],
                 quiet: bool = False) -> dict[str, Any]:
     """Computes every trajectory's kernels, prints and writes ``kernel_measures.{json,csv}``."""
     err, out = Console(stderr=True), stdout_console()
@@ -112,7 +111,7 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo],
     return result
 
 
-def run_features(run_dir: Path, spec: KernelSpec, infos: list[TrajectoryInfo], epoch: float,
+def run_features(run_dir: Path, spec: KernelSpec, infos: list[Trajectory], epoch: float,
                  classes: list[int] | None, steps: int) -> list[Path]:
     """Eigen-feature grids (``core.features``) of every trajectory at ``epoch``."""
     from core.dynamics import make_apply_fn

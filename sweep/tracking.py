@@ -3,20 +3,19 @@ MLflow state. The experiment is created by the driver (Ray's ``setup_mlflow`` wo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from core.config import read_prefix
 from core.timing import timed
+from sweep.layout import read_json, write_json
 
 PARENT_TAG = "mlflow.parentRunId"
 KERNEL_STEPS_PER_EPOCH = 1000
@@ -70,57 +69,6 @@ class _TimedClient:
         return call
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Writes JSON atomically (a temporary file renamed over ``path``): a reader, or a
-    process killed half-way, never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
-MAX_STATE_BYTES = 64 * 2**20  # a state file larger than this is not one the sweep wrote
-
-
-def read_json(path: Path, kind: type | None = dict) -> Any:
-    """A JSON state file the sweep wrote; ``StateFileError`` naming the file and what is wrong
-    (missing, too large, not UTF-8 text, not JSON, not a ``kind``)."""
-    try:
-        data = read_prefix(path, MAX_STATE_BYTES)
-    except FileNotFoundError:
-        raise StateFileError(f"{path}: not found") from None
-    except OSError as e:
-        raise StateFileError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) > MAX_STATE_BYTES:
-        raise StateFileError(f"{path}: more than the {MAX_STATE_BYTES} bytes of a state file "
-                             "of ntk-sweep")
-    try:
-        data = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise StateFileError(f"{path}: not text (damaged?)") from None
-    except json.JSONDecodeError as e:
-        raise StateFileError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise StateFileError(f"{path}: nested too deeply") from None
-    if kind is not None and not isinstance(data, kind):
-        raise StateFileError(f"{path}: a JSON {type(data).__name__}, not the "
-                             f"{kind.__name__} ntk-sweep wrote")
-    return data
-
-
-def read_record(path: Path, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
-    """``read_json`` of a JSON object that must hold ``keys`` with values of those types;
-    ``StateFileError`` naming the file and the first key missing or of another type."""
-    data = read_json(path)
-    for key, kind in keys.items():
-        if key not in data:
-            raise StateFileError(f"{path}: {key}: missing")
-        if not isinstance(data[key], kind):
-            kinds = kind if isinstance(kind, tuple) else (kind,)
-            raise StateFileError(f"{path}: {key}: a {type(data[key]).__name__}, not a "
-                                 + " or ".join(k.__name__ for k in kinds))
-    return data
-
-
 FAILPOINT = "NTK_SWEEP_FAILPOINT"  # <name>:<marker file>, for the fault-injection tests
 
 
@@ -151,10 +99,6 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
-class StateFileError(ValueError):
-    """A file the sweep wrote is missing or damaged; the message starts with its path."""
-
-
 def transient(error: BaseException) -> bool:
     """Whether an MLflow call failed because the server could not be reached or answered
     with a server error (worth retrying), rather than because the request was wrong."""
@@ -172,6 +116,9 @@ def transient(error: BaseException) -> bool:
 
 WAIT_S = float(os.environ.get("NTK_SWEEP_TRACKING_WAIT_S", "900"))
 RETRY_EVERY_S = 5.0
+MAX_BACKOFF_S = 30.0  # the longest wait between two tries of an MLflow request
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value (longer ones are cut)
+MAX_TAG_CHARS = 5000  # what a tag keeps of an error message (MLflow allows 8000)
 
 
 class Tracker:
@@ -283,7 +230,7 @@ class Tracker:
                 if time.monotonic() + delay > deadline:
                     return False
                 time.sleep(delay)
-                delay = min(2 * delay, 30.0)
+                delay = min(2 * delay, MAX_BACKOFF_S)
                 continue
             self.pending.pop(0)
         return True
@@ -316,7 +263,7 @@ class Tracker:
                 if not transient(e) or time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)
-                delay = min(2 * delay, 30.0)
+                delay = min(2 * delay, MAX_BACKOFF_S)
 
     @property
     def local(self) -> bool:
@@ -376,7 +323,7 @@ class Tracker:
 
     def params(self, run_id: str, params: dict[str, Any]) -> None:
         self._submit({"kind": "batch", "run": run_id,
-                      "params": [[k, str(v)[:6000]] for k, v in params.items()]})
+                      "params": [[k, str(v)[:MAX_PARAM_CHARS]] for k, v in params.items()]})
 
     def tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self._submit({"kind": "batch", "run": run_id,
@@ -423,3 +370,39 @@ class Tracker:
             return done, broken
 
         return self._retrying(read)
+
+    def resume(self, run_id: str, pending: Path) -> ResumedRun:
+        """Continues a trial's run after a retry or restore: marks it running, delivers the
+        writes an earlier attempt saved in ``pending`` (and saves back what is still left, so
+        no later attempt sends it twice), and returns what the run already has, so the
+        attempt logs no (metric, step) and creates no child run twice.
+
+        A child an earlier attempt created is not created again; one it created but did not
+        finish (died between creating and ending it) is completed with the metrics it lacks.
+        """
+        self.reopen(run_id)
+        seen = self.logged(run_id)
+        children, unfinished = self.children(run_id)
+        self.load_pending(pending)
+        self.pending = [op for op in self.pending
+                        if not (op["kind"] == "child" and "run" not in op
+                                and op["name"] in children)]
+        for op in self.pending:
+            if op["kind"] == "child" and "run" not in op and op["name"] in unfinished:
+                op["run"], has = unfinished[op["name"]]
+                op["metrics"] = [m for m in op["metrics"] if m[0] not in has]
+            seen |= {(m[0], m[3]) for m in op.get("metrics", ()) if op.get("run") == run_id}
+            if op["kind"] == "child":
+                children[op["name"]] = op.get("run", "pending")
+        self.flush(0.0)
+        self.save_pending(pending)
+        return ResumedRun(seen, children, unfinished)
+
+
+class ResumedRun(NamedTuple):
+    """What a continued run already has: (metric, step) pairs logged, child runs by name
+    (finished or queued), and unfinished children by name (run id, metric keys it has)."""
+
+    seen: set[tuple[str, int]]
+    children: dict[str, str]
+    unfinished: dict[str, tuple[str, list[str]]]

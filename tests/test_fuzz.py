@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from core.config import MAX_SCALAR_CHARS, RESULT_METRICS, ExperimentConfig
 from sweep.cli import main
-from sweep.runner import FAILED_STATE, RESULT_ROW, VARIANT_FILE, trial_outcomes
+from sweep.layout import FAILED_STATE, RESULT_ROW, VARIANT_FILE, trial_outcomes
 
 BASE = {
     "name": "fuzz",

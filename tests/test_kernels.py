@@ -149,3 +149,18 @@ def test_every_measure_comes_from_the_registry():
     assert set(km.summary(k[0], labels, 2)) == set(km.PER_KERNEL)
     assert km.MEASURES == (*km.ALONG_TRAJECTORY, *km.PER_KERNEL)
     assert set(km.SWITCH_MEASURES) <= set(km.ALONG_TRAJECTORY)
+
+
+def test_log10_condition_against_analytic_spectra():
+    """Diagonal kernels have their entries as eigenvalues: log10(max / min); a rank-one
+    kernel is singular and reads -log10(eps) of its dtype, not inf; scale does not matter."""
+    k = np.diag([1.0, 10.0, 1000.0])
+    np.testing.assert_allclose(km.log10_condition(k), 3.0)
+    np.testing.assert_allclose(km.log10_condition(7.0 * k), 3.0)
+    v = np.arange(1.0, 5.0)[:, None]
+    for dtype in (np.float32, np.float64):
+        singular = (v @ v.T).astype(dtype)
+        np.testing.assert_allclose(km.log10_condition(singular), -np.log10(np.finfo(dtype).eps),
+                                   rtol=1e-6)
+    stack = np.stack([k, np.eye(3)])
+    np.testing.assert_allclose(km.log10_condition(stack), [3.0, 0.0], atol=1e-12)

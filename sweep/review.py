@@ -20,15 +20,17 @@ from typing import Any
 import yaml
 
 from core.config import MODES, RESULT_METRICS, ConfigError
-from sweep.runner import HEARTBEAT, SWEEP_STATE, format_variant, resolved
-from sweep.space import SweepSpace
-from sweep.tracking import (
-    PARENT_TAG,
+from core.trajectory_store import TrajectoryStore, is_trajectory
+from sweep.layout import (
+    HEARTBEAT,
+    SWEEP_STATE,
     StateFileError,
-    kernel_epoch,
+    format_variant,
     read_record,
-    search_all,
+    resolved,
 )
+from sweep.space import SweepSpace
+from sweep.tracking import PARENT_TAG, kernel_epoch, search_all
 
 SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
                     "experiment_id": str, "parent_run": str}
@@ -87,7 +89,7 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     stage and age of its heartbeat, if it has one."""
     from ray.tune import ExperimentAnalysis
 
-    from sweep.runner import CONTEXT_KEY, FAILED_STATE, read_results
+    from sweep.layout import CONTEXT_KEY, FAILED_STATE, read_results
 
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     try:
@@ -235,13 +237,13 @@ def mlflow_claims(rows: list[dict[str, Any]], curves: dict[str, list[Any]], pare
 
 
 def _trajectory_dirs(stores: list[Path]) -> list[Path]:
-    return [p.parent for s in stores for p in sorted(s.glob("trajectories/*/trajectory.json"))]
+    return [TrajectoryStore(s).directory / t for s in stores for t in TrajectoryStore(s).ids()]
 
 
 def resolve_trajectory(ref: str, stores: list[Path]) -> Path:
     """The trajectory directory ``ref`` names (see the module docstring)."""
     path = Path(ref)
-    if (path / "trajectory.json").is_file():
+    if is_trajectory(path):
         return path
     if "/" in ref and not path.exists():  # <trial run id>/<mode>
         run_id, mode = ref.rsplit("/", 1)
@@ -278,16 +280,12 @@ def compare(dir_a: Path, dir_b: Path, out: Path, overrides: list[str]) -> list[d
     from core.trajectory_kernels import (
         compute_trajectory_kernels,
         cross_trajectory_distances,
-        find_trajectories,
         trajectory_measures,
     )
     from sweep.kernel_report import kernel_spec
     from sweep.plots import epoch_axis, save_figure
 
-    infos = []
-    for d in (dir_a, dir_b):
-        (info,) = [i for i in find_trajectories(d.parent.parent) if i.directory == d]
-        infos.append(info)
+    infos = [TrajectoryStore(d.parent.parent).at(d) for d in (dir_a, dir_b)]
     a, b = infos
     if a.config.dataset != b.config.dataset:
         raise ConfigError(f"{a.id} and {b.id} were trained on different datasets; their "

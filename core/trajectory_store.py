@@ -1,0 +1,201 @@
+"""Where phase-1 trajectories live: the one place that knows a trajectory's id, directory,
+lock, checkpoints, kernels and record.
+
+Layout under a store root (an experiment's output directory, or a sweep's: its trials share
+one store, and so do later sweeps and experiments given the same root)::
+
+    trajectories/<id>/trajectory.json                 id, mode, seed, config (the record)
+    trajectories/<id>/checkpoints/<step>/             orbax checkpoints
+    trajectories/<id>/kernels/<output>-<hash>/epoch_*.npz
+    trajectories/<id>.lock                            flock: one writer at a time
+
+``<id>`` hashes what determines the trajectory (dataset, model, phase-1 optimisation and
+attack, data mode, seed; not its length), so two configs that differ only in phase 2 or in
+their switch points share it, and a trajectory found stored is continued, never retrained.
+``<hash>`` hashes the kernel settings that change the numbers (probe set, output, logit,
+dtype), so kernels of other settings never mix.
+
+This module imports neither JAX nor orbax (the checkpoint store is opened lazily): the CLI
+uses it to estimate storage and resolve ids without loading JAX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.config import ExperimentConfig, KernelSpec, config_from_dict
+from core.kernel_store import KernelTrajectory
+
+if TYPE_CHECKING:
+    from core.checkpoints import CheckpointStore
+
+RECORD = "trajectory.json"
+CHECKPOINTS = "checkpoints"
+KERNELS = "kernels"
+
+NEW_ATTACK_FIELDS = {"schedule": "fixed"}
+"""AttackSpec fields newer than the first stored trajectories, with their defaults: left out
+of the id at their default, so that those trajectories keep their ids."""
+
+
+def trajectory_id(cfg: ExperimentConfig, mode: str, seed: int) -> str:
+    """Content hash (16 hex digits) of everything that determines a phase-1 trajectory."""
+    spec = {
+        "dataset": cfg.dataset.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "phase1": cfg.phase1.model_dump(mode="json", exclude={"epochs"}),
+        "mode": mode,
+        "seed": seed,
+    }
+    if mode != "F":
+        spec["phase1"].pop("flip_epoch")
+    if mode == "C":
+        spec["phase1"].pop("attack")
+        spec["phase1"].pop("adv_scheme")
+    for name, default in NEW_ATTACK_FIELDS.items():
+        if spec["phase1"].get("attack", {}).get(name, default) == default:
+            spec["phase1"].get("attack", {}).pop(name, None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def kernel_key(spec: KernelSpec) -> str:
+    """``<output>-<hash>``: the kernel directory name of the settings ``spec``."""
+    key = {k: getattr(spec, k) for k in ("probe_size", "probe_seed", "output", "logit", "dtype")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{spec.output}-{digest}"
+
+
+def epoch_to_step(epoch: float, steps_per_epoch: int) -> int:
+    """The minibatch step at (possibly fractional) epoch: round(epoch * steps_per_epoch)."""
+    return int(round(epoch * steps_per_epoch))
+
+
+def checkpoint_epochs(cfg: ExperimentConfig) -> list[float]:
+    """Every whole epoch of phase 1, the fractional checkpoints and the switch points."""
+    last = cfg.phase1_epochs
+    whole = range(int(math.floor(last)) + 1)
+    points = {*whole, *cfg.fractional_checkpoints, *cfg.switch_points, last}
+    return sorted(p for p in points if p <= last)
+
+
+def kernel_storage_bytes(cfg: ExperimentConfig, num_classes: int) -> int:
+    """Upper bound on the kernel files of one seed (every data mode's trajectory, each
+    checkpoint or ``kernel.epochs``), uncompressed: probe_size^2 x outputs x itemsize each."""
+    spec = cfg.kernel
+    outputs = {"logit": 1, "trace": 1, "classwise": num_classes, "full": num_classes ** 2}
+    per_kernel = spec.probe_size ** 2 * outputs[spec.output] * (8 if spec.dtype == "float64"
+                                                                 else 4)
+    checkpoints = len(checkpoint_epochs(cfg)) if spec.epochs is None else len(spec.epochs)
+    return per_kernel * checkpoints * len(cfg.phase1_modes)
+
+
+def checkpoint_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> dict[int, float]:
+    """{step: epoch} of phase-1 checkpoints. Where several epochs round to one step, a whole
+    epoch or a switch point names it rather than a fractional checkpoint."""
+    named = {*range(int(math.floor(cfg.phase1_epochs)) + 1), *cfg.switch_points}
+    steps: dict[int, float] = {}
+    for e in sorted(checkpoint_epochs(cfg), key=lambda e: e in named):  # named ones last: win
+        steps[epoch_to_step(e, steps_per_epoch)] = e
+    return steps
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One phase-1 trajectory: data mode ``mode`` (C, A or F) of ``seed`` under ``config``,
+    stored in ``directory`` (which need not exist yet)."""
+
+    id: str
+    mode: str
+    seed: int
+    directory: Path
+    config: ExperimentConfig
+
+    @property
+    def record_path(self) -> Path:
+        return self.directory / RECORD
+
+    def exists(self) -> bool:
+        """Phase 1 has started it (its record is written before the first step)."""
+        return self.record_path.is_file()
+
+    def write_record(self) -> None:
+        record = {"id": self.id, "mode": self.mode, "seed": self.seed,
+                  "config": self.config.model_dump(mode="json")}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.record_path.write_text(json.dumps(record, indent=1))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """An exclusive ``flock`` on ``<directory>.lock`` while the block runs: phase-1
+        training and kernel computation of one trajectory happen in one process at a time
+        (trials that share it wait, then find the work stored)."""
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.directory.with_name(self.directory.name + ".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def checkpoints(self) -> CheckpointStore:
+        """The orbax checkpoint store (opened here; the caller closes it)."""
+        from core.checkpoints import CheckpointStore
+
+        return CheckpointStore(self.directory / CHECKPOINTS)
+
+    def kernel_directory(self, spec: KernelSpec) -> Path:
+        return self.directory / KERNELS / kernel_key(spec)
+
+    def kernels(self, spec: KernelSpec, any_of_output: bool = False) -> KernelTrajectory:
+        """The stored kernels of settings ``spec``. ``any_of_output``: if none are, the only
+        kernels of the same output mode computed with other settings (``kernel --set``)."""
+        directory = self.kernel_directory(spec)
+        if any_of_output and not directory.is_dir():
+            others = list((self.directory / KERNELS).glob(f"{spec.output}-*"))
+            directory = others[0] if len(others) == 1 else directory
+        return KernelTrajectory(directory)
+
+
+class TrajectoryStore:
+    """The trajectories under ``root/trajectories``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.directory = self.root / "trajectories"
+
+    def get(self, cfg: ExperimentConfig, mode: str, seed: int) -> Trajectory:
+        tid = trajectory_id(cfg, mode, seed)
+        return Trajectory(tid, mode, seed, self.directory / tid, cfg)
+
+    def of(self, cfg: ExperimentConfig, seeds: Any = None) -> list[Trajectory]:
+        """The trajectories ``cfg`` trains: every phase-1 data mode of each seed (``seeds``,
+        default the config's), stored or not."""
+        return [self.get(cfg, mode, seed) for seed in (cfg.seeds if seeds is None else seeds)
+                for mode in cfg.phase1_modes]
+
+    def stored(self) -> list[Trajectory]:
+        """Every trajectory with a record here, by id, as its record describes it."""
+        return [self.at(path.parent) for path in sorted(self.directory.glob(f"*/{RECORD}"))]
+
+    def ids(self) -> list[str]:
+        """Ids of the trajectories with a record here, without parsing the records."""
+        return [p.parent.name for p in sorted(self.directory.glob(f"*/{RECORD}"))]
+
+    def at(self, directory: Path) -> Trajectory:
+        """The stored trajectory in ``directory``, as its record describes it."""
+        path = Path(directory) / RECORD
+        meta = json.loads(path.read_text())
+        return Trajectory(meta["id"], meta["mode"], meta["seed"], Path(directory),
+                          config_from_dict(meta["config"], str(path)))
+
+
+def is_trajectory(directory: Path) -> bool:
+    return (Path(directory) / RECORD).is_file()

@@ -1,0 +1,126 @@
+"""Kernel measures to MLflow: a trial's trajectories (on its run) and the distances between a
+sweep's trajectories (on the parent run). The measures logged are ``core.kernels.MEASURES``,
+as ``kernel/<mode>/<measure>``; steps follow ``sweep.tracking.kernel_step`` (epoch x 1000)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.config import ConfigError, config_from_dict
+from core.kernel_store import KernelTrajectory
+from core.kernels import MEASURES
+from core.trajectory_store import Trajectory, TrajectoryStore
+from sweep.layout import StateFileError, read_results, trial_files, variant_label
+from sweep.tracking import Tracker, kernel_step
+
+
+def log_kernels(tracker: Tracker, run: str, cfg: Any, trajectories: list[Trajectory],
+                trial_dir: Path, seen: set[tuple[str, int]] | None = None) -> list[Path]:
+    """Kernels of ``trajectories`` (the trial's) at every checkpoint (computed once per
+    trajectory, under its lock, and stored with it), their measures as metrics and the
+    distances between them (``kernel/cross/<modes>/distance``). The kernel files at the
+    switch points and the last checkpoint (the kernels phase 2 trains with) become artifacts
+    ``kernels/<mode>/``. Returns the plots written under ``trial_dir`` (distance curves, one
+    epoch-by-epoch heatmap per trajectory)."""
+    from core.trajectory_kernels import (
+        compute_trajectory_kernels,
+        cross_trajectory_distances,
+        trajectory_measures,
+    )
+    from sweep.plots import kernel_distance_plot, trajectory_heatmap
+
+    rows_of, stores = {}, {}
+    for t in trajectories:
+        stores[t.mode] = store = compute_trajectory_kernels(t, cfg.kernel)
+        epochs = store.epochs()
+        rows = trajectory_measures(store, len(np.unique(store.load(epochs[0]).labels)))
+        rows_of[t.id] = {"mode": t.mode, "seed": t.seed, "rows": rows}
+        for r in rows:
+            tracker.log(run, {f"kernel/{t.mode}/{k}": r[k] for k in MEASURES},
+                        step=kernel_step(r["epoch"]), skip=seen)
+        for epoch in sorted({*cfg.switch_points, epochs[-1]} & set(epochs)):
+            tracker.artifact(run, store.path(epoch), f"kernels/{t.mode}")
+    modes = sorted(stores)
+    for i, a in enumerate(modes):
+        for b in modes[i + 1:]:
+            for r in cross_trajectory_distances(stores[a], stores[b]):
+                tracker.log(run, {f"kernel/cross/{a}{b}/distance": r["distance"]},
+                            step=kernel_step(r["epoch"]), skip=seen)
+    if not rows_of:
+        return []
+    seed = cfg.seeds[0]
+    plots = [kernel_distance_plot(rows_of, trial_dir / "kernel_distances.png")]
+    for mode, store in stores.items():
+        plots.append(trajectory_heatmap(store, f"kernel distances, {mode} seed {seed}",
+                                        trial_dir / f"kernel_heatmap_{mode}.png"))
+    return plots
+
+
+def _families(out: Path, trials: Collection[str]
+              ) -> tuple[dict[str, dict[str, KernelTrajectory]], dict[str, str]]:
+    """The trials' kernel trajectories grouped by phase-1 configuration and kernel setting
+    (what a trial varies apart from the seed: one family's trajectories differ only in data
+    mode and seed), keyed ``<mode><seed>``; and each family's variant label."""
+    families: dict[str, dict[str, KernelTrajectory]] = {}
+    labels: dict[str, str] = {}
+    store = TrajectoryStore(out)
+    for path in trial_files(out, trials, "results.json"):
+        try:
+            cfg = config_from_dict(read_results(path)["config"], str(path))
+            label = variant_label(path.parent)
+        except (StateFileError, ConfigError):
+            continue  # listed among the failed trials by trial_outcomes
+        if not cfg.kernel.enabled:
+            continue
+        family = json.dumps([cfg.dataset.model_dump(mode="json"),
+                             cfg.model.model_dump(mode="json"),
+                             cfg.phase1.model_dump(mode="json", exclude={"epochs"}),
+                             cfg.kernel.model_dump(mode="json")], sort_keys=True)
+        labels.setdefault(family, label)
+        for t in store.of(cfg):
+            kernels = t.kernels(cfg.kernel)
+            if kernels.epochs():
+                families.setdefault(family, {})[f"{t.mode}{t.seed}"] = kernels
+    return families, labels
+
+
+def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
+                           trials: Collection[str]) -> list[Path]:
+    """Kernel distances between the sweep's trajectories, on the parent run: for every pair
+    of trajectories (data mode x seed) of one phase-1 configuration, S(K^a_t, K^b_t) at their
+    common checkpoints as ``kernel/cross/<mode><seed>-<mode><seed>/distance`` (step = epoch x
+    1000, a configuration prefix when the sweep varies it), and one matrix plot per
+    configuration at the last common epoch. Seed vs seed shows how much of a kernel's
+    evolution is the data mode rather than the initialisation."""
+    from core.trajectory_kernels import cross_trajectory_distances
+    from sweep.plots import heatmap_plot
+
+    families, labels = _families(out, trials)
+    plots = []
+    for index, (family, stores) in enumerate(sorted(families.items())):
+        names = sorted(stores)
+        if len(names) < 2:
+            continue
+        prefix = f"config{index}/" if len(families) > 1 else ""
+        if prefix:  # metric names cannot hold the variant ('='): a tag says which it is
+            tracker.tags(parent, {f"kernel/cross/config{index}": labels[family]})
+        matrix = np.zeros((len(names), len(names)))
+        for i, a in enumerate(names):
+            for j in range(i + 1, len(names)):
+                b = names[j]
+                rows = cross_trajectory_distances(stores[a], stores[b])
+                for r in rows:
+                    tracker.log(parent, {f"kernel/cross/{prefix}{a}-{b}/distance": r["distance"]},
+                                step=kernel_step(r["epoch"]))
+                matrix[i, j] = matrix[j, i] = rows[-1]["distance"] if rows else np.nan
+        plots.append(heatmap_plot(
+            names, matrix, "kernel distance between trajectories (last common epoch)"
+            + (f"\n{labels[family]}" if labels[family] else ""),
+            out / f"cross_trajectory{index if len(families) > 1 else ''}.png",
+            axis="trajectory (data mode, seed)"))
+    return plots

@@ -1,0 +1,199 @@
+"""The output directory of a sweep: what lives where, and how to read it back.
+
+Layout under ``<out>`` (the sweep's output directory)::
+
+    sweep.json                       the space, MLflow parent run, Tune experiment (resume)
+    trajectories/                    the trajectory store (``core/trajectory_store.py``)
+    trials/<trial id>/variant.json   the trial's sampled values but the seed
+    trials/<trial id>/results.json   its config and result rows (the experiment's tables)
+    trials/<trial id>/final.json     written once the trial has finished
+    trials/<trial id>/failed.json    written when it diverged (the error)
+    trials/<trial id>/heartbeat.json the worker's last stage (``ntk-sweep status``)
+    trials/<trial id>/pending_mlflow_writes.json   writes an attempt could not deliver
+    ray/                             Ray Tune's experiment (``NTK_SWEEP_STORAGE`` moves it)
+    mlflow.db, mlartifacts/          the local MLflow store (``MLFLOW_TRACKING_URI`` moves it)
+
+This module imports neither JAX nor Ray nor MLflow: ``status``, ``report`` and the CLI read
+a sweep through it without loading the runner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from core.config import RESULT_METRICS, read_prefix
+
+
+class StateFileError(ValueError):
+    """A file the sweep wrote is missing or damaged; the message starts with its path."""
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes JSON atomically (a temporary file renamed over ``path``): a reader, or a
+    process killed half-way, never leaves half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+MAX_STATE_BYTES = 64 * 2**20  # a state file larger than this is not one the sweep wrote
+
+
+def read_json(path: Path, kind: type | None = dict) -> Any:
+    """A JSON state file the sweep wrote; ``StateFileError`` naming the file and what is wrong
+    (missing, too large, not UTF-8 text, not JSON, not a ``kind``)."""
+    try:
+        data = read_prefix(path, MAX_STATE_BYTES)
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: not found") from None
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > MAX_STATE_BYTES:
+        raise StateFileError(f"{path}: more than the {MAX_STATE_BYTES} bytes of a state file "
+                             "of ntk-sweep")
+    try:
+        data = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise StateFileError(f"{path}: not text (damaged?)") from None
+    except json.JSONDecodeError as e:
+        raise StateFileError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise StateFileError(f"{path}: nested too deeply") from None
+    if kind is not None and not isinstance(data, kind):
+        raise StateFileError(f"{path}: a JSON {type(data).__name__}, not the "
+                             f"{kind.__name__} ntk-sweep wrote")
+    return data
+
+
+def read_record(path: Path, keys: dict[str, type | tuple[type, ...]]) -> dict[str, Any]:
+    """``read_json`` of a JSON object that must hold ``keys`` with values of those types;
+    ``StateFileError`` naming the file and the first key missing or of another type."""
+    data = read_json(path)
+    for key, kind in keys.items():
+        if key not in data:
+            raise StateFileError(f"{path}: {key}: missing")
+        if not isinstance(data[key], kind):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            raise StateFileError(f"{path}: {key}: a {type(data[key]).__name__}, not a "
+                                 + " or ".join(k.__name__ for k in kinds))
+    return data
+
+
+SWEEP_STATE = "sweep.json"
+
+
+def _local_path(location: str) -> tuple[str, Path | None]:
+    """(``sqlite:///`` or "", the file path) of a local location; (location, None) for a
+    URI of anything else (``s3://``, ``http://``)."""
+    prefix = "sqlite:///" if location.startswith("sqlite:///") else ""
+    path = location[len(prefix):]
+    return (location, None) if "://" in path else (prefix, Path(path))
+
+
+def portable(out: Path, location: str) -> str:
+    """``location`` (a path, or a ``sqlite:///`` URI) as ``sweep.json`` keeps it: relative to
+    ``out`` when inside it, so that a copied or moved output directory reads its own Ray
+    storage and MLflow database, never the original's. Other locations stay as they are."""
+    prefix, path = _local_path(location)
+    if path is None or not path.is_absolute() or not path.is_relative_to(out):
+        return location
+    return prefix + str(path.relative_to(out))
+
+
+def resolved(out: Path, location: str) -> str:
+    """The inverse of ``portable`` for the output directory ``out`` the state was read from."""
+    prefix, path = _local_path(location)
+    if path is None or path.is_absolute():
+        return location
+    return prefix + str(out.absolute() / path)
+
+
+def ray_storage(out: Path) -> str:
+    """Where Ray Tune keeps the sweep's experiment state: ``NTK_SWEEP_STORAGE`` or
+    ``<out>/ray``."""
+    return os.environ.get("NTK_SWEEP_STORAGE") or str(out / "ray")
+
+
+def tracking_uri(out: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').absolute()}"
+
+
+def trial_dir(out: Path, trial_id: str) -> Path:
+    """``<out>/trials/<trial id>``: the files of one trial."""
+    return out / "trials" / trial_id
+
+
+CONTEXT_KEY = "_ntk_sweep"  # the param-space entry holding what every trial shares
+TRIAL_STATE = "trial.json"  # in the trial's Tune checkpoint: its MLflow run id
+FINAL_STATE = "final.json"  # in <out>/trials/<trial id>/ once the trial has finished
+VARIANT_FILE = "variant.json"  # in <out>/trials/<trial id>/: its sampled values but the seed
+FAILED_STATE = "failed.json"  # in <out>/trials/<trial id>/ when it diverged
+PENDING_WRITES = "pending_mlflow_writes.json"  # MLflow writes an attempt could not deliver
+HEARTBEAT = "heartbeat.json"
+
+
+def format_variant(values: dict[str, Any]) -> str:
+    """``phase1.attack.eps=0.1, phase2.lr=0.01``: a trial's sampled values but the seed."""
+    return ", ".join(f"{p}={v:.4g}" if isinstance(v, float) else f"{p}={v}"
+                     for p, v in sorted(values.items()) if p != "seeds")
+
+
+def variant_label(trial_dir: Path) -> str:
+    """The ``format_variant`` of the trial whose directory is ``trial_dir`` (StateFileError if
+    its file is damaged)."""
+    path = trial_dir / VARIANT_FILE
+    return format_variant(read_json(path) if path.is_file() else {})
+
+
+RESULT_ROW = {"seed": int, "code": str, "switch_epoch": (int, float), "switch_rule": str,
+              "accuracy": (int, float), "robust_linf": (int, float)}  # in every version's rows
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A trial's ``results.json`` (its config and result rows), checked: StateFileError naming
+    the file and what is wrong. A result metric an older version did not report (e.g.
+    ``worst_linf``) reads as NaN (shown as "-"), so a sweep resumed across an upgrade keeps
+    its finished trials."""
+    data = read_record(path, {"config": dict, "rows": list})
+    for i, row in enumerate(data["rows"]):
+        if not isinstance(row, dict):
+            raise StateFileError(f"{path}: rows[{i}]: not a mapping")
+        for key in (*RESULT_ROW, *RESULT_METRICS):
+            value = row.get(key) if key in RESULT_ROW else row.setdefault(key, float("nan"))
+            if not isinstance(value, RESULT_ROW.get(key, (int, float))) or isinstance(value, bool):
+                raise StateFileError(f"{path}: rows[{i}].{key}: missing or not what ntk-sweep "
+                                     "wrote")
+    return data
+
+
+def trial_files(out: Path, trials: Collection[str], name: str) -> list[Path]:
+    """``out/trials/<id>/<name>`` of the given trials that have that file, by id."""
+    paths = (trial_dir(out, t) / name for t in sorted(set(trials)))
+    return [p for p in paths if p.is_file()]
+
+
+def trial_outcomes(out: Path, trials: Collection[str]
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """What the given trials left: every result row of those that finished (with its
+    ``variant``), and the failures: trials that ended as errors of their own (divergence:
+    the error names phase, epoch, step and cause) and trials whose files are damaged (named
+    with what is wrong; never left out of a summary silently). Unfinished trials give none."""
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
+    for trial_id in sorted(set(trials)):
+        directory = trial_dir(out, trial_id)
+        results, error = directory / "results.json", directory / FAILED_STATE
+        try:
+            variant = variant_label(directory)
+            if results.is_file():
+                rows += [{**r, "variant": variant} for r in read_results(results)["rows"]]
+            elif error.is_file():
+                failed.append({"trial": trial_id, "variant": variant,
+                               "error": read_record(error, {"error": str})["error"]})
+        except StateFileError as e:
+            failed.append({"trial": trial_id, "variant": "", "error": f"damaged file: {e}"})
+    return rows, failed

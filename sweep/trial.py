@@ -1,0 +1,263 @@
+"""One Ray Tune trial: a thin adapter around ``run_experiment``.
+
+A trial is one sampled experiment config with one seed. It trains (or continues) its phase-1
+trajectories in the sweep's shared trajectory store and runs phase 2 from every switch point;
+``TrialReporter`` turns the experiment's hooks into MLflow writes (through the trial's
+buffered ``Tracker``), Tune reports and the heartbeat file. The trial's MLflow run id lives in
+its Tune checkpoint, so a retried or restored trial continues the same run; a finished trial
+(``final.json``) reports again without running, a diverged one (``failed.json``) fails again
+at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from core.config import RESULT_METRICS, config_from_dict, is_network
+from core.experiment import Hooks, Stage, run_experiment
+from core.timing import since, snapshot, timed
+from core.train import Divergence
+from core.trajectory_store import Trajectory, TrajectoryStore
+from sweep.kernel_logging import log_kernels
+from sweep.layout import (
+    CONTEXT_KEY,
+    FAILED_STATE,
+    FINAL_STATE,
+    HEARTBEAT,
+    PENDING_WRITES,
+    TRIAL_STATE,
+    VARIANT_FILE,
+    read_record,
+    trial_dir,
+    write_json,
+)
+from sweep.space import substitute
+from sweep.tracking import MAX_TAG_CHARS, ResumedRun, Tracker
+
+
+class TrialFailed(RuntimeError):
+    """A trial that cannot succeed by retrying as is (diverged; tracking unreachable)."""
+
+
+def summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over the trial's phase-2 runs so far (what Tune compares)."""
+    phase2 = [r for r in rows if not is_network(r["code"])]
+    out: dict[str, float] = {}
+    for key in RESULT_METRICS:
+        vals = [r[key] for r in phase2 if not math.isnan(r[key])]
+        if vals:
+            out[key] = statistics.fmean(vals)
+    return out
+
+
+def run_name(r: dict[str, Any]) -> str:
+    """The MLflow name of a result row's child run: ``AC t=2 seed 0``."""
+    rule = f" ({r['switch_rule']})" if r["switch_rule"] else ""
+    return f"{r['code']} t={r['switch_epoch']:g}{rule} seed {r['seed']}"
+
+
+def _report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    """Reports to Tune; with ``state`` (the trial's MLflow run id) also a checkpoint, which
+    Tune persists before ``report`` returns."""
+    from ray import tune
+
+    with timed("report"):
+        if state is None:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="ntk-sweep-trial-") as directory:
+            (Path(directory) / TRIAL_STATE).write_text(json.dumps(state))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def _restored_run() -> str | None:
+    """The MLflow run id in the trial's Tune checkpoint (a retried or restored trial)."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return json.loads((Path(directory) / TRIAL_STATE).read_text())["run_id"]
+
+
+class TrialReporter:
+    """The experiment's hooks for one trial: epochs and result rows go to MLflow (run ``run``
+    and its child runs, none twice: ``resumed`` says what the run already has), to Tune
+    (training loss per epoch; running means of the evaluation metrics and
+    ``models_evaluated``, ASHA's time axis, per model) and to the heartbeat file."""
+
+    def __init__(self, tracker: Tracker, run: str, ctx: dict[str, Any], directory: Path,
+                 cfg: Any, resumed: ResumedRun):
+        self.tracker, self.run, self.ctx, self.directory, self.cfg = (
+            tracker, run, ctx, directory, cfg)
+        self.seen, self.children, self.unfinished = resumed
+        self.rows: list[dict[str, Any]] = []
+        self.trajectories: list[Trajectory] = []
+        self.phase1_epochs = 0
+        self.steps_done = self.steps_planned = 0
+
+    def hooks(self) -> Hooks:
+        return Hooks(on_epoch=self.on_epoch, on_result=self.on_result, on_step=self.on_step,
+                     planned_steps=self.on_plan, on_trajectory=self.trajectories.append)
+
+    @property
+    def pending_file(self) -> Path:
+        return self.directory / PENDING_WRITES
+
+    def progress(self) -> float:
+        return min(self.steps_done / self.steps_planned, 0.999) if self.steps_planned else 0.0
+
+    def on_plan(self, steps: int) -> None:
+        self.steps_planned = steps
+
+    def on_step(self) -> None:
+        self.steps_done += 1
+
+    def on_epoch(self, stage: Stage, epoch: int, metrics: dict[str, float]) -> None:
+        self.phase1_epochs += stage.phase == 1
+        name = f"phase{stage.phase}/{stage.code}/s{stage.seed}" + (
+            f"/t{stage.switch_step}" if stage.phase == 2 else "")
+        self.tracker.log(self.run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch,
+                         skip=self.seen)
+        self.heartbeat(name, epoch)
+        self.tracker.save_pending(self.pending_file)  # undelivered writes survive a kill
+        _report({"stage": name, "epoch": epoch, "progress": self.progress(),
+                 "train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
+                 "models_evaluated": len(self.rows), **summary_metrics(self.rows)})
+
+    def on_result(self, r: dict[str, Any]) -> None:
+        self.rows.append(r)
+        name = run_name(r)
+        if name not in self.children:  # a retry completes a child an attempt left empty
+            cfg = self.cfg
+            tags = {"kind": "network" if is_network(r["code"]) else "switch_run",
+                    "code": r["code"], "dynamics": r["dynamics"],
+                    "switch_epoch": r["switch_epoch"], "switch_rule": r["switch_rule"],
+                    "seed": r["seed"], "dataset": cfg.dataset.name, "model": cfg.model.name,
+                    "masked": str(bool(r.get("masked"))).lower()}
+            self.tracker.child(self.ctx["experiment_id"], name, tags, self.run,
+                               {k: r[k] for k in RESULT_METRICS if not math.isnan(r[k])},
+                               existing=self.unfinished.get(name))
+            self.children[name] = "pending"
+        if r["switch_rule"] and is_network(r["code"]):  # once per trajectory
+            self.tracker.log(self.run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]},
+                             skip=self.seen)
+        self.tracker.save_pending(self.pending_file)
+        _report({"models_evaluated": len(self.rows), "progress": self.progress(),
+                 **summary_metrics(self.rows)})
+
+    def heartbeat(self, stage: str, epoch: int) -> None:
+        """``heartbeat.json``: the worker's PID and node, the stage and epoch just finished,
+        and how many MLflow writes wait for the server (``ntk-sweep status`` shows it)."""
+        import ray
+
+        write_json(self.directory / HEARTBEAT, {
+            "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+            "stage": stage, "epoch": epoch, "pending_writes": len(self.tracker.pending),
+            "time": time.time()})
+
+    def finish(self, started: float, before: dict[str, float]) -> dict[str, Any]:
+        """After the experiment: tables, kernels and plots as artifacts, the trial's summary
+        metrics and timings; ends the run. TrialFailed if MLflow stays unreachable."""
+        tracker, run = self.tracker, self.run
+        for name in ("results.csv", "summary.md"):
+            tracker.artifact(run, self.directory / name)
+        if self.cfg.kernel.enabled:
+            for path in log_kernels(tracker, run, self.cfg, self.trajectories, self.directory,
+                                    self.seen):
+                tracker.artifact(run, path)
+        spent = since(before)
+        metrics = {**summary_metrics(self.rows), "phase1_epochs_trained": self.phase1_epochs,
+                   "time/trial_s": time.perf_counter() - started,
+                   **{f"time/{k}_s": spent.get(k, 0.0) for k in ("mlflow", "checkpoint",
+                                                                  "report")}}
+        tracker.log(run, metrics, skip=self.seen)
+        tracker.end(run)
+        if not tracker.flush():
+            raise TrialFailed(f"MLflow at {tracker.uri} stayed unreachable; "
+                              f"{len(tracker.pending)} writes kept in {self.pending_file} for "
+                              "the retry")
+        return {**metrics, "models_evaluated": len(self.rows), "finished": 1, "progress": 1.0}
+
+    def fail(self, error: Divergence) -> TrialFailed:
+        """The trial diverged: ``failed.json``, the run FAILED with the error as a tag."""
+        write_json(self.directory / FAILED_STATE, {"error": str(error)})
+        self.tracker.tags(self.run, {"error": str(error)[:MAX_TAG_CHARS]})
+        self.tracker.end(self.run, "FAILED")
+        try:
+            self.tracker.flush(60.0)
+        finally:
+            self.tracker.save_pending(self.pending_file)
+        return TrialFailed(str(error))
+
+
+def _start_run(tracker: Tracker, ctx: dict[str, Any], cfg: Any, trial_id: str,
+               values: dict[str, Any]) -> str:
+    """The trial's MLflow run (a child of the sweep's), tagged with its trajectories, and
+    the first Tune checkpoint holding its id."""
+    import ray
+
+    seed = cfg.seeds[0]
+    store = TrajectoryStore(ctx["out"])
+    tags = {"kind": "trial", "dataset": cfg.dataset.name, "model": cfg.model.name,
+            "seed": seed, "trial_id": trial_id,
+            "ray_node": ray.get_runtime_context().get_node_id(),
+            **{f"trajectory/{t.mode}": t.id for t in store.of(cfg)}}
+    run = tracker.start(ctx["experiment_id"], trial_id, tags, parent=ctx["parent_run"])
+    tracker.params(run, values)
+    _report({"models_evaluated": 0}, {"run_id": run})
+    return run
+
+
+def trial(config: dict[str, Any]) -> None:
+    """One Ray Tune trial (runs in a Ray worker); see the module docstring."""
+    from ray import tune
+
+    started, before = time.perf_counter(), snapshot()
+    ctx = config[CONTEXT_KEY]
+    values = {path: config[path] for path in ctx["paths"]}
+    cfg = config_from_dict(substitute(ctx["base"], values), "trial")
+    trial_id = tune.get_context().get_trial_id() or "trial"
+    out = Path(ctx["out"])
+    directory = trial_dir(out, trial_id)
+    tracker = Tracker(ctx["tracking_uri"], buffered=True, existing=True)
+    pending = directory / PENDING_WRITES
+    if (directory / FINAL_STATE).is_file():  # finished before its driver went away
+        _report(read_record(directory / FINAL_STATE, {"final": dict})["final"])
+        return
+    if (directory / FAILED_STATE).is_file():  # diverged before: deterministic, fail again
+        if tracker.load_pending(pending):  # its FAILED status and error tag, if undelivered
+            tracker.flush(60.0)
+            tracker.save_pending(pending)
+        raise TrialFailed(read_record(directory / FAILED_STATE, {"error": str})["error"])
+    run = _restored_run()
+    if run is not None:
+        resumed = tracker.resume(run, pending)
+    else:
+        run = _start_run(tracker, ctx, cfg, trial_id, values)
+        resumed = ResumedRun(set(), {}, {})
+    reporter = TrialReporter(tracker, run, ctx, directory, cfg, resumed)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / VARIANT_FILE, {p: v for p, v in values.items() if p != "seeds"})
+    try:
+        run_experiment(cfg, directory, reporter.hooks(), store_root=out)
+        final = reporter.finish(started, before)
+    except Divergence as e:  # the trial ends as an error naming phase, epoch, step, cause
+        raise reporter.fail(e) from None
+    except BaseException:
+        try:
+            tracker.flush(0.0)
+        finally:
+            tracker.save_pending(pending)  # a retry delivers them
+        raise
+    pending.unlink(missing_ok=True)
+    write_json(directory / FINAL_STATE, {"run_id": run, "final": final})  # finished from here
+    _report(final)
