@@ -86,6 +86,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message starts with the field's dotted path."""
 
 
+class DataError(ValueError):
+    """A dataset file or directory is missing or does not have the expected contents."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 

@@ -23,12 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core.config import DataError
+
 if TYPE_CHECKING:
     from core.config import DatasetSpec
-
-
-class DataError(ValueError):
-    """A dataset file or directory is missing or does not have the expected contents."""
 
 
 class Dataset(NamedTuple):

@@ -7,10 +7,39 @@ directory), reported before any work starts.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
+
+from core.config import (
+    RESULT_METRICS,
+    ConfigError,
+    DataError,
+    load_config,
+    merge,
+    parse_overrides,
+    read_config_file,
+    read_prefix,
+    stored_config,
+)
+from core.trajectory_store import TrajectoryStore, kernel_storage_bytes, trajectory_id
+from search_spaces import FOLDER, names, resolve
+from sweep.claims import (
+    read_claims,
+    record_claims,
+    show_claims,
+    studies,
+    study_claims,
+    write_claims,
+)
+from sweep.console import stdout_console
+from sweep.k8s import dump, render_sweep
+from sweep.layout import StateFileError, read_results, tracking_uri, trial_files, trial_outcomes
+from sweep.space import parse_space
 
 EXIT_BAD_INPUT = 2
 
@@ -113,8 +142,6 @@ def _check_writable(out: Path) -> str | None:
 
 
 def _load(config: str, overrides: list[str]):
-    from core.config import load_config
-    from search_spaces import resolve
 
     return load_config(resolve(config), overrides)
 
@@ -127,7 +154,6 @@ def out_dir(args: argparse.Namespace, space, path: Path) -> Path:
 def _sweep_kernel_bytes(space, num_classes: int) -> float:
     """Kernel files of a sweep: one set per distinct trajectory (trials that differ only in
     phase 2 share theirs), times ``num_samples`` when values are drawn at random."""
-    from core.trajectory_store import kernel_storage_bytes, trajectory_id
 
     per_trajectory: dict[str, float] = {}
     for cfg in space.configs():
@@ -143,7 +169,6 @@ def _sweep_kernel_bytes(space, num_classes: int) -> float:
 
 def _check_tracking(out: Path) -> None:
     """ConfigError unless the MLflow store the sweep will use answers (checked before Ray)."""
-    from sweep.layout import tracking_uri
 
     _check_tracking_uri(tracking_uri(out.absolute()), "MLFLOW_TRACKING_URI")
 
@@ -151,7 +176,6 @@ def _check_tracking(out: Path) -> None:
 def _check_sqlite(path: Path) -> None:
     """ConfigError naming ``path`` if a local MLflow database exists there and is not one
     MLflow can read (damaged, or another file); a missing one is created on first use."""
-    from core.config import ConfigError, read_prefix
     from sweep.tracking import Tracker
 
     if not path.exists():
@@ -173,7 +197,6 @@ def _check_sqlite(path: Path) -> None:
 
 def _check_tracking_uri(uri: str, field: str) -> None:
     """ConfigError naming ``field`` unless the tracking server at ``uri`` answers at once."""
-    from core.config import ConfigError
     from sweep.tracking import Tracker, sqlite_file
 
     if (database := sqlite_file(uri)) is not None:
@@ -199,8 +222,6 @@ def _check_tracking_uri(uri: str, field: str) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
-    from core.data import DataError
     from core.preflight import preflight
 
     try:
@@ -227,8 +248,6 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def _claims_of_run(out: Path) -> None:
     """Evaluates, writes and prints the claims of an experiment's output (``claims``)."""
-    from sweep.claims import record_claims, show_claims, studies
-    from sweep.console import stdout_console
 
     console = stdout_console()
     results = record_claims(out, studies(out))
@@ -240,9 +259,6 @@ def _claims_of_run(out: Path) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from core.config import ConfigError, read_config_file
-    from search_spaces import resolve
-    from sweep.space import parse_space
 
     try:
         path = resolve(args.config)
@@ -261,8 +277,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
-    from core.data import DataError
     from sweep.kernel_report import kernel_spec, run_kernels
 
     run_dir = Path(args.run_dir)
@@ -281,8 +295,6 @@ def cmd_kernel(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
-    from core.data import DataError
     from sweep.kernel_report import kernel_spec, run_features
 
     run_dir = Path(args.run_dir)
@@ -301,11 +313,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from core.config import ConfigError, read_config_file
-    from core.data import DataError, dataset_of
+    from core.data import dataset_of
     from core.preflight import preflight
-    from search_spaces import resolve
-    from sweep.space import parse_space
 
     try:
         path = resolve(args.space)
@@ -345,9 +354,6 @@ def _finished(out: Path, sweep) -> int:
 
 def _sweep_done(out: Path, records: list[dict]) -> int:
     """Prints the sweep's summary table, where its files are and how to open MLflow."""
-    from sweep.claims import read_claims, show_claims
-    from sweep.console import stdout_console
-    from sweep.layout import tracking_uri, trial_files, trial_outcomes
     from sweep.terminal import show_summary
 
     console = stdout_console()
@@ -374,7 +380,6 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
     from sweep.review import resumable_sweep
 
     out = Path(args.out)
@@ -391,8 +396,6 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from core.config import ConfigError
-    from sweep.console import stdout_console
     from sweep.review import load_sweep, trial_status
 
     out = Path(args.out)
@@ -423,8 +426,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
-    from sweep.console import stdout_console
     from sweep.review import report, sweep_state
     from sweep.terminal import show_summary
 
@@ -454,9 +455,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from core.config import ConfigError
-    from core.data import DataError
-    from sweep.console import stdout_console
     from sweep.review import compare, resolve_trajectory
 
     stores = [Path(s) for s in args.store] or sorted(Path("runs").glob("*/"))
@@ -478,9 +476,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_claims(args: argparse.Namespace) -> int:
-    from core.config import RESULT_METRICS, ConfigError
-    from sweep.claims import show_claims, studies, study_claims, write_claims
-    from sweep.console import stdout_console
 
     run_dir = Path(args.run_dir)
     if args.metric not in RESULT_METRICS:
@@ -505,14 +500,6 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from core.audit import AuditError, ModelRef, recorded_row
-    from core.config import (
-        ConfigError,
-        merge,
-        parse_overrides,
-        stored_config,
-    )
-    from core.trajectory_store import TrajectoryStore
-    from sweep.layout import StateFileError, read_results
 
     run_dir = Path(args.run_dir)
     try:
@@ -545,14 +532,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
-    import math
 
-    import yaml
 
-    from core.config import ConfigError, read_config_file
-    from search_spaces import resolve
-    from sweep.k8s import dump, render_sweep
-    from sweep.space import parse_space
 
     try:
         path = resolve(args.space)
@@ -573,7 +554,6 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from search_spaces import FOLDER, names
 
     for name in names():
         first = (FOLDER / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
