@@ -264,7 +264,7 @@ def kernel_evidence(trajectories: Mapping[tuple[str, int], KernelTrajectory]
         final = per_kernel(last.kernel[None], last.meta["output"])[0]
         to_final = []
         for e in epochs:
-            r = store.load(e)
+            r = last if e == epochs[-1] else store.load(e)
             k = per_kernel(r.kernel[None], r.meta["output"])[0]
             to_final.append(float(np.mean(distance(k, final))))
         curves.append(KernelCurve(mode, seed, np.asarray(epochs, np.float64),

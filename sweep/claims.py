@@ -25,7 +25,7 @@ from core.claims import (
     evaluate,
     kernel_evidence,
 )
-from core.config import ConfigError, ExperimentConfig, config_from_dict
+from core.config import ConfigError, ExperimentConfig, stored_config
 from core.kernel_store import DamagedKernel, KernelTrajectory
 
 SECTION = "## The paper's claims"
@@ -66,7 +66,7 @@ def studies(run_dir: Path) -> list[Study]:
                               "sweep.json (a sweep's)")
         results = read_results(path)
         study = Study("", results["rows"])
-        _add_trajectories(study, config_from_dict(results["config"], str(path)), run_dir)
+        _add_trajectories(study, stored_config(results["config"], str(path)), run_dir)
         return [study]
     except StateFileError as e:
         raise ConfigError(str(e)) from None
@@ -93,7 +93,7 @@ def sweep_studies(out: Path, trials: list[str]) -> list[Study]:
         variant = variant_label(directory)
         study = by_variant.setdefault(variant, Study(variant))
         study.rows += results["rows"]
-        _add_trajectories(study, config_from_dict(results["config"],
+        _add_trajectories(study, stored_config(results["config"],
                                                   str(directory / "results.json")), out)
     return [by_variant[v] for v in sorted(by_variant)]
 

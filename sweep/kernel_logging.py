@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from core.config import ConfigError, config_from_dict
+from core.config import ConfigError, stored_config
 from core.kernel_store import KernelTrajectory
 from core.kernels import MEASURES
 from core.trajectory_store import Trajectory, TrajectoryStore
@@ -71,7 +71,7 @@ def _families(out: Path, trials: Collection[str]
     store = TrajectoryStore(out)
     for path in trial_files(out, trials, "results.json"):
         try:
-            cfg = config_from_dict(read_results(path)["config"], str(path))
+            cfg = stored_config(read_results(path)["config"], str(path))
             label = variant_label(path.parent)
         except (StateFileError, ConfigError):
             continue  # listed among the failed trials by trial_outcomes

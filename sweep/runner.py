@@ -20,10 +20,10 @@ import json
 import os
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.config import RESULT_METRICS
-from sweep.claims import claim_tags, read_claims
+from sweep.claims import claim_tags
 from sweep.kernel_logging import log_cross_trajectories
 from sweep.layout import (
     CONTEXT_KEY,
@@ -39,6 +39,9 @@ from sweep.layout import (
 from sweep.space import SweepSpace, to_param_space
 from sweep.tracking import MAX_TAG_CHARS, Tracker, TrackingStoreLost
 from sweep.trial import trial
+
+if TYPE_CHECKING:
+    from core.claims import Claim
 
 TRIAL_ENV = {
     # Trials sharing a GPU must not grab each other's memory; TF stays quiet.
@@ -220,7 +223,8 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
     # (trajectories are shared across sweeps; tables and distances are not). The summary
     # comes from the trial files first, so that a lost MLflow store cannot keep it back.
     own = [r["trial_id"] for r in records]
-    summary = write_sweep_summary(out, own, {r["trial_id"]: r["error"] for r in records})
+    summary, claims = write_sweep_summary(out, own,
+                                          {r["trial_id"]: r["error"] for r in records})
     try:
         for r, result in zip(records, results, strict=True):
             if r["stopped_early"]:  # ended by the scheduler (ASHA): its MLflow run says so
@@ -232,8 +236,8 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
                              "trials_stopped_early": sum(r["stopped_early"] for r in records)})
         for path in summary:
             tracker.artifact(parent, path)
-        if (out / "claims.json").is_file():
-            tracker.tags(parent, claim_tags(read_claims(out)))
+        if claims:
+            tracker.tags(parent, claim_tags(claims))
         for path in log_cross_trajectories(tracker, parent, out, own):
             tracker.artifact(parent, path)
         tracker.end(parent)
@@ -256,11 +260,13 @@ class SweepTrackingLost(RuntimeError):
 
 
 def write_sweep_summary(out: Path, trials: Collection[str],
-                        errors: dict[str, str] | None = None) -> list[Path]:
+                        errors: dict[str, str] | None = None
+                        ) -> tuple[list[Path], list[tuple[str, list[Claim]]]]:
     """The sweep's summary over its trials (mean ± std over seeds): CSV, Markdown (with the
     failed trials listed under it) and the accuracy-against-switch-point plot, under ``out``.
     ``errors``: trials that failed without a file of their own saying why (Ray's error, e.g.
-    a lost tracking store), by id; their last line is listed."""
+    a lost tracking store), by id; their last line is listed. Returns the files written and
+    the claims' verdicts (``claims.md``/``claims.json``, the last section of ``summary.md``)."""
     from core.results import summarize, write_summary
     from sweep.claims import record_claims, sweep_studies
     from sweep.plots import switch_point_plot
@@ -275,10 +281,10 @@ def write_sweep_summary(out: Path, trials: Collection[str],
     if not rows:
         if failed:
             (out / "summary.md").write_text(notes)
-            return [out / "summary.md"]
-        return []
+            return [out / "summary.md"], []
+        return [], []
     summary = summarize(rows)
     paths = [*write_summary(out, summary, notes),
              switch_point_plot(summary, out / "switch_point.png")]
-    record_claims(out, sweep_studies(out, list(trials)))  # after summary.md: its last section
-    return [*paths, out / "claims.md", out / "claims.json"]
+    claims = record_claims(out, sweep_studies(out, list(trials)))  # summary.md's last section
+    return [*paths, out / "claims.md", out / "claims.json"], claims
