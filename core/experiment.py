@@ -305,10 +305,12 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
 
 
 def run_phase2(
-    ctx: _Context, code: str, seed: int, switch_step: int, anchor: Anchor
+    ctx: _Context, code: str, seed: int, switch_step: int, anchor: Anchor,
+    epochs: list[tuple[int, dict[str, float]]] | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """Phase 2 of loader ``code`` (data mode ``code[1]``) from the switch-point anchor;
-    returns the final state and the last epoch's training metrics."""
+    returns the final state and the last epoch's training metrics (every epoch's are
+    appended to ``epochs`` if given)."""
     mode = code[1]
     spec = ctx.cfg.phase2
     root = jax.random.PRNGKey(seed)
@@ -319,6 +321,8 @@ def run_phase2(
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         last.update(metrics)
+        if epochs is not None:
+            epochs.append((epoch, metrics))
         if ctx.hooks.on_epoch:
             ctx.hooks.on_epoch(Stage(2, code, seed, switch_step), epoch, metrics)
 
@@ -416,6 +420,32 @@ def evaluate_model(ctx: _Context, key: jax.Array, switch: TrainState, anchor: An
     return correct
 
 
+class _InitialRuns:
+    """The rows of switch step 0 by what determines them (the phase-2 loader's data mode, or
+    the network itself), with their phase-2 epoch metrics, for ``run_seed`` to copy."""
+
+    def __init__(self, ctx: _Context, seed: int):
+        self.ctx, self.seed = ctx, seed
+        self.kept: dict[str, tuple[dict[str, Any], list[tuple[int, dict[str, float]]]]] = {}
+
+    def keep(self, step: int, row: dict[str, Any],
+             epochs: list[tuple[int, dict[str, float]]] | None = None) -> dict[str, Any]:
+        if step == 0:
+            self.kept[row["code"][1:]] = (row, epochs or [])
+        return row
+
+    def copy(self, step: int, switch: float, code: str, t0: float) -> dict[str, Any] | None:
+        """``code``'s row at step 0 if an earlier data mode computed it (its epochs replayed
+        to ``hooks.on_epoch`` as ``code``'s), else None."""
+        if step != 0 or code[1:] not in self.kept:
+            return None
+        row, epochs = self.kept[code[1:]]
+        for epoch, metrics in epochs if self.ctx.hooks.on_epoch else ():
+            self.ctx.hooks.on_epoch(Stage(2, code, self.seed, 0), epoch, metrics)
+        return {**row, "code": code, "switch_epoch": switch,
+                "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
     """Every trajectory and switch run of one seed; one result row per evaluated model."""
     cfg = ctx.cfg
@@ -423,6 +453,12 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
     eval_key, ref_key = eval_keys(seed)
     x_ref = None if cfg.eval.reference is None else reference_examples(ctx, seed, init, ref_key)
     rows: list[dict[str, Any]] = []
+    threshold = cfg.eval.masking_threshold
+    # At switch step 0 every data mode's network is the initial one (same key): the network
+    # and each loader's phase 2 from it are computed once, for the first data mode, and the
+    # other modes' rows are copies (A-@0 = C-@0, AC@0 = CC@0, AA@0 = CA@0 bit for bit), their
+    # phase-2 epoch curves replayed through the hooks.
+    at_init = _InitialRuns(ctx, seed)
     for mode1 in cfg.phase1_modes:
         phase1 = train_phase1(ctx, mode1, seed, init)
         spe = phase1.steps_per_epoch
@@ -437,19 +473,25 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             step = epoch_to_step(switch, spe)
             phase1, state, meta = _restore(ctx, phase1, mode1, seed, init, step)
             hist = meta["history"]
-            ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
-            threshold = cfg.eval.masking_threshold
-            net = evaluate_model(ctx, eval_key, state, None, state, x_ref)
-            rows.append(result_row(seed, mode1 + NETWORK, "network", switch,
-                             result_metrics(net, threshold), hist[-1] if hist else {}, t0))
+            if (row := at_init.copy(step, switch, mode1 + NETWORK, t0)) is None:
+                ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
+                net = evaluate_model(ctx, eval_key, state, None, state, x_ref)
+                row = at_init.keep(step, result_row(
+                    seed, mode1 + NETWORK, "network", switch, result_metrics(net, threshold),
+                    hist[-1] if hist else {}, t0))
+            rows.append(row)
             anchor = Anchor(state.params, state.batch_stats)
             for code in [c for c in cfg.codes if c[0] == mode1]:
                 t0 = time.perf_counter()
-                ctx.hooks.log(f"seed {seed} {code}: phase 2 from epoch {switch}")
-                final, train = run_phase2(ctx, code, seed, step, anchor)
-                correct = evaluate_model(ctx, eval_key, state, anchor, final, x_ref)
-                rows.append(result_row(seed, code, cfg.phase2.dynamics, switch,
-                                 result_metrics(correct, threshold), train, t0))
+                if (row := at_init.copy(step, switch, code, t0)) is None:
+                    ctx.hooks.log(f"seed {seed} {code}: phase 2 from epoch {switch}")
+                    epochs: list[tuple[int, dict[str, float]]] = []
+                    final, train = run_phase2(ctx, code, seed, step, anchor, epochs)
+                    correct = evaluate_model(ctx, eval_key, state, anchor, final, x_ref)
+                    row = at_init.keep(step, result_row(
+                        seed, code, cfg.phase2.dynamics, switch,
+                        result_metrics(correct, threshold), train, t0), epochs)
+                rows.append(row)
             labels = switches[switch]
             made = rows[first:]
             for r in made:
@@ -470,7 +512,10 @@ def planned_steps(cfg: ExperimentConfig, n_train: int) -> int:
     modes = set(cfg.phase1_modes) | ({cfg.eval.reference} if cfg.eval.reference else set())
     phase1 = len(modes) * epoch_to_step(cfg.phase1_epochs, spe1)
     switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
-    phase2 = len(cfg.codes) * switches * epoch_to_step(cfg.phase2.epochs, spe2)
+    runs = len(cfg.codes) * switches
+    if 0 in cfg.switch_points:  # computed once per phase-2 loader (``_InitialRuns``)
+        runs -= len(cfg.codes) - len({c[1:] for c in cfg.codes})
+    phase2 = runs * epoch_to_step(cfg.phase2.epochs, spe2)
     return len(cfg.seeds) * (phase1 + phase2)
 
 
