@@ -178,10 +178,9 @@ def ntk_rows(name: str, width: int, sizes: list[int], block: int, budget: Budget
     model, apply, params, bs, x_all = _ntk_setup(name, max(sizes), width)
     p = _n_params(params)
     memory = device_memory()
-    budget_bytes = int(memory * 0.4) if memory else 2 * 2**30
     rows = []
-    engines = {prec: NtkEngine(apply, "classwise", model=model, block_size=block,
-                               memory_budget=budget_bytes, precision=prec)
+    # The engine's default budget: a share of the device's free memory (machine_memory_budget).
+    engines = {prec: NtkEngine(apply, "classwise", model=model, block_size=block, precision=prec)
                for prec in ("float32", "tensorfloat32")}
     for n in sizes:
         x = x_all[:n]
@@ -200,7 +199,7 @@ def ntk_rows(name: str, width: int, sizes: list[int], block: int, budget: Budget
             row[f"engine_{prec}_first_call_s"] = first
             row[f"engine_{prec}_tflops"] = flops / seconds / 1e12
             row[f"engine_{prec}_share_of_matmul"] = flops / seconds / 1e12 / matmul_tflops[prec]
-            row["plan"] = engine.last_plan
+            row["plan"] = {**engine.last_plan, "memory_budget": engine.memory_budget}
         if n == nt_at:
             jac_bytes = n * 10 * p * 4
             for impl in ("jacobian_contraction", "ntk_vector_products"):

@@ -216,10 +216,17 @@ class KernelSpec(_Strict):
                                              description="default every checkpoint")
     dtype: Literal["float32", "float64"] = "float32"
     block_size: Count | None = None
-    memory_budget_gb: Float = Field(2.0, gt=0, le=1e6, description="per device")
+    memory_budget_gb: Float | None = Field(
+        None, gt=0, le=1e6, description="per device; default from the free memory "
+        "(core.ntk.machine_memory_budget: half an accelerator's, a quarter of the host's)")
     storage_budget_gb: Float = Field(
         20.0, gt=0, le=1e9,
         description="refuse runs whose kernel files would exceed this (estimate)")
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """``memory_budget_gb`` in bytes; None: the engine's machine-derived default."""
+        return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 2**30)
 
 
 class SwitchRule(_Strict):

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +75,41 @@ class Implementation(enum.StrEnum):
     NT_NTK_VECTOR_PRODUCTS = "nt_ntk_vector_products"
 
 
-DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes per device
+DEVICE_MEMORY_SHARE = 0.5  # of an accelerator's free memory, when no budget is given
+HOST_MEMORY_SHARE = 0.25  # of the host's available memory (CPU devices share it)
+MIN_MEMORY_BUDGET = 256 * 2**20
+
+
+def machine_memory_budget(devices: list[jax.Device] | None = None) -> int:
+    """Bytes per device for Jacobians and kernel blocks, from what the machine has free now:
+    ``DEVICE_MEMORY_SHARE`` of the smallest free memory of accelerator ``devices``
+    (``bytes_limit - bytes_in_use``), or on CPU ``HOST_MEMORY_SHARE`` of the host's available
+    memory (``MemAvailable``) split over the CPU devices; at least ``MIN_MEMORY_BUDGET``.
+    The shares leave room for the model, its optimiser state, the data and other processes
+    (trials of a sweep run side by side)."""
+    devices = list(devices or jax.devices())
+    free = []
+    for device in devices:
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if stats and "bytes_limit" in stats:
+            free.append(DEVICE_MEMORY_SHARE * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    if not free:  # CPU devices (or an accelerator without memory statistics)
+        free.append(HOST_MEMORY_SHARE * host_available_memory() / len(devices))
+    return max(int(min(free)), MIN_MEMORY_BUDGET)
+
+
+def host_available_memory() -> int:
+    """The host's available memory in bytes (``MemAvailable`` of /proc/meminfo; physical
+    memory where that file does not exist)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
 
 # ``precision`` -> the name ``jax.default_matmul_precision`` takes.
 PRECISIONS = {"float32": "highest", "tensorfloat32": "tensorfloat32",
@@ -129,7 +164,8 @@ class NtkEngine:
       implementation: see the module docstring.
       block_size: inputs per block B; default the largest that keeps two blocks' Jacobians
         within a quarter of the budget.
-      memory_budget: bytes per device for Jacobians and kernel blocks.
+      memory_budget: bytes per device for Jacobians and kernel blocks; default
+        ``machine_memory_budget(devices)``, from the free memory when the engine is made.
       dtype: ``float32`` or ``float64`` (computed in float64 under ``enable_x64``).
       precision: of float32 matrix products and convolutions: ``float32`` (exact float32),
         ``tensorfloat32`` or ``bfloat16`` (see the module docstring).
@@ -147,7 +183,7 @@ class NtkEngine:
         logit: int = 0,
         implementation: Implementation | str = Implementation.BLOCKED,
         block_size: int | None = None,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | None = None,
         dtype: str = "float32",
         precision: str = "float32",
         devices: list[jax.Device] | None = None,
@@ -161,8 +197,10 @@ class NtkEngine:
         self.precision = precision
         self.apply, self.output, self.logit = apply, Output(output), logit
         self.implementation = Implementation(implementation)
-        self.block_size, self.memory_budget, self.dtype = block_size, memory_budget, dtype
         self.devices = list(devices or jax.devices())
+        if memory_budget is None:
+            memory_budget = machine_memory_budget(self.devices)
+        self.block_size, self.memory_budget, self.dtype = block_size, memory_budget, dtype
         self.mesh = Mesh(np.array(self.devices), ("d",))
         self.model, self.structured = model, structured
         self.traces = 0  # how many times the blocked programs were traced (tests, benchmarks)

@@ -80,7 +80,7 @@ class KernelRecorder:
         self.engine = NtkEngine(
             make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
             logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
-            memory_budget=int(spec.memory_budget_gb * 2**30), dtype=spec.dtype, model=model,
+            memory_budget=spec.memory_budget_bytes, dtype=spec.dtype, model=model,
         )
         self.trajectory = trajectory.kernels(spec)
 

@@ -129,7 +129,7 @@ def run_features(run_dir: Path, spec: KernelSpec, infos: list[Trajectory], epoch
         traj.store.close()
         idx = probe_set(data, spec)
         apply = make_apply_fn(model, "standard", "frozen")
-        budget = int(spec.memory_budget_gb * 2**30)
+        budget = spec.memory_budget_bytes
         kernels = NtkEngine(apply, "classwise", memory_budget=budget, model=model)(
             None, state.params, state.batch_stats, data.x_train[idx])
         wanted = classes if classes is not None else list(range(min(data.num_classes, 10)))
