@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models and data so every test runs in seconds on 2 CPU cores."""
+"""Shared fixtures: tiny data and a local Ray, so every test runs in seconds on 2 CPU cores
+(plain helpers and constants: tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -18,22 +19,25 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from core.data import load_synthetic  # noqa: E402
-from core.models import init_model, make_model  # noqa: E402
-
-TINY_MODELS = {
-    "mlp": dict(widths=(16, 16)),
-    "cnn": dict(width=4, batchnorm=True),
-    "resnet18": dict(width=2),
-}
 
 
 @pytest.fixture(scope="session")
 def synthetic():
     return load_synthetic(seed=0, n_train=64, n_test=32, shape=(8, 8, 1), num_classes=3)
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray instance of 2 CPUs for the test, shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
+    yield
+    ray.shutdown()
 
 
 def pytest_configure(config):
@@ -44,10 +48,3 @@ def pytest_configure(config):
     seeded = config.getoption("hypothesis_seed", default=None) is not None
     settings.register_profile("ntk-sweep", derandomize=not seeded, deadline=None)
     settings.load_profile("ntk-sweep")
-
-
-def tiny_model(name: str, num_classes: int = 3, shape=(8, 8, 1), seed: int = 0):
-    """(model, params, batch_stats) of a tiny ``name`` model."""
-    model = make_model(name, num_classes, **TINY_MODELS[name])
-    params, batch_stats = init_model(model, jax.random.PRNGKey(seed), shape)
-    return model, params, batch_stats

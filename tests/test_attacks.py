@@ -13,7 +13,7 @@ import pytest
 from core.attacks import AttackConfig, apgd_checkpoints, attack_loss, pgd, robust_correct
 from core.dynamics import Anchor, make_apply_fn
 from core.train import init_state, make_step, run_phase
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 ATTACKS = {
     "linf": AttackConfig(norm="linf", eps=0.1, step_size=0.03, iters=7),

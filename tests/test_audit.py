@@ -11,7 +11,8 @@ import pytest
 from core.audit import AuditError, ModelRef
 from core.experiment import run_experiment
 from sweep.cli import main
-from tests.test_experiment import BASE, _cfg
+from tests.helpers import BASE
+from tests.helpers import tiny_cfg as _cfg
 
 
 @pytest.fixture(scope="module")

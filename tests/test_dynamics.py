@@ -9,7 +9,7 @@ import pytest
 
 from core.compat import enable_x64
 from core.dynamics import Anchor, make_apply_fn
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.smoke  # CI also runs these on Python 3.13
 

@@ -20,7 +20,7 @@ from core.evaluate import (
     worst_case,
 )
 from core.experiment import run_experiment
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 ATTACK = AttackConfig(eps=0.1, step_size=0.05, iters=3)
 
@@ -107,7 +107,8 @@ def test_an_experiment_reports_the_worst_case_of_its_ensemble(tmp_path):
     """On real models: worst L-inf is at most every L-inf member, per row; the margin attack
     ran; the masked flag is there."""
     from core.config import WORST_LINF
-    from tests.test_experiment import BASE, _cfg
+    from tests.helpers import BASE
+    from tests.helpers import tiny_cfg as _cfg
 
     cfg = _cfg(codes=["AC", "CA"], switch_points=[0, 1],
                eval={**BASE["eval"], "transfer": True})
@@ -122,7 +123,8 @@ def test_an_experiment_reports_the_worst_case_of_its_ensemble(tmp_path):
 def test_a_named_reference_network_scores_every_model(tmp_path):
     """``eval.reference: A`` trains the A trajectory even without an A code, crafts its
     examples once per seed, scores every row on them, and the worst case counts them."""
-    from tests.test_experiment import BASE, _cfg
+    from tests.helpers import BASE
+    from tests.helpers import tiny_cfg as _cfg
 
     cfg = _cfg(codes=["CC"], switch_points=[0, 2], eval={**BASE["eval"], "reference": "A"})
     rows = run_experiment(cfg, tmp_path)

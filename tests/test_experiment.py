@@ -5,21 +5,10 @@ from __future__ import annotations
 import pytest
 
 from core.checkpoints import CheckpointStore
-from core.config import RESULT_METRICS, config_from_dict
+from core.config import RESULT_METRICS
 from core.experiment import Hooks, checkpoint_steps, run_experiment
-
-BASE = {
-    "dataset": {"name": "synthetic", "synthetic": {"n_train": 64, "n_test": 16, "num_classes": 3}},
-    "model": {"name": "mlp", "widths": [8]},
-    "codes": ["CC"],
-    "phase1": {"epochs": 2, "lr": 0.05, "batch_size": 16, "lr_decay_epochs": []},
-    "phase2": {"epochs": 1, "batch_size": 16},
-    "eval": {"linf": {"eps": 0.1, "iters": 2}, "l2": None, "transfer": False},
-}
-
-
-def _cfg(**changes):
-    return config_from_dict({**BASE, **changes})
+from tests.helpers import BASE
+from tests.helpers import tiny_cfg as _cfg
 
 
 def test_trajectory_ids_of_stored_trajectories_do_not_change():

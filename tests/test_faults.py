@@ -20,7 +20,6 @@ from mlflow.tracking import MlflowClient
 from sweep.runner import SweepTrackingLost, run_sweep, tracking_uri
 from sweep.space import parse_space
 from tests.servers import BIN, free_port, mlflow_server, processes_mentioning, ray_cluster
-from tests.test_sweep import ray_local  # noqa: F401 - fixture
 
 # Long enough per epoch (~0.1-0.3 s) that a test can see an epoch end and strike mid-phase.
 SLOW = {

@@ -9,7 +9,7 @@ import pytest
 from core.dynamics import make_apply_fn
 from core.features import eigen_features, feature_weights, make_feature_fn, write_grid
 from core.ntk import NtkEngine
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 
 def test_feature_weights():

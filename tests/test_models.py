@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core.models import init_model, make_model
-from tests.conftest import TINY_MODELS, tiny_model
+from tests.helpers import TINY_MODELS, tiny_model
 
 
 @pytest.mark.parametrize("name", list(TINY_MODELS))

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.helpers import SWEEP
 from tests.servers import BIN, mlflow_server, postgres_server, processes_mentioning, ray_cluster
-from tests.test_sweep import SWEEP
 
 
 @pytest.mark.slow

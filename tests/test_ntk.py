@@ -16,7 +16,7 @@ import pytest
 from core.compat import enable_x64
 from core.dynamics import Anchor, make_apply_fn
 from core.ntk import Implementation, NtkEngine, Output, kernel_shape
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 N, O = 7, 3  # noqa: E741 - inputs and outputs, as in the formulas
 TOL = {"float32": 2e-5, "float64": 1e-11}
@@ -163,7 +163,7 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     from core.ntk import NtkEngine, Output
     from core.dynamics import make_apply_fn
-    from tests.conftest import tiny_model
+    from tests.helpers import tiny_model
     assert jax.device_count() == 4, jax.devices()
     for name in ("mlp", "cnn"):
         model, params, bs = tiny_model(name, num_classes=3)

@@ -17,7 +17,8 @@ from core.data import load_digits
 from core.experiment import Hooks, run_experiment
 from core.models import init_model, make_model
 from core.train import init_state
-from tests.test_experiment import BASE, _cfg
+from tests.helpers import BASE
+from tests.helpers import tiny_cfg as _cfg
 
 
 def _strip(rows):  # NaN (no L2 attack, no transfer) compares unequal to itself
@@ -90,7 +91,7 @@ def test_two_experiments_sharing_a_trajectory_store(tmp_path):
     script = (
         "import sys, json\n"
         "from core.experiment import run_experiment\n"
-        "from tests.test_experiment import _cfg\n"
+        "from tests.helpers import tiny_cfg as _cfg\n"
         "rows = run_experiment(_cfg(switch_points=[0, 2], fractional_checkpoints=[]),\n"
         "                      sys.argv[1], store_root=sys.argv[2])\n"
         "print(json.dumps([r['robust_linf'] for r in rows]))\n"

@@ -11,34 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep.runner import run_sweep, tracking_uri
 from sweep.space import parse_space
-
-SWEEP = {
-    "name": "tiny-sweep",
-    "dataset": {"name": "synthetic", "synthetic": {"n_train": 64, "n_test": 16, "num_classes": 3}},
-    "model": {"name": "mlp", "widths": [8]},
-    "codes": ["CC", "AC"],
-    "switch_points": [0, 1, 2],
-    # Always true (distances are at most 2): switches at the first checkpoint after init.
-    "switch_rule": {"measure": "to_previous", "below": 10, "checkpoints": 1},
-    "fractional_checkpoints": [],
-    "seeds": [0, 1],
-    "phase1": {"epochs": 2, "lr": 0.05, "batch_size": 16, "lr_decay_epochs": [],
-               "attack": {"eps": 0.1, "iters": 2}},
-    "phase2": {"epochs": 1, "batch_size": 16, "lr": {"grid": [0.01]}},
-    "eval": {"linf": {"eps": 0.1, "iters": 2}, "l2": None, "transfer": False},
-    "kernel": {"probe_size": 12},
-    "sweep": {"resources": {"cpus": 1}},
-}
-
-
-@pytest.fixture
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}})
-    yield
-    ray.shutdown()
+from tests.helpers import SWEEP
 
 
 @pytest.mark.slow

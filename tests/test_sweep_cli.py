@@ -19,8 +19,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.helpers import SWEEP
 from tests.servers import BIN, processes_mentioning
-from tests.test_sweep import SWEEP
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_ADDRESS": "",
        "MLFLOW_TRACKING_URI": "", "NTK_SWEEP_STORAGE": ""}

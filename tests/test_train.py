@@ -19,7 +19,7 @@ from core.train import (
     make_step,
     run_phase,
 )
-from tests.conftest import tiny_model
+from tests.helpers import tiny_model
 
 pytestmark = pytest.mark.smoke  # CI also runs these on Python 3.13
 
