@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from sweep.tracking import PARENT_TAG, Tracker
@@ -105,3 +107,191 @@ def test_children_are_read_page_by_page(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep.tracking, "PAGE", 5)  # 23 children: five requests
     done, broken = Tracker(uri, existing=True).children(trial)
     assert len(done) == 23 and not broken
+
+
+class FakeMlflow:
+    """Enough of MLflow's REST API (``/api/2.0/mlflow/...``) for a Tracker's writes, served by
+    the standard library on 127.0.0.1: runs/create, runs/log-batch, runs/update, runs/get.
+
+    ``applied`` lists (endpoint, request body) of every request it carried out, in order;
+    ``refused`` counts the requests it answered with 503 because their endpoint is in
+    ``fail`` (``"*"``: every endpoint); ``stop()`` closes the port (connection refused) and
+    ``start()`` opens it again on the same port.
+    """
+
+    PREFIX = "/api/2.0/mlflow/"
+
+    def __init__(self):
+        self.applied: list[tuple[str, dict]] = []
+        self.refused = 0
+        self.fail: set[str] = set()
+        self.runs: dict[str, dict] = {}
+        self.port = 0
+        self._server = None
+        self.start()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import http.server
+        import threading
+
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _answer(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self, body: dict) -> None:
+                path, _, query = self.path.partition("?")
+                endpoint = path.removeprefix(fake.PREFIX)
+                if endpoint in fake.fail or "*" in fake.fail:
+                    fake.refused += 1
+                    self._answer(503, {"error_code": "TEMPORARILY_UNAVAILABLE",
+                                       "message": "fake server told to fail"})
+                    return
+                code, answer = fake.apply(endpoint, body, query)
+                self._answer(code, answer)
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self._handle(json.loads(self.rfile.read(length) or b"{}"))
+
+            def do_GET(self):
+                self._handle({})
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def apply(self, endpoint: str, body: dict, query: str) -> tuple[int, dict]:
+        import uuid
+        from urllib.parse import parse_qs
+
+        if endpoint == "runs/get":
+            body = {k: v[0] for k, v in parse_qs(query).items()}
+        if endpoint == "runs/create":
+            run_id = uuid.uuid4().hex
+            self.runs[run_id] = {
+                "info": {"run_id": run_id, "run_uuid": run_id, "run_name": body.get("run_name"),
+                         "experiment_id": body["experiment_id"], "status": "RUNNING",
+                         "start_time": body.get("start_time", 0), "lifecycle_stage": "active",
+                         "artifact_uri": f"mlflow-artifacts:/{run_id}", "user_id": "test"},
+                "data": {"tags": body.get("tags", [])}}
+            self.applied.append((endpoint, {**body, "run_id": run_id}))
+            return 200, {"run": self.runs[run_id]}
+        if body.get("run_id") not in self.runs:
+            return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": endpoint}
+        run = self.runs[body["run_id"]]
+        if endpoint == "runs/get":
+            return 200, {"run": run}
+        if endpoint == "runs/log-batch":
+            self.applied.append((endpoint, body))
+            return 200, {}
+        if endpoint == "runs/update":
+            run["info"]["status"] = body["status"]
+            run["info"]["end_time"] = body.get("end_time")
+            self.applied.append((endpoint, body))
+            return 200, {"run_info": run["info"]}
+        return 404, {"error_code": "ENDPOINT_NOT_FOUND", "message": endpoint}
+
+    def calls(self) -> list[tuple]:
+        """The applied requests in short: (endpoint, run name or id, what they wrote)."""
+        names = {r: v["info"]["run_name"] for r, v in self.runs.items()}
+        out = []
+        for endpoint, body in self.applied:
+            run = names[body["run_id"]]
+            if endpoint == "runs/log-batch":
+                out.append((endpoint, run, *[(m["key"], m["value"], int(m.get("step", 0)))
+                                             for m in body.get("metrics", [])],
+                            *[(p["key"], p["value"]) for p in body.get("params", [])],
+                            *[(t["key"], t["value"]) for t in body.get("tags", [])]))
+            else:
+                out.append((endpoint, run, body.get("status", "")))
+        return out
+
+
+@pytest.fixture
+def fake_mlflow(monkeypatch):
+    # One request per call (the Tracker retries, not MLflow's client) and no long waits.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    server = FakeMlflow()
+    yield server
+    server.stop()
+
+
+def test_buffered_writes_queue_while_the_server_is_down_and_arrive_once_in_order(
+        fake_mlflow, tmp_path):
+    """The write queue of a buffered Tracker against a fake MLflow server: writes made while
+    the server refuses connections or answers 503 are queued in order, survive
+    save_pending/load_pending (a retried attempt), and are delivered once each, in order,
+    when it is back; a child run created before a failure is not created again."""
+    server = fake_mlflow
+    tracker = Tracker(server.uri, buffered=True)
+    trial = tracker.start("0", "trial", {"kind": "trial"})
+    tracker.log(trial, {"loss": 1.0}, step=1)
+    assert tracker.pending == [] and len(server.applied) == 2  # sent at once while up
+
+    server.stop()  # connection refused
+    tracker.log(trial, {"loss": 0.5}, step=2)
+    tracker.params(trial, {"lr": 0.01})
+    tracker.child("0", "CC-s0", {"kind": "switch_run"}, trial, {"accuracy": 0.75})
+    assert [op["kind"] for op in tracker.pending] == ["batch", "batch", "child"]
+    assert len(server.applied) == 2
+
+    # The attempt ends here: what it could not send is saved for the next one.
+    pending = tmp_path / "pending.json"
+    tracker.save_pending(pending)
+    retry = Tracker(server.uri, buffered=True)
+    retry.tags(trial, {"attempt": "2"})  # refused as well: queued behind what is loaded
+    retry.end(trial)
+    assert retry.load_pending(pending) == 3
+    assert retry.pending == [*tracker.pending,
+                             {"kind": "batch", "run": trial, "tags": [["attempt", "2"]]},
+                             {"kind": "end", "run": trial, "status": "FINISHED"}]
+
+    server.start()  # up again on the same port, but answering 503 to everything
+    server.fail = {"*"}
+    assert not retry.flush(0.0)
+    assert server.refused >= 1 and len(server.applied) == 2 and len(retry.pending) == 5
+
+    # Ending runs fails: the queue stops at the child run, created and logged but not ended.
+    server.fail = {"runs/update"}
+    assert not retry.flush(0.0)
+    assert [op["kind"] for op in retry.pending] == ["child", "batch", "end"]
+    assert retry.pending[0]["run"] in server.runs and retry.pending[0]["metrics"] == []
+
+    server.fail = set()
+    assert retry.flush(10.0) and retry.pending == []
+    retry.save_pending(pending)
+    assert not pending.exists() and Tracker(server.uri).load_pending(pending) == 0
+    assert server.calls() == [
+        ("runs/create", "trial", ""),
+        ("runs/log-batch", "trial", ("loss", 1.0, 1)),
+        ("runs/log-batch", "trial", ("loss", 0.5, 2)),
+        ("runs/log-batch", "trial", ("lr", "0.01")),
+        ("runs/create", "CC-s0", ""),
+        ("runs/log-batch", "CC-s0", ("accuracy", 0.75, 0)),
+        ("runs/update", "CC-s0", "FINISHED"),
+        ("runs/log-batch", "trial", ("attempt", "2")),
+        ("runs/update", "trial", "FINISHED"),
+    ]
+    child = next(b for e, b in server.applied if e == "runs/create" and b["run_name"] == "CC-s0")
+    assert {"key": PARENT_TAG, "value": trial} in child["tags"]
+    assert server.runs[trial]["info"]["status"] == "FINISHED"
