@@ -65,12 +65,14 @@ LOG = logging.getLogger("ntk_sweep")
 
 class Stage(NamedTuple):
     """What an experiment is training: phase 1 of data mode ``code`` (``C``), or phase 2 of
-    loader ``code`` (``AC``) from the phase-1 checkpoint at ``switch_step``; seed ``seed``."""
+    loader ``code`` (``AC``) from the phase-1 checkpoint at ``switch_step``; seed ``seed``;
+    the phase's minibatch steps per epoch (epoch e ends at step e x ``steps_per_epoch``)."""
 
     phase: int
     code: str
     seed: int
     switch_step: int | None = None
+    steps_per_epoch: int = 0
 
 
 @dataclass
@@ -80,11 +82,15 @@ class Hooks:
     on_step: Callable[[], None] | None = None
     log: Callable[[str], None] = lambda message: None
     planned_steps: Callable[[int], None] = lambda n: None
+    # a stage starts: phase 1 of a data mode (before waiting for its trajectory's lock), or
+    # phase 2 of a loader from a switch step
+    on_stage: Callable[[Stage], None] | None = None
     # (stage, epoch, the epoch's mean training metrics) after each epoch
     on_epoch: Callable[[Stage, int, dict[str, float]], None] | None = None
     on_result: Callable[[dict[str, Any]], None] | None = None  # each evaluated model's row
-    # each phase-1 trajectory the experiment trained or continued, once it is complete
-    on_trajectory: Callable[[Trajectory], None] | None = None
+    # each phase-1 trajectory the experiment trained or continued, once it is complete, with
+    # its epoch history ({"epoch", "loss", "accuracy"}) up to this run's last checkpoint
+    on_trajectory: Callable[[Trajectory, list[dict[str, float]]], None] | None = None
 
 
 @dataclass
@@ -238,6 +244,8 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
     spe = len(ctx.y_train) // spec.batch_size
     trajectory = ctx.store.get(cfg, mode, seed)
     tid = trajectory.id
+    if ctx.hooks.on_stage:
+        ctx.hooks.on_stage(Stage(1, mode, seed, None, spe))
     # Trials of a sweep that share this trajectory wait here; the next one finds the
     # checkpoints and trains nothing.
     with trajectory.lock():
@@ -272,7 +280,7 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             history.append({"epoch": epoch, **metrics})
             if ctx.hooks.on_epoch:
-                ctx.hooks.on_epoch(Stage(1, mode, seed), epoch, metrics)
+                ctx.hooks.on_epoch(Stage(1, mode, seed, None, spe), epoch, metrics)
 
         def on_checkpoint(s: TrainState, step: int, running: list[dict[str, float]]) -> bool:
             meta = {"epoch": ckpt_steps[step], "exact_epoch": step / spe, "step": step,
@@ -319,12 +327,15 @@ def run_phase2(
     spe = len(ctx.y_train) // spec.batch_size
     last: dict[str, float] = {"loss": float("nan"), "accuracy": float("nan")}
 
+    if ctx.hooks.on_stage:
+        ctx.hooks.on_stage(Stage(2, code, seed, switch_step, spe))
+
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         last.update(metrics)
         if epochs is not None:
             epochs.append((epoch, metrics))
         if ctx.hooks.on_epoch:
-            ctx.hooks.on_epoch(Stage(2, code, seed, switch_step), epoch, metrics)
+            ctx.hooks.on_epoch(Stage(2, code, seed, switch_step, spe), epoch, metrics)
 
     state = init_state(anchor.params, anchor.batch_stats, spec.momentum, key)
     try:
@@ -440,8 +451,12 @@ class _InitialRuns:
         if step != 0 or code[1:] not in self.kept:
             return None
         row, epochs = self.kept[code[1:]]
+        spe = len(self.ctx.y_train) // self.ctx.cfg.phase2.batch_size
+        stage = Stage(2, code, self.seed, 0, spe)
+        if self.ctx.hooks.on_stage:
+            self.ctx.hooks.on_stage(stage)
         for epoch, metrics in epochs if self.ctx.hooks.on_epoch else ():
-            self.ctx.hooks.on_epoch(Stage(2, code, self.seed, 0), epoch, metrics)
+            self.ctx.hooks.on_epoch(stage, epoch, metrics)
         return {**row, "code": code, "switch_epoch": switch,
                 "seconds": round(time.perf_counter() - t0, 2)}
 
@@ -499,9 +514,12 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             rows += [{**r, "switch_rule": label} for label in labels[1:] for r in made]
             for r in rows[first:] if ctx.hooks.on_result else ():
                 ctx.hooks.on_result(r)
-        phase1.store.close()
         if ctx.hooks.on_trajectory:
-            ctx.hooks.on_trajectory(phase1.trajectory)
+            end = epoch_to_step(cfg.phase1_epochs, spe)
+            last = max((s for s in phase1.store.steps() if s <= end), default=None)
+            history = [] if last is None else phase1.store.meta(last)["history"]
+            ctx.hooks.on_trajectory(phase1.trajectory, history)
+        phase1.store.close()
     return rows
 
 

@@ -155,19 +155,22 @@ def trajectory_measures(trajectory: KernelTrajectory, num_classes: int) -> list[
     per = summary(k, records[0].labels, num_classes)
     rows = []
     for t, epoch in enumerate(epochs):
-        row: dict[str, Any] = {"epoch": float(epoch)}
+        row: dict[str, Any] = {"epoch": float(epoch), "step": int(records[t].meta["step"])}
         row.update({name: float(np.mean(v[t])) for name, v in {**dist, **per}.items()})
         rows.append(row)
     return rows
 
 
 def cross_trajectory_distances(a: KernelTrajectory, b: KernelTrajectory) -> list[dict[str, Any]]:
-    """S(a_t, b_t) at the epochs both trajectories have (class-wise mean)."""
+    """S(a_t, b_t) at the epochs both trajectories have (class-wise mean), with the training
+    step of ``a``'s checkpoint at each."""
     common = sorted(set(a.epochs()) & set(b.epochs()))
     if not common:
         return []
-    _, ka = a.stack(common)
+    records = [a.load(e) for e in common]
+    ka = np.stack([r.kernel for r in records])
     _, kb = b.stack(common)
-    output = a.load(common[0]).meta["output"]
+    output = records[0].meta["output"]
     d = cross_distance(per_kernel(ka, output), per_kernel(kb, output)).mean(axis=-1)
-    return [{"epoch": float(e), "distance": float(v)} for e, v in zip(common, d, strict=True)]
+    return [{"epoch": float(e), "step": int(r.meta["step"]), "distance": float(v)}
+            for e, r, v in zip(common, records, d, strict=True)]

@@ -1,6 +1,7 @@
-"""Kernel measures to MLflow: a trial's trajectories (on its run) and the distances between a
-sweep's trajectories (on the parent run). The measures logged are ``core.kernels.MEASURES``,
-as ``kernel/<mode>/<measure>``; steps follow ``sweep.tracking.kernel_step`` (epoch x 1000)."""
+"""Kernel measures to MLflow: each trajectory's (on its trajectory run), the distances between
+a trial's trajectories (on the trial run) and between a sweep's (on the parent run). The
+measures are ``core.kernels.MEASURES`` under their own names (``alignment``, ``to_init``, ...);
+steps are training steps (``sweep.mlflow_runs``), with ``epoch`` logged beside them."""
 
 from __future__ import annotations
 
@@ -16,17 +17,20 @@ from core.kernel_store import KernelTrajectory
 from core.kernels import MEASURES
 from core.trajectory_store import Trajectory, TrajectoryStore
 from sweep.layout import StateFileError, read_results, trial_files, variant_label
-from sweep.tracking import Tracker, kernel_step
+from sweep.tracking import Tracker
 
 
-def log_kernels(tracker: Tracker, run: str, cfg: Any, trajectories: list[Trajectory],
-                trial_dir: Path, seen: set[tuple[str, int]] | None = None) -> list[Path]:
+def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg: Any,
+                trajectories: list[Trajectory], trial_dir: Path,
+                seen: dict[str, set[tuple[str, int]]]) -> list[Path]:
     """Kernels of ``trajectories`` (the trial's) at every checkpoint (computed once per
-    trajectory, under its lock, and stored with it), their measures as metrics and the
-    distances between them (``kernel/cross/<modes>/distance``). The kernel files at the
-    switch points and the last checkpoint (the kernels phase 2 trains with) become artifacts
-    ``kernels/<mode>/``. Returns the plots written under ``trial_dir`` (distance curves, one
-    epoch-by-epoch heatmap per trajectory)."""
+    trajectory, under its lock, and stored with it), their measures as metrics of each
+    trajectory's run (``trajectory_runs`` by data mode) and the distances between them on the
+    trial run ``run`` (``kernel/cross/<modes>/distance``). The kernel files at the switch
+    points and the last checkpoint (the kernels phase 2 trains with) become artifacts
+    ``kernels/`` of the trajectory runs. ``seen``: (metric, step) already logged, by run.
+    Returns the plots written under ``trial_dir`` (distance curves, one epoch-by-epoch
+    heatmap per trajectory)."""
     from core.trajectory_kernels import (
         compute_trajectory_kernels,
         cross_trajectory_distances,
@@ -40,17 +44,18 @@ def log_kernels(tracker: Tracker, run: str, cfg: Any, trajectories: list[Traject
         epochs = store.epochs()
         rows = trajectory_measures(store, len(np.unique(store.load(epochs[0]).labels)))
         rows_of[t.id] = {"mode": t.mode, "seed": t.seed, "rows": rows}
+        own = trajectory_runs[t.mode]
         for r in rows:
-            tracker.log(run, {f"kernel/{t.mode}/{k}": r[k] for k in MEASURES},
-                        step=kernel_step(r["epoch"]), skip=seen)
+            tracker.log(own, {**{k: r[k] for k in MEASURES}, "epoch": r["epoch"]},
+                        step=r["step"], skip=seen.setdefault(own, set()))
         for epoch in sorted({*cfg.switch_points, epochs[-1]} & set(epochs)):
-            tracker.artifact(run, store.path(epoch), f"kernels/{t.mode}")
+            tracker.artifact(own, store.path(epoch), "kernels")
     modes = sorted(stores)
     for i, a in enumerate(modes):
         for b in modes[i + 1:]:
             for r in cross_trajectory_distances(stores[a], stores[b]):
                 tracker.log(run, {f"kernel/cross/{a}{b}/distance": r["distance"]},
-                            step=kernel_step(r["epoch"]), skip=seen)
+                            step=r["step"], skip=seen.setdefault(run, set()))
     if not rows_of:
         return []
     seed = cfg.seeds[0]
@@ -116,7 +121,7 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
                 rows = cross_trajectory_distances(stores[a], stores[b])
                 for r in rows:
                     tracker.log(parent, {f"kernel/cross/{prefix}{a}-{b}/distance": r["distance"]},
-                                step=kernel_step(r["epoch"]))
+                                step=r["step"])
                 matrix[i, j] = matrix[j, i] = rows[-1]["distance"] if rows else np.nan
         plots.append(heatmap_plot(
             names, matrix, "kernel distance between trajectories (last common epoch)"

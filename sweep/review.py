@@ -3,10 +3,10 @@
 * status: each trial's state in Ray Tune's experiment (read offline), its values, metric and
   progress, and the sweep's MLflow location;
 * report: the summary table, ``switch_point.png`` and ``kernel_distances.png`` rebuilt from
-  what MLflow holds (the child runs' tags and metrics, the trials' kernel metric histories),
+  what MLflow holds (the model runs' params and metrics, the trajectory runs' histories),
   so results are reproducible from the tracking server alone;
 * compare: kernel distances S(K^a_t, K^b_t) between two stored trajectories at their common
-  checkpoints, given as trajectory ids (the ``trajectory/<mode>`` tags of trial runs), id
+  checkpoints, given as trajectory ids (the ``trajectory_id`` param of trajectory runs), id
   prefixes, trajectory directories or ``<trial run id>/<mode>``.
 """
 
@@ -17,20 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from core.config import MODES, RESULT_METRICS, ConfigError
 from core.trajectory_store import TrajectoryStore, is_trajectory
 from sweep.layout import (
     HEARTBEAT,
     SWEEP_STATE,
     StateFileError,
-    format_variant,
     read_record,
     resolved,
 )
+from sweep.mlflow_runs import KIND, MODEL_KINDS, SWEEP, TRAJECTORY, TRIAL, VARIANT_TAG
 from sweep.space import SweepSpace
-from sweep.tracking import PARENT_TAG, kernel_epoch, search_all
+from sweep.tracking import PARENT_TAG, search_all
 
 SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
                     "experiment_id": str, "parent_run": str}
@@ -124,10 +122,11 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = None
-                ) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Result rows (one per evaluated model) of one sweep in its MLflow experiment, and its
-    trial runs: the sweep whose parent run is ``parent_run`` (default the latest one). Only
-    finished trials count (as in the sweep's own summary), each model once."""
+                ) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
+    """Result rows (one per evaluated model) of one sweep in its MLflow experiment, its
+    trial runs and their trajectory runs: the sweep whose parent run is ``parent_run``
+    (default the latest one). Only finished trials count (as in the sweep's own summary),
+    each model once."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -136,31 +135,33 @@ def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = Non
         raise ConfigError(f"MLflow at {tracking_uri} has no experiment {experiment!r}")
     runs = search_all(client, [exp.experiment_id])
     if parent_run is None:
-        sweeps = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+        sweeps = [r for r in runs if r.data.tags.get(KIND) == SWEEP]
         if not sweeps:
             raise ConfigError(f"MLflow experiment {experiment!r} has no sweep run")
         parent_run = max(sweeps, key=lambda r: r.info.start_time).info.run_id
-    trials = [r for r in runs if r.data.tags.get("kind") == "trial"
+    trials = [r for r in runs if r.data.tags.get(KIND) == TRIAL
               and r.data.tags.get(PARENT_TAG) == parent_run and r.info.status == "FINISHED"]
-    # A trial's params are its sampled values (as strings); its variant is all but the seed.
     variants = {t.info.run_id: trial_variant(t) for t in trials}
     latest: dict[tuple[str, str], Any] = {}
     for r in runs:
         trial = r.data.tags.get(PARENT_TAG)
-        if r.data.tags.get("kind") in ("switch_run", "network") and trial in variants:
+        if r.data.tags.get(KIND) in MODEL_KINDS and trial in variants:
             key = (trial, r.info.run_name)
             if key not in latest or r.info.start_time > latest[key].info.start_time:
                 latest[key] = r
     rows = []
     for (trial, _), r in sorted(latest.items()):
-        tags, metrics = r.data.tags, r.data.metrics
+        params, metrics = r.data.params, r.data.metrics
         rows.append({"variant": variants[trial],
-                     "seed": int(tags["seed"]), "code": tags["code"],
-                     "dynamics": tags["dynamics"], "switch_epoch": float(tags["switch_epoch"]),
-                     "switch_rule": tags.get("switch_rule", ""),
+                     "seed": int(params["seed"]), "code": params["code"],
+                     "dynamics": params["dynamics"],
+                     "switch_epoch": float(params["switch_epoch"]),
+                     "switch_rule": params.get("switch_rule", ""),
                      **{k: metrics.get(k, float("nan")) for k in RESULT_METRICS},
-                     "masked": tags.get("masked") == "true"})
-    return rows, trials
+                     "masked": r.data.tags.get("masked") == "true"})
+    trajectories = [r for r in runs if r.data.tags.get(KIND) == TRAJECTORY
+                    and r.data.tags.get(PARENT_TAG) in variants]
+    return rows, trials, trajectories
 
 
 def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None = None
@@ -175,32 +176,31 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
     from sweep.claims import write_claims
     from sweep.plots import kernel_distance_plot, switch_point_plot
 
-    rows, trials = mlflow_rows(tracking_uri, experiment, parent_run)
+    rows, trials, trajectories = mlflow_rows(tracking_uri, experiment, parent_run)
     if not rows:
         raise ConfigError(f"MLflow experiment {experiment!r} has no evaluated models yet")
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
     paths = [*write_summary(out, summary), switch_point_plot(summary, out / "switch_point.png")]
     client = MlflowClient(tracking_uri)
+    variants = {t.info.run_id: trial_variant(t) for t in trials}
     curves, kernel_curves = {}, {}
-    for t in trials:
-        for mode in MODES:
-            key = f"kernel/{mode}/to_init"
-            if key not in t.data.metrics:
-                continue
-            series = {m: {h.step: h.value for h in client.get_metric_history(
-                t.info.run_id, f"kernel/{mode}/{m}")} for m in ("to_init", "to_final",
-                                                               "velocity")}
-            steps = sorted(series["to_init"])
-            seed = t.data.tags.get("seed", "?")
-            curves[f"{t.info.run_id}/{mode}"] = {
-                "mode": mode, "seed": seed,
-                "rows": [{"epoch": kernel_epoch(s), **{m: series[m].get(s, float("nan"))
-                                                for m in series}} for s in steps]}
-            if seed.isdigit():
-                kernel_curves.setdefault(trial_variant(t), []).append(KernelCurve(
-                    mode, int(seed), np.array([kernel_epoch(s) for s in steps]),
-                    np.array([series["to_final"].get(s, np.nan) for s in steps])))
+    for t in trajectories:
+        if "to_init" not in t.data.metrics:
+            continue
+        series = {m: {h.step: h.value for h in client.get_metric_history(t.info.run_id, m)}
+                  for m in ("to_init", "to_final", "velocity", "epoch")}
+        steps = sorted(series["to_init"])
+        epochs = [series["epoch"].get(s, np.nan) for s in steps]
+        mode, seed = t.data.params["data_mode"], t.data.params["seed"]
+        curves[t.info.run_id] = {
+            "mode": mode, "seed": seed,
+            "rows": [{"epoch": e, **{m: series[m].get(s, float("nan"))
+                                     for m in ("to_init", "to_final", "velocity")}}
+                     for s, e in zip(steps, epochs, strict=True)]}
+        kernel_curves.setdefault(variants[t.data.tags[PARENT_TAG]], []).append(KernelCurve(
+            mode, int(seed), np.array(epochs),
+            np.array([series["to_final"].get(s, np.nan) for s in steps])))
     if curves:
         paths.append(kernel_distance_plot(curves, out / "kernel_distances.png"))
     parent = client.get_run(trials[0].data.tags[PARENT_TAG]) if trials else None
@@ -208,8 +208,8 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
 
 
 def trial_variant(trial: Any) -> str:
-    """A trial run's variant: its params (sampled values, as strings) but the seed."""
-    return format_variant({k: yaml.safe_load(v) for k, v in trial.data.params.items()})
+    """A trial run's variant (its sampled values but the seed, ``format_variant``)."""
+    return trial.data.tags.get(VARIANT_TAG, "")
 
 
 CROSS_METRIC = re.compile(r"kernel/cross/(?:(config\d+)/)?([CAF])(\d+)-([CAF])(\d+)/distance")
@@ -240,28 +240,40 @@ def _trajectory_dirs(stores: list[Path]) -> list[Path]:
     return [TrajectoryStore(s).directory / t for s in stores for t in TrajectoryStore(s).ids()]
 
 
+def _trajectory_of_trial(ref: str, stores: list[Path]) -> str | None:
+    """The trajectory id of ``<trial run id>/<mode>``: the ``trajectory_id`` param of the
+    trial's trajectory run of that data mode, in a sweep under ``stores``."""
+    from mlflow.tracking import MlflowClient
+
+    run_id, mode = ref.rsplit("/", 1)
+    if mode not in MODES or not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        return None
+    for store in stores:
+        if not (store / SWEEP_STATE).is_file():
+            continue
+        client = MlflowClient(sweep_state(store)["tracking_uri"])
+        try:
+            experiment = client.get_run(run_id).info.experiment_id
+        except Exception:  # noqa: BLE001 - not this store's run
+            continue
+        found = search_all(client, [experiment], f"tags.`{PARENT_TAG}` = '{run_id}' and "
+                           f"params.data_mode = '{mode}'")
+        if found:
+            return found[0].data.params["trajectory_id"]
+    return None
+
+
 def resolve_trajectory(ref: str, stores: list[Path]) -> Path:
     """The trajectory directory ``ref`` names (see the module docstring)."""
     path = Path(ref)
     if is_trajectory(path):
         return path
     if "/" in ref and not path.exists():  # <trial run id>/<mode>
-        run_id, mode = ref.rsplit("/", 1)
-        for store in stores:
-            if (store / SWEEP_STATE).is_file():
-                from mlflow.tracking import MlflowClient
-
-                client = MlflowClient(sweep_state(store)["tracking_uri"])
-                try:
-                    tags = client.get_run(run_id).data.tags
-                except Exception:  # noqa: BLE001 - not this store's run
-                    continue
-                if f"trajectory/{mode}" in tags:
-                    ref = tags[f"trajectory/{mode}"]
-                    break
-        else:
-            raise ConfigError(f"{ref}: no trial run with a trajectory/{mode} tag in the "
-                              f"sweeps under {', '.join(map(str, stores))}")
+        found_id = _trajectory_of_trial(ref, stores)
+        if found_id is None:
+            raise ConfigError(f"{ref}: no trial run with a trajectory run of that data mode in "
+                              f"the sweeps under {', '.join(map(str, stores))}")
+        ref = found_id
     found = [d for d in _trajectory_dirs(stores) if d.name.startswith(ref)]
     if len(found) != 1:
         what = "no trajectory" if not found else f"{len(found)} trajectories"

@@ -36,6 +36,7 @@ from sweep.layout import (
     trial_dir,
     trial_outcomes,
 )
+from sweep.mlflow_runs import KIND, SWEEP, provenance
 from sweep.space import SweepSpace, to_param_space
 from sweep.tracking import MAX_TAG_CHARS, Tracker, TrackingStoreLost
 from sweep.trial import trial
@@ -93,7 +94,8 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
     name = name or space.base.get("name") or "sweep"
     tracker = Tracker(tracking_uri(out))
     experiment_id = tracker.experiment(name, out / "mlartifacts")
-    parent = tracker.start(experiment_id, f"{name} sweep", {"kind": "sweep"})
+    parent = tracker.start(experiment_id, f"{name} sweep", {KIND: SWEEP, **provenance()})
+    _log_sweep_definition(tracker, parent, space, out)
     context = {"base": space.base, "paths": list(space.distributions), "out": str(out),
                "tracking_uri": tracker.uri, "experiment_id": experiment_id,
                "parent_run": parent}
@@ -125,6 +127,23 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
         tracker.end(parent, "FAILED")
         raise
     return _finish(tuner, space, out, tracker, parent)
+
+
+def _log_sweep_definition(tracker: Tracker, parent: str, space: SweepSpace, out: Path) -> None:
+    """The parent run's params (the swept variables, the trial count) and artifacts: the sweep
+    file as given and the resolved base config (every default filled in)."""
+    import yaml
+
+    tracker.params(parent, {"swept": ", ".join(sorted(space.distributions)) or "-",
+                            "trials": space.trial_count()})
+    definition = out / "sweep-definition"
+    definition.mkdir(exist_ok=True)
+    (definition / "sweep.yaml").write_text(yaml.safe_dump(space.raw, sort_keys=False))
+    first = space.config({p: d.args[0] for p, d in space.distributions.items()})
+    (definition / "resolved-config.yaml").write_text(
+        yaml.safe_dump(first.model_dump(mode="json"), sort_keys=False))
+    for path in sorted(definition.iterdir()):
+        tracker.artifact(parent, path, "sweep")
 
 
 def _trainable(space: SweepSpace):
@@ -178,16 +197,17 @@ def _trial_id_of(path: str | None) -> str:
 
 
 def _close_run(tracker: Tracker, result, status: str, tags: dict[str, str]) -> None:
-    """Ends the MLflow run of a trial that did not end it itself (stopped by the scheduler:
-    KILLED; failed for good: FAILED) if it is still running; its run id is in the trial's
-    Tune checkpoint."""
+    """Ends the MLflow runs of a trial that did not end them itself (stopped by the scheduler:
+    KILLED; failed for good: FAILED) if still running; their ids are in the trial's Tune
+    checkpoint."""
     if result.checkpoint is None:
         return
     with result.checkpoint.as_directory() as directory:
-        run = json.loads((Path(directory) / TRIAL_STATE).read_text())["run_id"]
-    if tracker.status(run) == "RUNNING":
-        tracker.tags(run, tags)
-        tracker.end(run, status)
+        state = json.loads((Path(directory) / TRIAL_STATE).read_text())
+    for run in (*state.get("trajectories", {}).values(), state["run_id"]):
+        if tracker.status(run) == "RUNNING":
+            tracker.tags(run, tags)
+            tracker.end(run, status)
 
 
 def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,

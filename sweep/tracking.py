@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -16,23 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from core.timing import timed
 from sweep.layout import read_json, write_json
+from sweep.mlflow_runs import EXPERIMENT_KIND
 
 PARENT_TAG = "mlflow.parentRunId"
-KERNEL_STEPS_PER_EPOCH = 1000
-"""MLflow step of a kernel measure: round(1000 * epoch), so fractional checkpoints (0.125)
-get their own steps; training metrics use the epoch itself."""
-
-
-def kernel_step(epoch: float) -> int:
-    """The MLflow step of a kernel measure at ``epoch`` (``KERNEL_STEPS_PER_EPOCH``)."""
-    return round(KERNEL_STEPS_PER_EPOCH * epoch)
-
-
-def kernel_epoch(step: int) -> float:
-    """The epoch of a kernel measure logged at MLflow ``step``."""
-    return step / KERNEL_STEPS_PER_EPOCH
-
-
 PAGE = 10_000  # runs per MLflow search request; every search pages through all of them
 
 
@@ -119,6 +105,7 @@ RETRY_EVERY_S = 5.0
 MAX_BACKOFF_S = 30.0  # the longest wait between two tries of an MLflow request
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value (longer ones are cut)
 MAX_TAG_CHARS = 5000  # what a tag keeps of an error message (MLflow allows 8000)
+BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per log_batch request
 
 
 class Tracker:
@@ -185,9 +172,8 @@ class Tracker:
         kind, c = op["kind"], self.client
         self._guard()
         if kind == "batch":
-            c.log_batch(op["run"], metrics=[Metric(*m) for m in op.get("metrics", ())],
-                        params=[Param(*kv) for kv in op.get("params", ())],
-                        tags=[RunTag(*kv) for kv in op.get("tags", ())])
+            self._log_batch(op["run"], op.get("metrics", ()), op.get("params", ()),
+                            op.get("tags", ()))
         elif kind == "artifact":
             c.log_artifact(op["run"], op["path"], op["artifact_path"])
         elif kind == "end":
@@ -197,10 +183,20 @@ class Tracker:
                 op["run"] = c.create_run(op["experiment"], tags=op["tags"],
                                          run_name=op["name"]).info.run_id
                 failpoint("child-run-created")
-            if op["metrics"]:
-                c.log_batch(op["run"], metrics=[Metric(*m) for m in op["metrics"]])
-                op["metrics"] = []
+            if op["metrics"] or op.get("params"):
+                self._log_batch(op["run"], op["metrics"], op.get("params", ()), ())
+                op["metrics"], op["params"] = [], []
             c.set_terminated(op["run"], "FINISHED")
+
+    def _log_batch(self, run: str, metrics: Sequence[Sequence[Any]],
+                   params: Sequence[Sequence[Any]], tags: Sequence[Sequence[Any]]) -> None:
+        """``log_batch`` in requests within MLflow's limits (``BATCH_LIMITS``); params first,
+        so that a retried batch never logs a metric twice after its params failed."""
+        for key, items, cls in (("params", params, Param), ("tags", tags, RunTag),
+                                ("metrics", metrics, Metric)):
+            limit = BATCH_LIMITS[key]
+            for i in range(0, len(items), limit):
+                self.client.log_batch(run, **{key: [cls(*item) for item in items[i:i + limit]]})
 
     def _submit(self, op: dict[str, Any]) -> None:
         if not self.buffered:
@@ -283,7 +279,8 @@ class Tracker:
         location = None
         if artifact_root is not None and self.local:
             location = artifact_root.absolute().as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags=EXPERIMENT_KIND)
 
     def start(self, experiment_id: str, name: str, tags: dict[str, Any],
               parent: str | None = None) -> str:
@@ -296,15 +293,20 @@ class Tracker:
 
     def child(self, experiment_id: str, name: str, tags: dict[str, Any], parent: str,
               metrics: dict[str, float],
-              existing: tuple[str, Collection[str]] | None = None) -> None:
-        """A finished child run of ``parent`` holding ``metrics`` (queued when buffered);
-        with ``existing`` (run id, metric keys it has) that unfinished run is completed: the
+              existing: tuple[str, Collection[str]] | None = None,
+              params: dict[str, Any] | None = None,
+              curves: Sequence[Sequence[Any]] = ()) -> None:
+        """A finished child run of ``parent`` holding ``params``, ``metrics`` (at step 0)
+        and ``curves`` ([key, value, timestamp, step] each), queued when buffered; with
+        ``existing`` (run id, metric keys it has) that unfinished run is completed: the
         metrics it lacks are logged and it is ended."""
         now = int(time.time() * 1000)
         has = set(existing[1]) if existing else set()
+        points = [*([k, float(v), now, 0] for k, v in metrics.items()), *map(list, curves)]
         op = {"kind": "child", "experiment": experiment_id, "name": name,
               "tags": {**{k: str(v) for k, v in tags.items()}, PARENT_TAG: parent},
-              "metrics": [[k, float(v), now, 0] for k, v in metrics.items() if k not in has]}
+              "metrics": [m for m in points if m[0] not in has],
+              "params": [[k, str(v)[:MAX_PARAM_CHARS]] for k, v in (params or {}).items()]}
         if existing:
             op["run"] = existing[0]
         self._submit(op)
@@ -371,17 +373,20 @@ class Tracker:
 
         return self._retrying(read)
 
-    def resume(self, run_id: str, pending: Path) -> ResumedRun:
-        """Continues a trial's run after a retry or restore: marks it running, delivers the
-        writes an earlier attempt saved in ``pending`` (and saves back what is still left, so
-        no later attempt sends it twice), and returns what the run already has, so the
-        attempt logs no (metric, step) and creates no child run twice.
+    def resume(self, run_id: str, pending: Path, others: Collection[str] = ()) -> ResumedRun:
+        """Continues a trial's run (and its runs ``others``, e.g. its trajectories') after a
+        retry or restore: marks them running, delivers the writes an earlier attempt saved in
+        ``pending`` (and saves back what is still left, so no later attempt sends it twice),
+        and returns what the runs already have, so the attempt logs no (metric, step) and
+        creates no child run twice.
 
         A child an earlier attempt created is not created again; one it created but did not
         finish (died between creating and ending it) is completed with the metrics it lacks.
         """
-        self.reopen(run_id)
-        seen = self.logged(run_id)
+        seen = {}
+        for run in (run_id, *others):
+            self.reopen(run)
+            seen[run] = self.logged(run)
         children, unfinished = self.children(run_id)
         self.load_pending(pending)
         self.pending = [op for op in self.pending
@@ -391,7 +396,8 @@ class Tracker:
             if op["kind"] == "child" and "run" not in op and op["name"] in unfinished:
                 op["run"], has = unfinished[op["name"]]
                 op["metrics"] = [m for m in op["metrics"] if m[0] not in has]
-            seen |= {(m[0], m[3]) for m in op.get("metrics", ()) if op.get("run") == run_id}
+            if op.get("run") in seen:
+                seen[op["run"]] |= {(m[0], m[3]) for m in op.get("metrics", ())}
             if op["kind"] == "child":
                 children[op["name"]] = op.get("run", "pending")
         self.flush(0.0)
@@ -400,9 +406,9 @@ class Tracker:
 
 
 class ResumedRun(NamedTuple):
-    """What a continued run already has: (metric, step) pairs logged, child runs by name
-    (finished or queued), and unfinished children by name (run id, metric keys it has)."""
+    """What continued runs already have: (metric, step) pairs logged, by run id; child runs
+    by name (finished or queued), and unfinished children by name (run id, metric keys)."""
 
-    seen: set[tuple[str, int]]
+    seen: dict[str, set[tuple[str, int]]]
     children: dict[str, str]
     unfinished: dict[str, tuple[str, list[str]]]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.config import RESULT_METRICS, config_from_dict, is_network
+from core.config import RESULT_METRICS, ExperimentConfig, config_from_dict, is_network
 from core.experiment import Hooks, Stage, run_experiment
 from core.timing import since, snapshot, timed
 from core.train import Divergence
@@ -34,9 +34,25 @@ from sweep.layout import (
     PENDING_WRITES,
     TRIAL_STATE,
     VARIANT_FILE,
+    format_variant,
     read_record,
     trial_dir,
     write_json,
+)
+from sweep.mlflow_runs import (
+    KIND,
+    TRAJECTORY,
+    TRIAL,
+    VARIANT_TAG,
+    flat_params,
+    model_kind,
+    model_name,
+    model_params,
+    provenance,
+    train_metrics,
+    trajectory_name,
+    trajectory_params,
+    trial_name,
 )
 from sweep.space import substitute
 from sweep.tracking import MAX_TAG_CHARS, ResumedRun, Tracker
@@ -57,12 +73,6 @@ def summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def run_name(r: dict[str, Any]) -> str:
-    """The MLflow name of a result row's child run: ``AC t=2 seed 0``."""
-    rule = f" ({r['switch_rule']})" if r["switch_rule"] else ""
-    return f"{r['code']} t={r['switch_epoch']:g}{rule} seed {r['seed']}"
-
-
 def _report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
     """Reports to Tune; with ``state`` (the trial's MLflow run id) also a checkpoint, which
     Tune persists before ``report`` returns."""
@@ -77,40 +87,50 @@ def _report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> Non
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
-def _restored_run() -> str | None:
-    """The MLflow run id in the trial's Tune checkpoint (a retried or restored trial)."""
+def _restored_runs() -> dict[str, Any] | None:
+    """The MLflow runs in the trial's Tune checkpoint (a retried or restored trial):
+    ``{"run_id": trial run, "trajectories": {mode: run id}}``."""
     from ray import tune
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
-        return json.loads((Path(directory) / TRIAL_STATE).read_text())["run_id"]
+        state = json.loads((Path(directory) / TRIAL_STATE).read_text())
+    return {"run_id": state["run_id"], "trajectories": state.get("trajectories", {})}
 
 
 class TrialReporter:
-    """The experiment's hooks for one trial: epochs and result rows go to MLflow (run ``run``
-    and its child runs, none twice: ``resumed`` says what the run already has), to Tune
-    (training loss per epoch; running means of the evaluation metrics and
-    ``models_evaluated``, ASHA's time axis, per model) and to the heartbeat file."""
+    """The experiment's hooks for one trial: its MLflow runs (``sweep.mlflow_runs``: the
+    trial run, a run per trajectory, a child run per evaluated model; none written twice:
+    ``resumed`` says what the runs already have), Tune (training loss per epoch; running
+    means of the evaluation metrics and ``models_evaluated``, ASHA's time axis, per model)
+    and the heartbeat file."""
 
-    def __init__(self, tracker: Tracker, run: str, ctx: dict[str, Any], directory: Path,
-                 cfg: Any, resumed: ResumedRun):
-        self.tracker, self.run, self.ctx, self.directory, self.cfg = (
-            tracker, run, ctx, directory, cfg)
+    def __init__(self, tracker: Tracker, runs: dict[str, Any], ctx: dict[str, Any],
+                 directory: Path, cfg: ExperimentConfig, resumed: ResumedRun):
+        self.tracker, self.ctx, self.directory, self.cfg = tracker, ctx, directory, cfg
+        self.run: str = runs["run_id"]
+        self.trajectory_runs: dict[str, str] = runs["trajectories"]
         self.seen, self.children, self.unfinished = resumed
+        self.store = TrajectoryStore(ctx["out"])
         self.rows: list[dict[str, Any]] = []
         self.trajectories: list[Trajectory] = []
-        self.phase1_epochs = 0
+        self.curves: dict[str, list[list[Any]]] = {}  # phase-2 curves by code, until its row
+        self.phase1_epochs = self.phase1_spe = 0
         self.steps_done = self.steps_planned = 0
 
     def hooks(self) -> Hooks:
         return Hooks(on_epoch=self.on_epoch, on_result=self.on_result, on_step=self.on_step,
-                     planned_steps=self.on_plan, on_trajectory=self.trajectories.append)
+                     planned_steps=self.on_plan, on_stage=self.on_stage,
+                     on_trajectory=self.on_trajectory)
 
     @property
     def pending_file(self) -> Path:
         return self.directory / PENDING_WRITES
+
+    def skip(self, run: str) -> set[tuple[str, int]]:
+        return self.seen.setdefault(run, set())
 
     def progress(self) -> float:
         return min(self.steps_done / self.steps_planned, 0.999) if self.steps_planned else 0.0
@@ -121,12 +141,25 @@ class TrialReporter:
     def on_step(self) -> None:
         self.steps_done += 1
 
+    def on_stage(self, stage: Stage) -> None:
+        if stage.phase == 1:
+            self.phase1_spe = stage.steps_per_epoch
+        else:
+            self.curves[stage.code] = []
+
     def on_epoch(self, stage: Stage, epoch: int, metrics: dict[str, float]) -> None:
-        self.phase1_epochs += stage.phase == 1
+        step = epoch * stage.steps_per_epoch
+        values = {**train_metrics(metrics), "epoch": epoch}
+        if stage.phase == 1:
+            self.phase1_epochs += 1
+            run = self.trajectory_runs[stage.code]
+            self.tracker.log(run, values, step=step, skip=self.skip(run))
+        else:
+            now = int(time.time() * 1000)
+            self.curves[stage.code] += [[k, float(v), now, step] for k, v in values.items()]
+        # Tune's and the heartbeat's label of the stage (``ntk-sweep status`` shows it).
         name = f"phase{stage.phase}/{stage.code}/s{stage.seed}" + (
             f"/t{stage.switch_step}" if stage.phase == 2 else "")
-        self.tracker.log(self.run, {f"{name}/{k}": v for k, v in metrics.items()}, step=epoch,
-                         skip=self.seen)
         self.heartbeat(name, epoch)
         self.tracker.save_pending(self.pending_file)  # undelivered writes survive a kill
         _report({"stage": name, "epoch": epoch, "progress": self.progress(),
@@ -135,24 +168,34 @@ class TrialReporter:
 
     def on_result(self, r: dict[str, Any]) -> None:
         self.rows.append(r)
-        name = run_name(r)
+        name = model_name(r)
+        tid = self.store.get(self.cfg, r["code"][0], r["seed"]).id
         if name not in self.children:  # a retry completes a child an attempt left empty
-            cfg = self.cfg
-            tags = {"kind": "network" if is_network(r["code"]) else "switch_run",
-                    "code": r["code"], "dynamics": r["dynamics"],
-                    "switch_epoch": r["switch_epoch"], "switch_rule": r["switch_rule"],
-                    "seed": r["seed"], "dataset": cfg.dataset.name, "model": cfg.model.name,
-                    "masked": str(bool(r.get("masked"))).lower()}
-            self.tracker.child(self.ctx["experiment_id"], name, tags, self.run,
-                               {k: r[k] for k in RESULT_METRICS if not math.isnan(r[k])},
-                               existing=self.unfinished.get(name))
+            metrics = {k: r[k] for k in RESULT_METRICS if not math.isnan(r[k])}
+            self.tracker.child(
+                self.ctx["experiment_id"], name,
+                {KIND: model_kind(r["code"]), "masked": str(bool(r.get("masked"))).lower(),
+                 **provenance()},
+                self.run, {**metrics, "switch_epoch": r["switch_epoch"]},
+                existing=self.unfinished.get(name), params=model_params(self.cfg, r, tid),
+                curves=() if is_network(r["code"]) else self.curves.get(r["code"], ()))
             self.children[name] = "pending"
         if r["switch_rule"] and is_network(r["code"]):  # once per trajectory
-            self.tracker.log(self.run, {f"switch_rule/{r['code'][0]}/epoch": r["switch_epoch"]},
-                             skip=self.seen)
+            run = self.trajectory_runs[r["code"][0]]
+            self.tracker.log(run, {"switch_rule_epoch": r["switch_epoch"]}, skip=self.skip(run))
         self.tracker.save_pending(self.pending_file)
         _report({"models_evaluated": len(self.rows), "progress": self.progress(),
                  **summary_metrics(self.rows)})
+
+    def on_trajectory(self, trajectory: Trajectory, history: list[dict[str, float]]) -> None:
+        """Phase 1 of ``trajectory`` is complete: its stored epoch history completes the
+        trajectory run's curves (a trajectory an earlier trial trained has no epoch events
+        here); the trial logs its kernels at the end."""
+        self.trajectories.append(trajectory)
+        run = self.trajectory_runs[trajectory.mode]
+        for h in history:
+            self.tracker.log(run, {**train_metrics(h), "epoch": h["epoch"]},
+                             step=h["epoch"] * self.phase1_spe, skip=self.skip(run))
 
     def heartbeat(self, stage: str, epoch: int) -> None:
         """``heartbeat.json``: the worker's PID and node, the stage and epoch just finished,
@@ -166,20 +209,22 @@ class TrialReporter:
 
     def finish(self, started: float, before: dict[str, float]) -> dict[str, Any]:
         """After the experiment: tables, kernels and plots as artifacts, the trial's summary
-        metrics and timings; ends the run. TrialFailed if MLflow stays unreachable."""
+        metrics and timings; ends the runs. TrialFailed if MLflow stays unreachable."""
         tracker, run = self.tracker, self.run
         for name in ("results.csv", "summary.md"):
             tracker.artifact(run, self.directory / name)
         if self.cfg.kernel.enabled:
-            for path in log_kernels(tracker, run, self.cfg, self.trajectories, self.directory,
-                                    self.seen):
+            for path in log_kernels(tracker, run, self.trajectory_runs, self.cfg,
+                                    self.trajectories, self.directory, self.seen):
                 tracker.artifact(run, path)
         spent = since(before)
         metrics = {**summary_metrics(self.rows), "phase1_epochs_trained": self.phase1_epochs,
                    "time/trial_s": time.perf_counter() - started,
                    **{f"time/{k}_s": spent.get(k, 0.0) for k in ("mlflow", "checkpoint",
                                                                   "report")}}
-        tracker.log(run, metrics, skip=self.seen)
+        tracker.log(run, metrics, skip=self.skip(run))
+        for trajectory_run in self.trajectory_runs.values():
+            tracker.end(trajectory_run)
         tracker.end(run)
         if not tracker.flush():
             raise TrialFailed(f"MLflow at {tracker.uri} stayed unreachable; "
@@ -188,10 +233,11 @@ class TrialReporter:
         return {**metrics, "models_evaluated": len(self.rows), "finished": 1, "progress": 1.0}
 
     def fail(self, error: Divergence) -> TrialFailed:
-        """The trial diverged: ``failed.json``, the run FAILED with the error as a tag."""
+        """The trial diverged: ``failed.json``, its runs FAILED with the error as a tag."""
         write_json(self.directory / FAILED_STATE, {"error": str(error)})
         self.tracker.tags(self.run, {"error": str(error)[:MAX_TAG_CHARS]})
-        self.tracker.end(self.run, "FAILED")
+        for run in (*self.trajectory_runs.values(), self.run):
+            self.tracker.end(run, "FAILED")
         try:
             self.tracker.flush(60.0)
         finally:
@@ -199,22 +245,30 @@ class TrialReporter:
         return TrialFailed(str(error))
 
 
-def _start_run(tracker: Tracker, ctx: dict[str, Any], cfg: Any, trial_id: str,
-               values: dict[str, Any]) -> str:
-    """The trial's MLflow run (a child of the sweep's), tagged with its trajectories, and
-    the first Tune checkpoint holding its id."""
+def _start_runs(tracker: Tracker, ctx: dict[str, Any], cfg: ExperimentConfig, trial_id: str,
+                values: dict[str, Any]) -> dict[str, Any]:
+    """The trial's MLflow run (a child of the sweep's) and one child run per trajectory it
+    trains (its phase-1 data modes and the reference network's), then the first Tune
+    checkpoint holding their ids."""
     import ray
 
     seed = cfg.seeds[0]
     store = TrajectoryStore(ctx["out"])
-    tags = {"kind": "trial", "dataset": cfg.dataset.name, "model": cfg.model.name,
-            "seed": seed, "trial_id": trial_id,
-            "ray_node": ray.get_runtime_context().get_node_id(),
-            **{f"trajectory/{t.mode}": t.id for t in store.of(cfg)}}
-    run = tracker.start(ctx["experiment_id"], trial_id, tags, parent=ctx["parent_run"])
-    tracker.params(run, values)
-    _report({"models_evaluated": 0}, {"run_id": run})
-    return run
+    modes = sorted({*cfg.phase1_modes, *([cfg.eval.reference] if cfg.eval.reference else [])})
+    trajectories = [store.get(cfg, mode, seed) for mode in modes]
+    tags = {KIND: TRIAL, VARIANT_TAG: format_variant(values), "trial_id": trial_id,
+            "ray_node": ray.get_runtime_context().get_node_id(), **provenance()}
+    run = tracker.start(ctx["experiment_id"], trial_name(format_variant(values), seed)[:250],
+                        tags, parent=ctx["parent_run"])
+    tracker.params(run, {**flat_params(cfg), "seed": seed, "trial_id": trial_id})
+    runs = {"run_id": run, "trajectories": {}}
+    for t in trajectories:
+        runs["trajectories"][t.mode] = child = tracker.start(
+            ctx["experiment_id"], trajectory_name(t.mode, seed),
+            {KIND: TRAJECTORY, **provenance()}, parent=run)
+        tracker.params(child, trajectory_params(cfg, t.mode, seed, t.id))
+    _report({"models_evaluated": 0}, runs)
+    return runs
 
 
 def trial(config: dict[str, Any]) -> None:
@@ -238,13 +292,13 @@ def trial(config: dict[str, Any]) -> None:
             tracker.flush(60.0)
             tracker.save_pending(pending)
         raise TrialFailed(read_record(directory / FAILED_STATE, {"error": str})["error"])
-    run = _restored_run()
-    if run is not None:
-        resumed = tracker.resume(run, pending)
+    runs = _restored_runs()
+    if runs is not None:
+        resumed = tracker.resume(runs["run_id"], pending, runs["trajectories"].values())
     else:
-        run = _start_run(tracker, ctx, cfg, trial_id, values)
-        resumed = ResumedRun(set(), {}, {})
-    reporter = TrialReporter(tracker, run, ctx, directory, cfg, resumed)
+        runs = _start_runs(tracker, ctx, cfg, trial_id, values)
+        resumed = ResumedRun({}, {}, {})
+    reporter = TrialReporter(tracker, runs, ctx, directory, cfg, resumed)
     directory.mkdir(parents=True, exist_ok=True)
     write_json(directory / VARIANT_FILE, {p: v for p, v in values.items() if p != "seeds"})
     try:
@@ -259,5 +313,5 @@ def trial(config: dict[str, Any]) -> None:
             tracker.save_pending(pending)  # a retry delivers them
         raise
     pending.unlink(missing_ok=True)
-    write_json(directory / FINAL_STATE, {"run_id": run, "final": final})  # finished from here
+    write_json(directory / FINAL_STATE, {"run_id": runs["run_id"], "final": final})  # finished
     _report(final)

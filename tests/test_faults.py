@@ -17,7 +17,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from sweep.runner import SweepTrackingLost, run_sweep, tracking_uri
+from sweep.layout import tracking_uri
+from sweep.runner import SweepTrackingLost, run_sweep
 from sweep.space import parse_space
 from tests.servers import BIN, free_port, mlflow_server, processes_mentioning, ray_cluster
 
@@ -88,10 +89,17 @@ def result_rows(out: Path) -> list[dict]:
     return rows
 
 
-def assert_no_duplicate_steps(client: MlflowClient, run_id: str) -> None:
-    for key in client.get_run(run_id).data.metrics:
-        steps = [m.step for m in client.get_metric_history(run_id, key)]
-        assert len(steps) == len(set(steps)), (key, steps)
+def assert_no_duplicate_steps(client: MlflowClient, runs: list) -> None:
+    """No (metric, step) logged twice in any of ``runs``, however often a trial was retried."""
+    for run in runs:
+        for key in run.data.metrics:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key, steps)
+
+
+def run_named(runs: list, name: str):
+    (run,) = [r for r in runs if r.info.run_name == name]
+    return run
 
 
 @pytest.mark.slow
@@ -141,16 +149,19 @@ def test_killed_worker_in_phase1_then_phase2_resumes_to_the_same_result(tmp_path
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     (trial,) = [r for r in runs if r.data.tags.get("kind") == "trial"]  # one run, continued
     assert trial.info.status == "FINISHED"
-    assert_no_duplicate_steps(client, trial.info.run_id)
+    assert_no_duplicate_steps(client, runs)
+    trajectory = run_named(runs, "trajectory A seed 0")
     history = {m.step: m.value for m in
-               client.get_metric_history(trial.info.run_id, "phase1/A/s0/loss")}
-    assert sorted(history) == [1, 2, 3, 4, 5, 6]
+               client.get_metric_history(trajectory.info.run_id, "train_loss")}
+    spe = int(min(history))
+    assert sorted(history) == [e * spe for e in range(1, 7)]
     # Every epoch's loss, the resumed epoch 3 included, equals the uninterrupted run's.
     ref_client = MlflowClient(tracking_uri(tmp_path / "reference"))
     ref_exp = ref_client.get_experiment_by_name("fault-sweep")
-    (ref_trial,) = ref_client.search_runs([ref_exp.experiment_id], "tags.kind = 'trial'")
+    (ref_trajectory,) = ref_client.search_runs([ref_exp.experiment_id],
+                                               "attributes.run_name = 'trajectory A seed 0'")
     assert history == {m.step: m.value for m in ref_client.get_metric_history(
-        ref_trial.info.run_id, "phase1/A/s0/loss")}
+        ref_trajectory.info.run_id, "train_loss")}
     assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 3
 
 
@@ -161,7 +172,7 @@ def test_worker_killed_between_a_child_run_and_its_metrics_completes_it(tmp_path
     none is left RUNNING or empty, none is made twice, and report sees every model."""
     import ray
 
-    from sweep.inspect import mlflow_rows
+    from sweep.review import mlflow_rows
     from sweep.tracking import FAILPOINT
 
     marker = tmp_path / "killed"
@@ -182,7 +193,7 @@ def test_worker_killed_between_a_child_run_and_its_metrics_completes_it(tmp_path
     names = sorted(r.info.run_name for r in models)
     assert len(names) == len(set(names)) == 4  # AC and A- at switch points 0 and 2
     assert all(r.info.status == "FINISHED" and "accuracy" in r.data.metrics for r in models)
-    rows, _ = mlflow_rows(tracking_uri(tmp_path / "out"), "child-sweep")
+    rows, _, _ = mlflow_rows(tracking_uri(tmp_path / "out"), "child-sweep")
     assert len(rows) == 4
 
 
@@ -217,7 +228,7 @@ def test_lost_node_its_trials_are_rescheduled(tmp_path):
     exp = client.get_experiment_by_name("node-sweep")
     trials = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
               if r.data.tags.get("kind") == "trial"]
-    assert sorted(t.data.tags["seed"] for t in trials) == ["0", "1"]
+    assert sorted(t.data.params["seed"] for t in trials) == ["0", "1"]
     assert all(t.info.status == "FINISHED" for t in trials)
 
 
@@ -274,15 +285,16 @@ def test_tracking_server_down_mid_sweep_loses_nothing(tmp_path):
             runs = client.search_runs([exp.experiment_id], max_results=1000)
             (trial,) = [r for r in runs if r.data.tags.get("kind") == "trial"]
             assert trial.info.status == "FINISHED"
-            run = trial.info.run_id
-            history = client.get_metric_history(run, "phase1/A/s0/loss")
-            assert sorted(m.step for m in history) == list(range(1, 21))  # every epoch
-            for t in (0, 10, 20):
-                key = f"phase2/AC/s0/t{t * 64}/loss"  # 64 steps per epoch
-                assert sorted(m.step for m in client.get_metric_history(run, key)) == [1, 2, 3]
-            assert_no_duplicate_steps(client, run)
+            trajectory = run_named(runs, "trajectory A seed 0").info.run_id
+            history = client.get_metric_history(trajectory, "train_loss")
+            assert sorted(m.step for m in history) == [64 * e for e in range(1, 21)]  # all
+            for t in (0, 10, 20):  # 64 steps per epoch
+                model = run_named(runs, f"AC t={t} seed 0").info.run_id
+                curve = client.get_metric_history(model, "train_loss")
+                assert sorted(m.step for m in curve) == [64, 128, 192]
+            assert_no_duplicate_steps(client, runs)
             assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 3
-            assert len(client.get_metric_history(run, "kernel/A/to_init")) == 21
+            assert len(client.get_metric_history(trajectory, "to_init")) == 21
     finally:
         stop_driver(driver)
     assert not list(out.glob("trials/*/pending_mlflow_writes.json"))

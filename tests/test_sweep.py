@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep.runner import run_sweep, tracking_uri
+from sweep.layout import tracking_uri
+from sweep.runner import run_sweep
 from sweep.space import parse_space
 from tests.helpers import SWEEP
 
@@ -27,6 +28,7 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
 
     client = MlflowClient(tracking_uri(tmp_path))
     exp = client.get_experiment_by_name("tiny-sweep")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     by_kind = {}
     for r in runs:
@@ -35,50 +37,73 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     trials = by_kind["trial"]
     assert len(trials) == 2
     assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+    assert {t.info.run_name for t in trials} == {"trial phase2.lr=0.01 seed 0",
+                                                 "trial phase2.lr=0.01 seed 1"}
+    for run in runs:  # every run says what made it
+        assert run.data.tags["ntk_sweep.version"] and run.data.tags["mlflow.source.git.commit"]
     switch_runs = by_kind["switch_run"]
     assert len(switch_runs) == 2 * 2 * 4  # seeds x codes x (3 switch points + the rule)
     trial_ids = {t.info.run_id for t in trials}
     for run in switch_runs:
-        tags = run.data.tags
-        assert tags["mlflow.parentRunId"] in trial_ids
-        assert tags["code"] in ("CC", "AC") and tags["dynamics"] == "centered"
-        assert tags["dataset"] == "synthetic" and tags["model"] == "mlp"
-        assert float(tags["switch_epoch"]) in (0, 1, 2)
-        assert tags["switch_rule"] in ("", "to_previous<10x1")
-        assert float(tags["switch_epoch"]) == 1 or tags["switch_rule"] == ""
+        params = run.data.params
+        assert run.data.tags["mlflow.parentRunId"] in trial_ids
+        assert params["code"] in ("CC", "AC") and params["dynamics"] == "centered"
+        assert params["phase1_mode"] == params["code"][0] and params["phase2_mode"] == "C"
+        assert params["dataset.name"] == "synthetic" and params["model.name"] == "mlp"
+        assert params["phase1.attack.eps"] == "0.1" and params["phase2.lr"] == "0.01"
+        assert params["switch_epoch"] in ("0", "1", "2")
+        assert run.data.metrics["switch_epoch"] == float(params["switch_epoch"])
+        assert params["switch_rule"] in ("", "to_previous<10x1")
+        assert params["switch_epoch"] == "1" or params["switch_rule"] == ""
+        assert run.info.run_name.startswith(f"{params['code']} t={params['switch_epoch']}")
         assert "robust_linf" in run.data.metrics
+        # Its own phase-2 curve: one epoch of 4 steps.
+        curve = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in curve] == [4]
     assert len(by_kind["network"]) == 2 * 2 * 4  # the phase-1 networks at each switch
-    # Metric histories with steps: phase-1 loss per epoch of each trajectory.
-    history = client.get_metric_history(trials[0].info.run_id, "phase1/C/s0/loss") or \
-        client.get_metric_history(trials[0].info.run_id, "phase1/C/s1/loss")
-    assert [m.step for m in history] == [1, 2]
+    # The comparisons users make are plain MLflow searches: AC against CC at switch epoch 2.
+    found = client.search_runs([exp.experiment_id], "params.switch_epoch = '2' and "
+                               "params.switch_rule = '' and params.phase2_mode = 'C'")
+    assert sorted(r.data.params["code"] for r in found) == ["AC", "AC", "CC", "CC"]
+    # One run per trajectory: plain metric names on one step axis (the training step).
+    trajectories = by_kind["trajectory"]
+    assert sorted(t.info.run_name for t in trajectories) == [
+        f"trajectory {m} seed {s}" for m in "AC" for s in (0, 1)]
+    from core.kernels import MEASURES
+
+    for t in trajectories:
+        assert t.data.tags["mlflow.parentRunId"] in trial_ids
+        assert len(t.data.params["trajectory_id"]) == 16
+        loss = client.get_metric_history(t.info.run_id, "train_loss")
+        assert [m.step for m in loss] == [4, 8]  # epochs 1 and 2 of 4 steps
+        assert set(MEASURES) <= set(t.data.metrics)
+        to_init = client.get_metric_history(t.info.run_id, "to_init")
+        assert [m.step for m in to_init] == [0, 4, 8] and to_init[0].value < 1e-5
+        epochs = client.get_metric_history(t.info.run_id, "epoch")
+        assert {m.step: m.value for m in epochs} == {0: 0, 4: 1, 8: 2}
+        to_final = client.get_metric_history(t.info.run_id, "to_final")
+        assert to_final[-1].value < 1e-5 and to_final[0].value > 0
     artifacts = {a.path for a in client.list_artifacts(trials[0].info.run_id)}
     assert {"results.csv", "summary.md", "kernel_distances.png", "kernel_heatmap_A.png",
             "kernel_heatmap_C.png"} <= artifacts
-    # Kernel measures at each checkpoint (epochs 0, 1, 2), steps in milli-epochs.
-    for mode in ("C", "A"):
-        to_init = client.get_metric_history(trials[0].info.run_id, f"kernel/{mode}/to_init")
-        assert [m.step for m in to_init] == [0, 1000, 2000] and to_init[0].value < 1e-5
-        to_final = client.get_metric_history(trials[0].info.run_id, f"kernel/{mode}/to_final")
-        assert to_final[-1].value < 1e-5 and to_final[0].value > 0
     cross = client.get_metric_history(trials[0].info.run_id, "kernel/cross/AC/distance")
     assert len(cross) == 3 and cross[0].value < 1e-5  # same initial network for C and A
     # The rule triggered where the logged distance to the previous kernel is below 10.
-    trial = client.get_run(trials[0].info.run_id)
-    assert trial.data.metrics["switch_rule/A/epoch"] == 1
-    from core.kernels import MEASURES
-
-    assert {f"kernel/{m}/{k}" for m in "AC" for k in MEASURES} <= set(trial.data.metrics)
-    to_prev = client.get_metric_history(trial.info.run_id, "kernel/A/to_previous")
-    assert [m.step for m in to_prev if m.value < 10][1] == 1000
-    # Trajectory ids as tags, kernels (switch points and last checkpoint) as artifacts.
-    assert len(trial.data.tags["trajectory/A"]) == 16
-    kernels = {a.path for a in client.list_artifacts(trial.info.run_id, "kernels/A")}
-    assert kernels == {f"kernels/A/epoch_{e:09.4f}.npz" for e in (0, 1, 2)}
-    local = client.download_artifacts(trial.info.run_id, "kernels/A/epoch_0002.0000.npz",
+    (a0,) = [t for t in trajectories if t.info.run_name == "trajectory A seed 0"]
+    assert a0.data.metrics["switch_rule_epoch"] == 1
+    to_prev = client.get_metric_history(a0.info.run_id, "to_previous")
+    assert [m.step for m in to_prev if m.value < 10][1] == 4
+    # Kernels (switch points and last checkpoint) as artifacts of the trajectory run.
+    kernels = {a.path for a in client.list_artifacts(a0.info.run_id, "kernels")}
+    assert kernels == {f"kernels/epoch_{e:09.4f}.npz" for e in (0, 1, 2)}
+    local = client.download_artifacts(a0.info.run_id, "kernels/epoch_0002.0000.npz",
                                       str(tmp_path / "download"))
     with np.load(local, allow_pickle=False) as z:
         assert z["kernel"].shape == (3, 12, 12)  # class-wise kernels on the probe set
+    # The sweep's definition on the parent: the file as given, the resolved config.
+    assert {"sweep/sweep.yaml", "sweep/resolved-config.yaml"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert parent.data.params["swept"] == "phase2.lr, seeds"
     # Seed vs seed and benign vs adversarial, on the parent (4 trajectories: 6 pairs).
     parent_metrics = client.get_run(parent.info.run_id).data.metrics
     pairs = {k for k in parent_metrics if k.startswith("kernel/cross/")}
@@ -164,13 +189,31 @@ def test_ray_workers_log_to_a_real_mlflow_server(tmp_path, ray_local, monkeypatc
         trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
         assert len(trials) == 2
         for t in trials:  # logged by Ray workers, through the server
-            history = client.get_metric_history(t.info.run_id,
-                                                f"phase1/C/s{t.data.tags['seed']}/loss")
-            assert [m.step for m in history] == [1]
             assert t.info.status == "FINISHED" and "robust_linf" in t.data.metrics
             names = {a.path for a in client.list_artifacts(t.info.run_id)}
             assert {"results.csv", "summary.md", "kernel_distances.png"} <= names
         assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 2 * 2
+        # The comparisons of the README, as MLflow's own searches, against the trial files:
+        # CC switched at epoch 1, one model run per seed, nested under its trial.
+        recorded = {(r["seed"], r["code"], r["switch_epoch"]): r
+                    for path in (tmp_path / "out").glob("trials/*/results.json")
+                    for r in json.loads(path.read_text())["rows"]}
+        found = client.search_runs([exp.experiment_id],
+                                   "params.code = 'CC' and params.switch_epoch = '1'")
+        assert sorted(r.data.params["seed"] for r in found) == ["0", "1"]
+        for r in found:
+            row = recorded[(int(r.data.params["seed"]), "CC", 1)]
+            assert {k: r.data.metrics[k] for k in ("accuracy", "robust_linf", "worst_linf")} \
+                == {k: row[k] for k in ("accuracy", "robust_linf", "worst_linf")}
+            trial = client.get_run(r.data.tags["mlflow.parentRunId"])
+            assert trial.data.tags["kind"] == "trial"
+            assert trial.data.params["seed"] == r.data.params["seed"]
+        # Two trajectories (seed 0 and seed 1) overlay on one step axis.
+        c = client.search_runs([exp.experiment_id], "params.data_mode = 'C'")
+        curves = [{m.step: m.value for m in
+                   client.get_metric_history(t.info.run_id, "train_loss")} for t in c]
+        assert len(curves) == 2 and [sorted(h) for h in curves] == [[4], [4]]
+        assert curves[0] != curves[1]  # different seeds
     assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing went to the default store
     stored = list((tmp_path / "server" / "artifacts").rglob("summary.md"))
     assert len(stored) == 3  # two trials and the sweep's parent run

@@ -80,12 +80,12 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     exp = client.get_experiment_by_name("cli-sweep")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     trials = [r for r in runs if r.data.tags.get("kind") == "trial"]
-    assert sorted(r.data.tags["seed"] for r in trials) == ["0", "1", "2"]  # one run per trial
+    assert sorted(r.data.params["seed"] for r in trials) == ["0", "1", "2"]  # one per trial
     assert all(r.info.status == "FINISHED" for r in trials)
-    for r in trials:  # no metric step logged twice, interrupted or not
+    for r in runs:  # no metric step logged twice, interrupted or not
         for key in r.data.metrics:
             steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
-            assert len(steps) == len(set(steps)), (r.data.tags["seed"], key, steps)
+            assert len(steps) == len(set(steps)), (r.info.run_name, key, steps)
     switch_runs = [r for r in runs if r.data.tags.get("kind") == "switch_run"]
     assert len(switch_runs) == 3 * 2 * 3  # seeds x codes x switch points, none twice
 
@@ -118,7 +118,7 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     moved.rename(out)
 
     # compare: trajectories named by trial run id and data mode, as MLflow shows them.
-    by_seed = {r.data.tags["seed"]: r.info.run_id for r in trials}
+    by_seed = {r.data.params["seed"]: r.info.run_id for r in trials}
     compared = ntk_sweep("compare", f"{by_seed['0']}/C", f"{by_seed['1']}/C", "--store",
                          str(out), "--to", str(tmp_path / "cmp"))
     assert compared.returncode == 0, compared.stderr

@@ -50,15 +50,16 @@ def _bulk_sweep(uri: str, trials: int, children: int) -> tuple[str, str]:
     ``accuracy`` and ``worst_linf``. Returns (experiment id, parent run id)."""
     import uuid
 
-    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlRun, SqlTag
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     client = MlflowClient(uri)
     exp = client.create_experiment("big")
     parent = client.create_run(exp, run_name="sweep", tags={"kind": "sweep"}).info.run_id
-    runs, tags, metrics = [], [], []
+    runs, tags, params, metrics = [], [], [], []
 
-    def run(name: str, parent_id: str, run_tags: dict[str, str]) -> str:
+    def run(name: str, parent_id: str, run_tags: dict[str, str],
+            run_params: dict[str, str] | None = None) -> str:
         rid = uuid.uuid4().hex
         runs.append(dict(run_uuid=rid, name=name, source_type="LOCAL", source_name="",
                          entry_point_name="", user_id="test", status="FINISHED",
@@ -66,13 +67,15 @@ def _bulk_sweep(uri: str, trials: int, children: int) -> tuple[str, str]:
                          lifecycle_stage="active", artifact_uri="", experiment_id=int(exp)))
         tags.extend(dict(key=k, value=v, run_uuid=rid)
                     for k, v in {PARENT_TAG: parent_id, **run_tags}.items())
+        params.extend(dict(key=k, value=v, run_uuid=rid) for k, v in (run_params or {}).items())
         return rid
 
     for t in range(trials):
         trial = run(f"trial {t}", parent, {"kind": "trial"})
         for c in range(children):
-            rid = run(f"CC t={c}", trial, {"kind": "switch_run", "seed": str(t), "code": "CC",
-                                           "dynamics": "centered", "switch_epoch": str(c)})
+            rid = run(f"CC t={c}", trial, {"kind": "switch_run"},
+                      {"seed": str(t), "code": "CC", "dynamics": "centered",
+                       "switch_epoch": str(c), "switch_rule": ""})
             metrics.extend(dict(key=k, value=v, timestamp=0, step=0, is_nan=False,
                                 run_uuid=rid) for k, v in (("accuracy", 0.5),
                                                            ("worst_linf", c / children)))
@@ -80,6 +83,7 @@ def _bulk_sweep(uri: str, trials: int, children: int) -> tuple[str, str]:
     with store.ManagedSessionMaker() as session:
         session.bulk_insert_mappings(SqlRun, runs)
         session.bulk_insert_mappings(SqlTag, tags)
+        session.bulk_insert_mappings(SqlParam, params)
         session.bulk_insert_mappings(SqlLatestMetric, metrics)
     return exp, parent
 
@@ -87,11 +91,11 @@ def _bulk_sweep(uri: str, trials: int, children: int) -> tuple[str, str]:
 def test_a_report_reads_every_run_past_any_page_or_cap(tmp_path):
     """51,001 runs: more than one MLflow search answers (50,000), so a capped read truncates
     the report silently. Every evaluated model must come back, each once."""
-    from sweep.inspect import mlflow_rows
+    from sweep.review import mlflow_rows
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, parent = _bulk_sweep(uri, trials=1000, children=50)
-    rows, trials = mlflow_rows(uri, "big", parent)
+    rows, trials, _ = mlflow_rows(uri, "big", parent)
     assert len(trials) == 1000
     assert len(rows) == 50_000
     assert len({(r["seed"], r["switch_epoch"]) for r in rows}) == 50_000
