@@ -192,3 +192,32 @@ def test_sharded_equals_unsharded_on_four_cpu_devices():
     proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                           env={**env, "PYTHONPATH": root}, cwd=root, timeout=600)
     assert proc.returncode == 0 and "SHARDED OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_memory_budget_comes_from_the_machine():
+    """No budget given: a share of what is free now, per device. On CPU that is a quarter of
+    the host's available memory over the CPU devices; an accelerator reports its own free
+    memory (``memory_stats``), and the smallest free share among the devices counts."""
+    from core import ntk
+
+    cpus = jax.devices("cpu")
+    expected = ntk.HOST_MEMORY_SHARE * ntk.host_available_memory() / len(cpus)
+    budget = ntk.machine_memory_budget(cpus)
+    assert abs(budget - max(expected, ntk.MIN_MEMORY_BUDGET)) < 0.05 * expected + 2**20
+
+    class Accelerator:  # what jax.Device.memory_stats reports on a GPU, for the arithmetic
+        platform = "gpu"
+
+        def __init__(self, limit: int, used: int):
+            self.stats = {"bytes_limit": limit, "bytes_in_use": used}
+
+        def memory_stats(self) -> dict[str, int]:
+            return self.stats
+
+    gpus = [Accelerator(80 * 2**30, 10 * 2**30), Accelerator(80 * 2**30, 30 * 2**30)]
+    assert ntk.machine_memory_budget(gpus) == int(ntk.DEVICE_MEMORY_SHARE * 50 * 2**30)
+    assert ntk.machine_memory_budget([Accelerator(2**20, 0)]) == ntk.MIN_MEMORY_BUDGET
+
+    apply = make_apply_fn(tiny_model("mlp")[0], "standard", "frozen")
+    assert abs(NtkEngine(apply, "classwise").memory_budget - budget) < 0.05 * budget + 2**20
+    assert NtkEngine(apply, memory_budget=2**20).memory_budget == 2**20
