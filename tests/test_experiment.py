@@ -165,3 +165,39 @@ def test_run_experiment_checks_its_config_against_the_data_before_work(tmp_path)
     with pytest.raises(ConfigError, match="phase1.batch_size: 65 exceeds the 64 training"):
         run_experiment(cfg, tmp_path)
     assert not (tmp_path / "trajectories").exists()
+
+
+def test_the_training_steps_compile_once_across_switch_points(tmp_path):
+    """Each training step (phase, clean or adversarial) is traced and compiled once per
+    experiment, not once per switch point or per phase-2 run: counted from jax's own
+    monitoring events (trace, lowering to MLIR, which a persistent compilation cache does not
+    skip), each attributed to the stage whose first epoch follows it."""
+    import collections
+
+    from jax import monitoring
+
+    events: list[str] = []
+    counts: collections.Counter = collections.Counter()
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if kwargs.get("fun_name") in ("step", "jit(step)"):  # core.train.make_step's step
+            events.append(event.rsplit("/", 1)[-1])
+
+    def on_epoch(stage, epoch, metrics) -> None:  # (phase, data mode) of the events so far
+        for event in events:
+            counts[(stage.phase, stage.code[-1], event)] += 1
+        events.clear()
+
+    cfg = _cfg(codes=["CA", "AC"], switch_points=[0, 1, 2], fractional_checkpoints=[])
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rows = run_experiment(cfg, tmp_path, Hooks(on_epoch=on_epoch))
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert len([r for r in rows if not r["code"].endswith("-")]) == 6  # 6 phase-2 runs
+    assert not events  # nothing traced after the last epoch
+    stages = [(1, "C"), (1, "A"), (2, "A"), (2, "C")]  # CA: phase 2 on A, AC: on C
+    for what in ("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration"):
+        assert {s: counts[(*s, what)] for s in stages} == dict.fromkeys(stages, 1), what
+    assert sum(counts.values()) == sum(counts[(*s, w)] for s in stages for w in (
+        "jaxpr_trace_duration", "jaxpr_to_mlir_module_duration", "backend_compile_duration"))

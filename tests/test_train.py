@@ -124,3 +124,38 @@ def test_divergence_names_epoch_and_step(synthetic):
     with pytest.raises(Divergence, match=r"epoch \d+ \(step \d+\)"):
         run_phase(state, None, {False: step}, *data, mode="C", flip_epoch=0, batch_size=BATCH,
                   total_steps=40)
+
+
+def test_run_phase_donates_its_own_states_only_and_compiles_each_step_once(synthetic, tmp_path):
+    """run_phase donates each step's input state to its output (a state handed to
+    on_checkpoint is gone once the phase goes on) but never the caller's, which phase 2 keeps
+    as its anchor; the result is the non-donating steps' bit for bit. A state partly restored
+    from a checkpoint (committed to its device) and partly new, as phase 2 starts from, still
+    compiles each step once."""
+    model, params, bs = tiny_model("mlp")
+    apply = make_apply_fn(model, "centered", "frozen")
+    store = CheckpointStore(tmp_path / "ckpt")
+    store.save(0, init_state(params, bs, 0.9, jax.random.PRNGKey(0)), {})
+    restored, _ = store.restore(0, init_state(params, bs, 0.9, jax.random.PRNGKey(0)))
+    anchor = Anchor(restored.params, restored.batch_stats)
+    data = (jnp.asarray(synthetic.x_train), jnp.asarray(synthetic.y_train))
+
+    def phase(steps):
+        state = init_state(anchor.params, anchor.batch_stats, 0.9, jax.random.PRNGKey(1))
+        seen = {}
+
+        def keep(s, step, running):
+            seen[step] = s
+
+        out = run_phase(state, anchor, steps, *data, mode="C", flip_epoch=0, batch_size=BATCH,
+                        total_steps=8, checkpoint_steps=frozenset({4}), on_checkpoint=keep)
+        return state, seen[4], out
+
+    step = make_step(apply, momentum=0.9, lr_fn=lambda s: 0.05)
+    caller, at4, donated = phase({False: step})
+    assert not any(a.is_deleted() for a in jax.tree.leaves((caller, anchor)))
+    assert all(a.is_deleted() for a in jax.tree.leaves(at4))  # went to the step after it
+    _, at4_plain, plain = phase({False: step.plain})  # plain functions: nothing donated
+    assert not any(a.is_deleted() for a in jax.tree.leaves(at4_plain))
+    assert _equal(donated, plain)
+    assert step.donating._cache_size() == 1
