@@ -1,5 +1,6 @@
 # make demo: install and run the default sweep (quickstart) end to end.
 # make test: install and run the test suite (what CI runs through .ci/run).
+# make test-fast: the quick loop, every test not marked slow (no Ray, servers or whole experiments).
 #
 # Another Python line: `make test PY=3.13` (or 3.12) finds python3.13 on the PATH or under
 # pyenv's versions (its shims do not expose it) and installs into .venv-py3.13 from
@@ -14,7 +15,8 @@ STAMP  := $(VENV)/.installed
 LOCK   := locks/py$(subst .,,$(PY)).txt
 OUT    ?= runs
 
-.PHONY: install lock demo test smoke lint bench bench-gpu gpu-wheels clean postgres
+.PHONY: install lock demo test test-fast smoke lint bench bench-gpu gpu-wheels clean postgres \
+        chromium screenshot
 
 install: $(STAMP)
 
@@ -54,8 +56,24 @@ postgres:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; \
 	fi
 
-test: install postgres
+# The browser test of MLflow's UI drives Debian's Chromium (headless, no driver library);
+# installed here when missing, as PostgreSQL is. Where it cannot be, that test is skipped.
+chromium:
+	@if command -v chromium >/dev/null; then :; else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium ) \
+	    || echo "chromium not installed: the MLflow UI test will be skipped"; \
+	fi
+
+# The README's screenshot of MLflow's compare view, from a real browser.
+screenshot: install chromium
+	$(BIN)/python -m tests.browser screenshot benchmarks/results/mlflow-compare-view.png
+
+test: install postgres chromium
 	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow"
 
 smoke: install
 	$(BIN)/python -m pytest -q -m smoke

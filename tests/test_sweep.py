@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from sweep.layout import tracking_uri
 from sweep.runner import run_sweep
 from sweep.space import parse_space
+from tests import browser
 from tests.helpers import SWEEP
 
 
@@ -159,6 +160,7 @@ def test_run_command_refuses_bad_sweeps_before_ray(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_a_sweep_that_cannot_start_ray_ends_its_parent_run_failed(tmp_path, monkeypatch):
     """The parent run is created before Ray starts; it used to stay RUNNING forever."""
     import ray
@@ -242,3 +244,40 @@ def test_asha_stops_poor_trials_early(tmp_path, ray_local):
     assert len(killed) == len(stopped)
     assert all(r.data.tags["stopped_by"] == "asha" for r in killed)
     assert {r.info.status for r in runs} <= {"KILLED", "FINISHED"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser.chromium() is None, reason="no Chromium ('make test' installs it)")
+def test_mlflow_ui_compares_model_runs_and_charts_a_trajectory(tmp_path, ray_local, monkeypatch):
+    """MLflow's own UI in a real browser: the compare view of two model runs lists their
+    params (it said "No parameters to display" when everything was a tag), and a trajectory
+    run's charts render its kernel measures and training curve."""
+    from tests.servers import mlflow_server
+
+    small = {**SWEEP, "name": "ui-sweep", "codes": ["CC", "AC"], "switch_rule": None,
+             "switch_points": [0, 1], "seeds": [0], "phase1": {**SWEEP["phase1"], "epochs": 1}}
+    with mlflow_server(tmp_path / "server") as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert [r["error"] for r in run_sweep(parse_space(small), tmp_path / "out")] == [""]
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("ui-sweep").experiment_id
+        models = client.search_runs([exp], "params.switch_epoch = '1' and "
+                                    "params.phase2_mode = 'C'")
+        assert sorted(r.info.run_name for r in models) == ["AC t=1 seed 0", "CC t=1 seed 0"]
+        page = browser.dom(browser.compare_url(uri, exp, [r.info.run_id for r in models]),
+                           ready=lambda page: "phase1.attack.eps" in page)
+        assert "No parameters to display" not in page
+        for text in ("AC t=1 seed 0", "CC t=1 seed 0", "phase1.attack.eps", "switch_epoch",
+                     "phase1_mode", "trajectory_id", "worst_linf"):
+            assert text in page, text
+        (trajectory,) = client.search_runs([exp], "attributes.run_name = 'trajectory A seed 0'")
+        wanted = ("alignment", "effective_rank", "train_loss", "to_init")
+
+        def drawn(page: str) -> bool:  # plotly charts of every wanted metric
+            return page.count('class="main-svg"') >= 8 and all(m in page for m in wanted)
+
+        charts = browser.dom(browser.run_charts_url(uri, exp, trajectory.info.run_id),
+                             size=(1400, 4000), ready=drawn)  # charts out of view are not drawn
+        assert charts.count('class="main-svg"') >= 8
+        for metric in wanted:
+            assert metric in charts, metric
