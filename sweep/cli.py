@@ -39,7 +39,7 @@ from sweep.claims import (
 from sweep.console import stdout_console
 from sweep.k8s import dump, render_sweep
 from sweep.layout import StateFileError, read_results, tracking_uri, trial_files, trial_outcomes
-from sweep.space import parse_space
+from sweep.space import is_sweep, parse_space
 
 EXIT_BAD_INPUT = 2
 
@@ -50,8 +50,18 @@ def _add_set(parser: argparse.ArgumentParser, help: str = "override a field") ->
                         metavar="KEY=VALUE", help=help)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ntk-sweep")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntk-sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ntk-sweep {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser(
         "experiment", help="run one experiment (phase 1 + phase 2 from every switch point)"
@@ -555,9 +565,12 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
 
+    """The shipped definitions: name, whether it is a sweep (``run``) or an experiment
+    (``experiment``; ``run`` runs its seeds as trials), and its first comment line."""
     for name in names():
-        first = (FOLDER / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:24s} {first}")
+        text = (FOLDER / f"{name}.yaml").read_text()
+        kind = "sweep" if is_sweep(yaml.safe_load(text)) else "experiment"
+        print(f"{name:24s} {kind:10s} {text.splitlines()[0].lstrip('# ')}")
     return 0
 
 

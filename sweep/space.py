@@ -99,6 +99,19 @@ def _is_distribution(node: Any) -> bool:
     return isinstance(node, dict) and len(node) == 1 and next(iter(node)) in KINDS
 
 
+def is_sweep(raw: Any) -> bool:
+    """Whether a definition varies anything but its seeds (a distribution elsewhere, or a
+    ``sweep:`` section): what ``list`` calls a sweep rather than an experiment."""
+    def varies(node: Any, top: bool) -> bool:
+        if _is_distribution(node):
+            return True
+        if isinstance(node, dict):
+            return any(varies(v, False) for k, v in node.items() if not (top and k == "seeds"))
+        return False
+
+    return isinstance(raw, dict) and ("sweep" in raw or varies(raw, True))
+
+
 def _looks_like_misspelt_distribution(node: Any) -> str | None:
     if isinstance(node, dict) and len(node) == 1:
         key = str(next(iter(node)))

@@ -206,7 +206,28 @@ def test_overrides_and_validate(tmp_path, capsys):
 @pytest.mark.smoke
 def test_shipped_configs_are_valid(capsys):
     assert main(["list"]) == 0
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    names = list(listed)
     assert "digits-demo" in names
+    # What each entry is: a sweep varies more than its seeds or has a sweep: section, an
+    # experiment does neither.
+    assert listed["digits-demo"] == "experiment" and listed["quickstart"] == "sweep"
+    assert listed["eps-sweep"] == "sweep"
     for name in names:
         assert main(["validate", name]) == 0, name
+
+
+def test_version_and_what_counts_as_a_sweep(capsys):
+    from importlib.metadata import version
+
+    from sweep.space import is_sweep
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ntk-sweep {version('ntk-sweep')}"
+    assert not is_sweep({"seeds": {"grid": [0, 1]}, "phase2": {"lr": 0.1}})  # seeds only
+    assert not is_sweep({"seeds": [0, 1, 2]})
+    assert is_sweep({"seeds": [0], "phase2": {"lr": {"grid": [0.1, 0.01]}}})
+    assert is_sweep({"seeds": [0], "sweep": {"num_samples": 2}})
+    assert not is_sweep(["not", "a", "mapping"])
