@@ -23,7 +23,8 @@ ATTACKS = {
 
 @pytest.mark.parametrize("schedule", ["fixed", "apgd"])
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize("dynamics", ["standard", "linearized", "centered"])
+@pytest.mark.parametrize("dynamics", ["standard", *(pytest.param(d, marks=pytest.mark.slow)
+                                                for d in ("linearized", "centered"))])
 def test_pgd_stays_in_the_ball_and_the_box(norm, dynamics, schedule):
     model, params, bs = tiny_model("cnn")
     apply = make_apply_fn(model, dynamics, "frozen")
@@ -131,6 +132,7 @@ def _trained_mlp(synthetic):
     return lambda x: apply(None, state.params, state.batch_stats, x, False)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_more_pgd_iterations_never_beat_fgsm(synthetic, norm):
     f = _trained_mlp(synthetic)
@@ -151,6 +153,7 @@ def test_more_pgd_iterations_never_beat_fgsm(synthetic, norm):
     assert fgsm < clean  # the attack does something
 
 
+@pytest.mark.slow
 def test_restarts_only_lower_robust_accuracy(synthetic):
     f = _trained_mlp(synthetic)
     x, y = jnp.asarray(synthetic.x_test), jnp.asarray(synthetic.y_test)

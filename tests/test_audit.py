@@ -24,6 +24,7 @@ def run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_rebuilt_model_reproduces_its_row(run, capsys):
     assert main(["attack", str(run), "--model", "AC@1"]) == 0
     printed = capsys.readouterr().out
@@ -35,6 +36,7 @@ def test_a_rebuilt_model_reproduces_its_row(run, capsys):
     assert main(["attack", str(run), "--model", "A-@0"]) == 0
 
 
+@pytest.mark.slow
 def test_a_run_of_an_earlier_version_is_audited_with_its_own_attacks(tmp_path, capsys):
     """results.json written before evaluation attacks had a ``schedule`` (they ran PGD's fixed
     step): audited with that, not with today's default (APGD), it reproduces its rows."""
@@ -50,6 +52,7 @@ def test_a_run_of_an_earlier_version_is_audited_with_its_own_attacks(tmp_path, c
     assert record["eval"]["linf"]["schedule"] == "fixed"
 
 
+@pytest.mark.slow
 def test_other_attacks_and_a_source_model(run, capsys):
     assert main(["attack", str(run), "--model", "CC@1", "--source", "A-@1",
                  "--set", "eval.linf.iters=4", "--set", "eval.margin_restarts=3"]) == 0
@@ -61,6 +64,7 @@ def test_other_attacks_and_a_source_model(run, capsys):
     assert audit["accuracy"] == record["recorded"]["accuracy"]  # the same model
 
 
+@pytest.mark.slow
 def test_a_rebuild_that_does_not_reproduce_the_row_says_so(run, capsys):
     results = json.loads((run / "results.json").read_text())
     row = next(r for r in results["rows"] if (r["code"], r["switch_epoch"]) == ("AC", 1.0))
@@ -75,6 +79,7 @@ def test_a_rebuild_that_does_not_reproduce_the_row_says_so(run, capsys):
         "reproduces_row"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--model", "AC"], "a model is CODE@EPOCH"),
     (["--model", "AA@1"], "AA@1, seed 0: not a row of the run (switch epochs of AA: none"),

@@ -151,7 +151,8 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     np.testing.assert_allclose(train_share, test_share, atol=0.01)
 
 
-@pytest.mark.parametrize("num_classes, size", [(3, 30), (10, 25), (7, 7)])
+@pytest.mark.parametrize("num_classes, size", [
+    (3, 30), pytest.param(10, 25, marks=pytest.mark.slow), (7, 7)])
 def test_balanced_subset(num_classes, size):
     ds = load_synthetic(0, n_train=400, num_classes=num_classes)
     idx = balanced_subset(ds.y_train, size, jax.random.PRNGKey(0), num_classes)

@@ -26,7 +26,8 @@ def _f64(tree):
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", *(pytest.param(name, marks=pytest.mark.slow)
+                                           for name in ("cnn", "resnet18"))])
 def test_linearized_matches_network_at_switch_and_to_first_order(name):
     with enable_x64():
         model, params, bs = tiny_model(name)
@@ -61,6 +62,7 @@ def test_linearized_matches_network_at_switch_and_to_first_order(name):
             assert 3.5 < r < 4.5, (errors, ratios)
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_ignores_the_batch_and_batch_mode_does_not():
     model, params, bs = tiny_model("cnn")
     anchor = Anchor(params, bs)

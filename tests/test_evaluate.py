@@ -45,6 +45,7 @@ def test_batched_evaluation_equals_one_batch(synthetic):
     assert metrics["robust_linf"] == np.concatenate(robust).mean()
 
 
+@pytest.mark.slow
 def test_transfer_from_a_model_to_itself_is_its_own_pgd_accuracy(synthetic):
     model, params, bs = tiny_model("cnn")
     net = make_apply_fn(model, "standard", "frozen")
@@ -59,6 +60,7 @@ def test_transfer_from_a_model_to_itself_is_its_own_pgd_accuracy(synthetic):
     np.testing.assert_array_equal(correct, np.asarray(f(x_adv).argmax(1)) == y)
 
 
+@pytest.mark.slow
 def test_examples_crafted_once_score_as_the_transfer_attack(synthetic):
     """``make_crafter`` + a clean evaluation on its examples = ``make_transfer_evaluator``
     (same keys, batch by batch), so a reference network's examples are crafted once."""
@@ -103,6 +105,7 @@ def test_the_masking_alarm(transfer, threshold, flagged):
     assert masked(acc, ("robust_linf", "robust_margin"), ("transfer_linf",), threshold) is flagged
 
 
+@pytest.mark.slow
 def test_an_experiment_reports_the_worst_case_of_its_ensemble(tmp_path):
     """On real models: worst L-inf is at most every L-inf member, per row; the margin attack
     ran; the masked flag is there."""
@@ -120,6 +123,7 @@ def test_an_experiment_reports_the_worst_case_of_its_ensemble(tmp_path):
     assert all(not math.isnan(r["transfer_linf"]) for r in rows if not r["code"].endswith("-"))
 
 
+@pytest.mark.slow
 def test_a_named_reference_network_scores_every_model(tmp_path):
     """``eval.reference: A`` trains the A trajectory even without an A code, crafts its
     examples once per seed, scores every row on them, and the worst case counts them."""

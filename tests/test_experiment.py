@@ -32,6 +32,7 @@ def test_whole_epochs_and_switch_points_name_colliding_steps():
     assert steps == {0: 0, 1: 0.5, 2: 1, 4: 2}
 
 
+@pytest.mark.slow
 def test_a_new_earlier_switch_point_resumes_from_before_it(tmp_path):
     first = run_experiment(_cfg(switch_points=[0, 2], fractional_checkpoints=[]), tmp_path)
     (traj,) = [p for p in (tmp_path / "trajectories").iterdir() if p.is_dir()]
@@ -47,6 +48,7 @@ def test_a_new_earlier_switch_point_resumes_from_before_it(tmp_path):
     assert {r["switch_epoch"] for r in second} == {0, 0.5, 2}
 
 
+@pytest.mark.slow
 def test_switch_rule_triggers_where_the_velocities_say(tmp_path):
     from core.trajectory_kernels import (
         compute_trajectory_kernels,
@@ -84,6 +86,7 @@ def test_switch_rule_triggers_where_the_velocities_say(tmp_path):
     assert {r["switch_epoch"] for r in result if not r["switch_rule"]} == {0}
 
 
+@pytest.mark.slow
 def test_switch_rule_that_never_triggers_runs_phase1_to_its_end(tmp_path):
     cfg = _cfg(switch_points=[], fractional_checkpoints=[],
                switch_rule={"measure": "to_previous", "below": 1e-12, "checkpoints": 1},
@@ -135,6 +138,7 @@ def test_summary_keeps_sweep_variants_apart():
     assert "| phase1.attack.eps=0.3 | AC | 2 | 1 | 90.0 ± 0.0 | - | 50.0 ± 0.0 |" in table
 
 
+@pytest.mark.slow
 def test_trials_sharing_a_trajectory_compute_its_kernels_once(tmp_path):
     """Two workers (threads here; trials in a sweep) asking for one trajectory's kernels at
     once: the trajectory's lock makes the second find them stored."""
@@ -167,6 +171,7 @@ def test_run_experiment_checks_its_config_against_the_data_before_work(tmp_path)
     assert not (tmp_path / "trajectories").exists()
 
 
+@pytest.mark.slow
 def test_the_training_steps_compile_once_across_switch_points(tmp_path):
     """Each training step (phase, clean or adversarial) is traced and compiled once per
     experiment, not once per switch point or per phase-2 run: counted from jax's own

@@ -332,6 +332,7 @@ def test_local_mlflow_database_deleted_mid_sweep_fails_fast_with_the_summary(tmp
     assert "| AC " in summary and str(db) in summary, summary  # the finished trial's rows
 
 
+@pytest.mark.slow
 def test_tracking_server_down_at_start_is_refused_before_ray(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(SLOW))

@@ -27,6 +27,7 @@ def test_feature_weights():
     np.testing.assert_allclose(w[6], alpha / np.linalg.norm(alpha), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
 def test_ascent_raises_the_cosine_and_stays_in_the_box(shape):
     model, params, bs = tiny_model("cnn", shape=shape)

@@ -121,6 +121,7 @@ def test_overlays_render_to_valid_resources(overlay):
                if d["kind"] != "Namespace")
 
 
+@pytest.mark.slow
 def test_validation_is_real():
     """A RayJob with a worker group missing its name, and a Deployment with an unknown
     field, are refused by the same validators."""
@@ -150,6 +151,7 @@ def test_base_rayjob_is_what_render_gives():
     assert shipped.split("\n", 1)[1] == dump(render_sweep("quickstart", text, "ntk-sweep:cpu"))
 
 
+@pytest.mark.slow
 def test_render_command_for_a_gpu_sweep(tmp_path, capsys):
     assert main(["k8s", "render", "paper-fixed-kernel", "--image", "reg.example/ntk:gpu",
                  "--max-workers", "16"]) == 0

@@ -11,7 +11,9 @@ from core.models import init_model, make_model
 from tests.helpers import TINY_MODELS, tiny_model
 
 
-@pytest.mark.parametrize("name", list(TINY_MODELS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
+                                  if name == "resnet18" else name
+                                  for name in TINY_MODELS])
 @pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
 def test_logit_shapes(name, shape):
     model, params, bs = tiny_model(name, num_classes=5, shape=shape)
@@ -19,6 +21,7 @@ def test_logit_shapes(name, shape):
     assert model.apply({"params": params, "batch_stats": bs}, x, train=False).shape == (3, 5)
 
 
+@pytest.mark.slow
 def test_resnet18_reference_details():
     model = make_model("resnet18", 10, width=4)
     params, bs = init_model(model, jax.random.PRNGKey(0), (32, 32, 3))

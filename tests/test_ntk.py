@@ -63,10 +63,11 @@ NT = pytest.mark.skipif(importlib.util.find_spec("neural_tangents") is None,
 # right) runs the engine's default, blocked with factors; the others see no layer there, and
 # each ResNet case costs about 30 s of compilation on 2 cores.
 CASES = [
-    *(pytest.param(name, impl, marks=NT if impl not in ("blocked+factors",
-                                                        Implementation.BLOCKED) else ())
+    *(pytest.param(name, impl, marks=[*([NT] if impl not in ("blocked+factors",
+                                                            Implementation.BLOCKED) else []),
+                                      *([pytest.mark.slow] if name == "cnn" else [])])
       for name in ("mlp", "cnn") for impl in ("blocked+factors", *Implementation)),
-    ("resnet18", "blocked+factors"),
+    pytest.param("resnet18", "blocked+factors", marks=pytest.mark.slow),
 ]
 _REFERENCES: dict[str, np.ndarray] = {}  # by model: the float64 Jacobian product, once
 
@@ -184,6 +185,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_sharded_equals_unsharded_on_four_cpu_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

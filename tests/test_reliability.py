@@ -37,6 +37,7 @@ def _trajectory(out: Path) -> Path:
     return traj
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_set_aside_and_remade(tmp_path):
     cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[])
     clean = run_experiment(cfg, tmp_path / "clean")
@@ -85,6 +86,7 @@ def test_the_same_step_set_aside_twice_in_a_second_keeps_both(tmp_path):
     assert store.steps() == []
 
 
+@pytest.mark.slow
 def test_two_experiments_sharing_a_trajectory_store(tmp_path):
     """Two processes that need the same trajectory at once: one trains it, the other waits
     for the lock and reuses it; both get the results of a run alone."""
@@ -252,6 +254,7 @@ def test_flipped_bytes_and_swapped_states_are_damage_not_other_parameters(tmp_pa
         CheckpointStore(clean).restore(0, state)
 
 
+@pytest.mark.slow
 def test_a_swapped_switch_point_checkpoint_is_set_aside_and_remade(tmp_path):
     """The experiment's path: a checkpoint holding other arrays is set aside and remade, never
     trained on (it used to surface as 'training diverged')."""
@@ -269,6 +272,7 @@ def test_a_swapped_switch_point_checkpoint_is_set_aside_and_remade(tmp_path):
     assert len(list(checkpoints.glob("damaged-8-*"))) == 1
 
 
+@pytest.mark.slow
 def test_resume_from_a_fractional_checkpoint_reports_whole_epochs(tmp_path):
     """A trial killed after a fractional checkpoint and before the epoch's end resumes there:
     the epoch's loss and accuracy must still be the mean over all its minibatches, not over

@@ -131,6 +131,7 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
         [round(m.value, 5) for m in sorted(history, key=lambda m: m.step)]
 
 
+@pytest.mark.slow
 def test_sweep_commands_name_what_is_missing(tmp_path):
     for command in ("status", "resume", "report"):
         result = ntk_sweep(command, str(tmp_path))

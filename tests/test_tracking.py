@@ -88,6 +88,7 @@ def _bulk_sweep(uri: str, trials: int, children: int) -> tuple[str, str]:
     return exp, parent
 
 
+@pytest.mark.slow
 def test_a_report_reads_every_run_past_any_page_or_cap(tmp_path):
     """51,001 runs: more than one MLflow search answers (50,000), so a capped read truncates
     the report silently. Every evaluated model must come back, each once."""

@@ -53,7 +53,8 @@ def _equal(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b)))
 
 
-@pytest.mark.parametrize("dynamics", ["standard", "centered"])
+@pytest.mark.parametrize("dynamics", ["standard",
+                                      pytest.param("centered", marks=pytest.mark.slow)])
 def test_same_seed_same_result_bit_for_bit(synthetic, dynamics):
     a, hist_a = _run(*_setup(synthetic, dynamics), total=12)
     b, hist_b = _run(*_setup(synthetic, dynamics), total=12)
@@ -99,6 +100,7 @@ def test_data_modes():
     assert [is_adversarial("F", e, 2) for e in (0, 1, 2, 3)] == [False, False, True, True]
 
 
+@pytest.mark.slow
 def test_adversarial_schemes_differ_and_reference_takes_two_sgd_steps(synthetic):
     results = {}
     for scheme in ("reference", "madry"):
