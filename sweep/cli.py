@@ -7,6 +7,7 @@ directory), reported before any work starts.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -576,6 +577,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # MLflow announces every database migration of a new store at INFO: not news to a user.
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
                "kernel": cmd_kernel, "features": cmd_features, "run": cmd_run,

@@ -17,6 +17,7 @@ trial results under ``<out>/ray`` unless ``NTK_SWEEP_STORAGE`` names another sto
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -55,8 +56,18 @@ TRIAL_ENV = {
 def _init_ray() -> None:
     """``RAY_ADDRESS`` when set, else a new local instance: never Ray's own fallback of
     attaching to whatever cluster ``ray start`` last left running on this machine."""
+    import warnings
+
     import ray
 
+    # Ray starts its processes through subprocess (fork, then exec at once: no Python runs in
+    # the child), which JAX's at-fork hook warns about whenever the driver has imported JAX.
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                            category=RuntimeWarning)
+    # Tune's own console output (a configuration table, a TensorBoard hint for an empty
+    # directory): the sweep prints its own progress (``sweep.progress``).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=False)
