@@ -39,6 +39,7 @@ from typing import Any
 
 from core.config import NETWORK, ExperimentConfig, is_network
 
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting of runs
 KIND = "kind"  # the tag naming a run's kind
 VARIANT_TAG = "variant"  # a trial's sampled values but the seed (``format_variant``)
 SWEEP, TRIAL, TRAJECTORY, SWITCH_RUN, NETWORK_RUN = (

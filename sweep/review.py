@@ -26,9 +26,8 @@ from sweep.layout import (
     read_record,
     resolved,
 )
-from sweep.mlflow_runs import KIND, MODEL_KINDS, SWEEP, TRAJECTORY, TRIAL, VARIANT_TAG
+from sweep.mlflow_runs import KIND, MODEL_KINDS, PARENT_TAG, SWEEP, TRAJECTORY, TRIAL, VARIANT_TAG
 from sweep.space import SweepSpace
-from sweep.tracking import PARENT_TAG, search_all
 
 SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
                     "experiment_id": str, "parent_run": str}
@@ -128,6 +127,8 @@ def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = Non
     (default the latest one). Only finished trials count (as in the sweep's own summary),
     each model once."""
     from mlflow.tracking import MlflowClient
+
+    from sweep.tracking import search_all
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -244,6 +245,8 @@ def _trajectory_of_trial(ref: str, stores: list[Path]) -> str | None:
     """The trajectory id of ``<trial run id>/<mode>``: the ``trajectory_id`` param of the
     trial's trajectory run of that data mode, in a sweep under ``stores``."""
     from mlflow.tracking import MlflowClient
+
+    from sweep.tracking import search_all
 
     run_id, mode = ref.rsplit("/", 1)
     if mode not in MODES or not re.fullmatch(r"[0-9a-f]{32}", run_id):

@@ -16,9 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from core.timing import timed
 from sweep.layout import read_json, write_json
-from sweep.mlflow_runs import EXPERIMENT_KIND
+from sweep.mlflow_runs import EXPERIMENT_KIND, PARENT_TAG
 
-PARENT_TAG = "mlflow.parentRunId"
 PAGE = 10_000  # runs per MLflow search request; every search pages through all of them
 
 
