@@ -58,3 +58,8 @@ SWEEP: dict[str, Any] = {
     "kernel": {"probe_size": 12},
     "sweep": {"resources": {"cpus": 1}},
 }
+
+# What a sweep's driver must not print: its libraries' chatter (JAX's fork warning, MLflow's
+# database migrations, Tune's configuration table and TensorBoard hint, Tune's state writes).
+QUIET = ("os.fork() was called", "Creating initial MLflow database tables", "TensorBoard",
+         "Configuration for experiment", "Wrote the latest version")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from core.checkpoints import CheckpointStore
@@ -15,7 +17,7 @@ def test_trajectory_ids_of_stored_trajectories_do_not_change():
     """Ids as the first release computed them (trajectories stored by it are continued, not
     trained again): a field added since (the attack's ``schedule``) changes them only when set
     to something else than its default."""
-    from core.experiment import trajectory_id
+    from core.trajectory_store import trajectory_id
 
     cfg = _cfg(switch_points=[1])
     assert [trajectory_id(cfg, m, s) for m, s in (("A", 0), ("C", 0), ("F", 3))] == \
@@ -50,11 +52,8 @@ def test_a_new_earlier_switch_point_resumes_from_before_it(tmp_path):
 
 @pytest.mark.slow
 def test_switch_rule_triggers_where_the_velocities_say(tmp_path):
-    from core.trajectory_kernels import (
-        compute_trajectory_kernels,
-        find_trajectories,
-        trajectory_measures,
-    )
+    from core.trajectory_kernels import compute_trajectory_kernels, trajectory_measures
+    from core.trajectory_store import TrajectoryStore
 
     common = {"codes": ["AC"], "fractional_checkpoints": [0.5, 1.5, 2.5],
               "phase1": {**BASE["phase1"], "epochs": 4,
@@ -63,7 +62,7 @@ def test_switch_rule_triggers_where_the_velocities_say(tmp_path):
     # The reference: all of phase 1, with the velocities a sweep logs at every checkpoint.
     ref = _cfg(**common, switch_points=[0, 4])
     run_experiment(ref, tmp_path / "ref")
-    (info,) = find_trajectories(tmp_path / "ref")
+    (info,) = TrajectoryStore(tmp_path / "ref").stored()
     rows = trajectory_measures(compute_trajectory_kernels(info, ref.kernel), 3)
     epochs, vel = [r["epoch"] for r in rows], [r["velocity"] for r in rows]
     # A threshold that two consecutive checkpoints meet before the last one, and the first
@@ -144,11 +143,12 @@ def test_trials_sharing_a_trajectory_compute_its_kernels_once(tmp_path):
     once: the trajectory's lock makes the second find them stored."""
     import threading
 
-    from core.trajectory_kernels import compute_trajectory_kernels, find_trajectories
+    from core.trajectory_kernels import compute_trajectory_kernels
+    from core.trajectory_store import TrajectoryStore
 
     cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[0.5], kernel={"probe_size": 12})
     run_experiment(cfg, tmp_path)
-    (info,) = find_trajectories(tmp_path)
+    (info,) = TrajectoryStore(tmp_path).stored()
     computed: list[float] = []
     workers = [threading.Thread(target=compute_trajectory_kernels,
                                 args=(info, cfg.kernel, computed.append)) for _ in range(2)]
@@ -206,3 +206,32 @@ def test_the_training_steps_compile_once_across_switch_points(tmp_path):
         assert {s: counts[(*s, what)] for s in stages} == dict.fromkeys(stages, 1), what
     assert sum(counts.values()) == sum(counts[(*s, w)] for s in stages for w in (
         "jaxpr_trace_duration", "jaxpr_to_mlir_module_duration", "backend_compile_duration"))
+
+
+@pytest.mark.slow
+def test_switch_point_zero_is_computed_once(tmp_path):
+    """At switch epoch 0 every data mode's network is the initial one, so A-@0, AC@0 and
+    AA@0 are C-@0, CC@0 and CA@0 bit for bit: they are computed once (phase 2 trains 6 runs,
+    not 8), their rows copied and their phase-2 epoch curves replayed under their own codes.
+    From epoch 1 on the trajectories differ and so do the rows."""
+    steps, curves = [0], {}
+    hooks = Hooks(on_step=lambda: steps.__setitem__(0, steps[0] + 1),
+                  on_epoch=lambda stage, epoch, m: curves.setdefault(stage, []).append(
+                      (epoch, m)))
+    cfg = _cfg(codes=["CC", "AC", "CA", "AA"], switch_points=[0, 1],
+                   phase1={**BASE["phase1"], "attack": {"eps": 0.1, "iters": 2}})
+    rows = run_experiment(cfg, tmp_path, hooks)
+    spe = 64 // 16
+    assert steps[0] == 2 * 2 * spe + (4 * 2 - 2) * 1 * spe  # phase 1 (C, A) + 6 phase-2 runs
+
+    def same(a: str, b: str, epoch: float) -> bool:
+        by = {(r["code"], r["switch_epoch"]): r for r in rows}
+        strip = [json.dumps({k: v for k, v in by[c, epoch].items() if k not in ("code", "seconds")},
+                            sort_keys=True) for c in (a, b)]
+        return strip[0] == strip[1]
+
+    assert same("A-", "C-", 0) and same("AC", "CC", 0) and same("AA", "CA", 0)
+    assert not same("A-", "C-", 1) and not same("AC", "CC", 1)
+    phase2 = {(s.code, s.switch_step): c for s, c in curves.items() if s.phase == 2}
+    assert phase2["AC", 0] == phase2["CC", 0] and phase2["AA", 0] == phase2["CA", 0]
+    assert len(rows) == 2 * (2 + 4)

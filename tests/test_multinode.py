@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import SWEEP
+from tests.helpers import QUIET, SWEEP
 from tests.servers import BIN, mlflow_server, postgres_server, processes_mentioning, ray_cluster
 
 
@@ -33,6 +33,8 @@ def test_sweep_on_two_ray_nodes_logs_to_postgres_backed_mlflow(tmp_path):
             capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         assert "2 trials, 0 failed" in done.stdout
+        for noise in QUIET:
+            assert noise not in done.stdout + done.stderr, noise
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("cluster-sweep")
