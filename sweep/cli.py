@@ -245,6 +245,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         return _fail(problem)
 
     from core.train import Divergence
+    from sweep.mlflow_runs import flat_params
+    from sweep.plots import describe
     from sweep.terminal import print_summary, run_with_progress
 
     try:
@@ -252,7 +254,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     except Divergence as e:
         print(f"ntk-sweep: training failed: {e}", file=sys.stderr)
         return 1
-    print_summary(rows, out)
+    print_summary(rows, out, describe(flat_params(cfg)))
     _claims_of_run(out)
     return 0
 

@@ -36,7 +36,12 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
         cross_trajectory_distances,
         trajectory_measures,
     )
-    from sweep.plots import kernel_distance_plot, trajectory_heatmap
+    from sweep.plots import (
+        kernel_distance_plot,
+        kernel_measures_plot,
+        polar_plot,
+        trajectory_heatmap,
+    )
 
     rows_of, stores = {}, {}
     for t in trajectories:
@@ -59,7 +64,10 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     if not rows_of:
         return []
     seed = cfg.seeds[0]
-    plots = [kernel_distance_plot(rows_of, trial_dir / "kernel_distances.png")]
+    plots = [kernel_distance_plot(rows_of, trial_dir / "kernel_distances.png"),
+             kernel_measures_plot(rows_of, trial_dir / "kernel_measures.png"),
+             polar_plot({f"{m} seed {seed}": k for m, k in stores.items()},
+                        trial_dir / "kernel_polar.png")]
     for mode, store in stores.items():
         plots.append(trajectory_heatmap(store, f"kernel distances, {mode} seed {seed}",
                                         trial_dir / f"kernel_heatmap_{mode}.png"))

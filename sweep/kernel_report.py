@@ -25,7 +25,7 @@ from core.trajectory_kernels import (
 )
 from core.trajectory_store import Trajectory, TrajectoryStore
 from sweep.console import stdout_console
-from sweep.plots import kernel_distance_plot, trajectory_heatmap
+from sweep.plots import kernel_distance_plot, kernel_measures_plot, polar_plot, trajectory_heatmap
 
 COLUMNS = ("epoch", *MEASURES)
 
@@ -99,7 +99,10 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[Trajectory],
             out.print(f"distance {a.mode}/seed {a.seed} vs {b.mode}/seed {b.seed} at epoch "
                       f"{last['epoch']:g}: {last['distance']:.4f}")
     (run_dir / "kernel_measures.json").write_text(json.dumps(result, indent=1))
-    plots = [kernel_distance_plot(result["trajectories"], run_dir / "kernel_distances.png")]
+    plots = [kernel_distance_plot(result["trajectories"], run_dir / "kernel_distances.png"),
+             kernel_measures_plot(result["trajectories"], run_dir / "kernel_measures.png"),
+             polar_plot({f"{i.mode} seed {i.seed}": trajectories[i.id] for i in infos},
+                        run_dir / "kernel_polar.png")]
     for info in infos:
         plots.append(trajectory_heatmap(
             trajectories[info.id], f"kernel distances, {info.mode} seed {info.seed}",

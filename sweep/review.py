@@ -175,15 +175,19 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
     from core.claims import KernelCurve
     from core.results import summarize, write_summary
     from sweep.claims import write_claims
-    from sweep.plots import kernel_distance_plot, switch_point_plot
+    from sweep.plots import describe, kernel_distance_plot, switch_point_plot
 
     rows, trials, trajectories = mlflow_rows(tracking_uri, experiment, parent_run)
     if not rows:
         raise ConfigError(f"MLflow experiment {experiment!r} has no evaluated models yet")
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
-    paths = [*write_summary(out, summary), switch_point_plot(summary, out / "switch_point.png")]
     client = MlflowClient(tracking_uri)
+    parent = client.get_run(trials[0].data.tags[PARENT_TAG]) if trials else None
+    swept = {p.strip() for p in parent.data.params.get("swept", "").split(",")} if parent else ()
+    subtitle = describe(trials[0].data.params, swept) if trials else ""
+    paths = [*write_summary(out, summary),
+             switch_point_plot(summary, out / "switch_point.png", subtitle)]
     variants = {t.info.run_id: trial_variant(t) for t in trials}
     curves, kernel_curves = {}, {}
     for t in trajectories:
@@ -204,7 +208,6 @@ def report(tracking_uri: str, experiment: str, out: Path, parent_run: str | None
             np.array([series["to_final"].get(s, np.nan) for s in steps])))
     if curves:
         paths.append(kernel_distance_plot(curves, out / "kernel_distances.png"))
-    parent = client.get_run(trials[0].data.tags[PARENT_TAG]) if trials else None
     return rows, [*paths, *write_claims(out, mlflow_claims(rows, kernel_curves, parent))]
 
 

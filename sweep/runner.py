@@ -23,7 +23,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.config import RESULT_METRICS
+from core.config import RESULT_METRICS, ConfigError
 from sweep.claims import claim_tags
 from sweep.kernel_logging import log_cross_trajectories
 from sweep.layout import (
@@ -31,13 +31,16 @@ from sweep.layout import (
     FINAL_STATE,
     SWEEP_STATE,
     TRIAL_STATE,
+    VARIANT_FILE,
     portable,
     ray_storage,
     tracking_uri,
     trial_dir,
+    trial_files,
     trial_outcomes,
 )
 from sweep.mlflow_runs import KIND, SWEEP, provenance
+from sweep.plots import figure_files
 from sweep.space import SweepSpace, to_param_space
 from sweep.tracking import MAX_TAG_CHARS, Tracker, TrackingStoreLost
 from sweep.trial import trial
@@ -265,16 +268,36 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
         tracker.log(parent, {"trials": len(records),
                              "trials_failed": sum(bool(r["error"]) for r in records),
                              "trials_stopped_early": sum(r["stopped_early"] for r in records)})
-        for path in summary:
+        for path in (f for p in summary for f in figure_files(p)):
             tracker.artifact(parent, path)
         if claims:
             tracker.tags(parent, claim_tags(claims))
         for path in log_cross_trajectories(tracker, parent, out, own):
-            tracker.artifact(parent, path)
+            for file in figure_files(path):
+                tracker.artifact(parent, file)
         tracker.end(parent)
     except TrackingStoreLost as e:
         raise SweepTrackingLost(str(e), records) from e
     return records
+
+
+def _subtitle(out: Path, trials: Collection[str]) -> str:
+    """Dataset, model and eps of the sweep's plots (``sweep.plots.describe``), from its first
+    finished trial's config, leaving out what the sweep varies."""
+    from core.config import stored_config
+    from sweep.layout import StateFileError, read_json, read_results
+    from sweep.mlflow_runs import flat_params
+    from sweep.plots import describe
+
+    for path in trial_files(out, trials, "results.json"):
+        try:
+            cfg = stored_config(read_results(path)["config"], str(path))
+            swept = read_json(path.parent / VARIANT_FILE) if (
+                path.parent / VARIANT_FILE).is_file() else {}
+        except (StateFileError, ConfigError):
+            continue
+        return describe(flat_params(cfg), set(swept))
+    return ""
 
 
 class SweepInterrupted(RuntimeError):
@@ -303,6 +326,7 @@ def write_sweep_summary(out: Path, trials: Collection[str],
     from sweep.plots import switch_point_plot
 
     rows, failed = trial_outcomes(out, trials)
+    subtitle = _subtitle(out, trials)
     listed = {f["trial"] for f in failed}
     failed += [{"trial": t, "variant": "", "error": e.strip().splitlines()[-1][:500]}
                for t, e in sorted((errors or {}).items()) if t not in listed and e.strip()]
@@ -316,6 +340,6 @@ def write_sweep_summary(out: Path, trials: Collection[str],
         return [], []
     summary = summarize(rows)
     paths = [*write_summary(out, summary, notes),
-             switch_point_plot(summary, out / "switch_point.png")]
+             switch_point_plot(summary, out / "switch_point.png", subtitle)]
     claims = record_claims(out, sweep_studies(out, list(trials)))  # summary.md's last section
     return [*paths, out / "claims.md", out / "claims.json"], claims

@@ -94,13 +94,14 @@ def show_summary(console, rows: list[dict[str, Any]]) -> None:
         console.print(warning, style="yellow", highlight=False)
 
 
-def print_summary(rows: list[dict[str, Any]], out: Path) -> None:
-    """Prints the summary table and where the files are, on stdout."""
+def print_summary(rows: list[dict[str, Any]], out: Path, subtitle: str = "") -> None:
+    """Prints the summary table and where the files are, on stdout; ``subtitle`` names the
+    dataset, model and eps on the plot."""
     from sweep.plots import switch_point_plot
 
     stdout = stdout_console()
     show_summary(stdout, rows)
-    plot = switch_point_plot(summarize(rows), out / "switch_point.png")
+    plot = switch_point_plot(summarize(rows), out / "switch_point.png", subtitle)
     stdout.print(f"results: {out / 'results.csv'}, {out / 'summary.csv'}, "
                  f"{out / 'summary.md'}, {out / 'results.json'}")
     stdout.print(f"plot: {plot}")

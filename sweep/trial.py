@@ -54,6 +54,7 @@ from sweep.mlflow_runs import (
     trajectory_params,
     trial_name,
 )
+from sweep.plots import figure_files
 from sweep.space import substitute
 from sweep.tracking import MAX_TAG_CHARS, ResumedRun, Tracker
 
@@ -216,7 +217,8 @@ class TrialReporter:
         if self.cfg.kernel.enabled:
             for path in log_kernels(tracker, run, self.trajectory_runs, self.cfg,
                                     self.trajectories, self.directory, self.seen):
-                tracker.artifact(run, path)
+                for file in figure_files(path):
+                    tracker.artifact(run, file)
         spent = since(before)
         metrics = {**summary_metrics(self.rows), "phase1_epochs_trained": self.phase1_epochs,
                    "time/trial_s": time.perf_counter() - started,
