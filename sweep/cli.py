@@ -280,6 +280,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             space = parse_space(raw, str(path))
             print(f"{args.config}: valid sweep, {space.trial_count()} trials over "
                   f"{', '.join(space.distributions) or 'no distributions'}")
+            print("\n".join(space.describe()))
             return 0
         cfg = _load(args.config, args.overrides)
     except ConfigError as e:

@@ -100,7 +100,7 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path, subtitle: str =
                 y = np.array([100 * r[f"{key}_mean"] for r in rows])
                 err = np.array([100 * r[f"{key}_std"] for r in rows])
                 style = "--" if is_network(code) else "-"
-                label = f"{code[0]} network" if is_network(code) else code
+                label = code
                 label += f" {variant}" if variant else ""
                 shade = 1.0 - 0.6 * v / max(len(variants) - 1, 1)
                 ax.errorbar(x, y, yerr=err, fmt=style + markers[v % len(markers)], ms=4,

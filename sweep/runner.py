@@ -83,16 +83,6 @@ def _allow_reports_without_metric(space: SweepSpace) -> None:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
 
-def models_per_trial(space: SweepSpace) -> int:
-    """Evaluated models of the largest trial (phase-1 networks and phase-2 runs), for
-    progress and ASHA's time axis."""
-    def models(cfg) -> int:
-        switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
-        return switches * (len(cfg.codes) + len(cfg.phase1_modes))
-
-    return max(models(cfg) for cfg in space.configs())
-
-
 def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dict[str, Any]]:
     """Runs every trial of ``space``; returns one record per trial (config values, metrics).
 
@@ -126,7 +116,7 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
             # max_t one above the models of a trial: reaching max_t means STOP, which would
             # cut a trial off after its last evaluation, before its kernels and final report.
             scheduler = ASHAScheduler(time_attr="models_evaluated", metric=settings.metric,
-                                      mode=settings.mode, max_t=models_per_trial(space) + 1,
+                                      mode=settings.mode, max_t=space.models_per_trial() + 1,
                                       grace_period=1)
         tuner = tune.Tuner(
             _trainable(space),
@@ -175,7 +165,7 @@ def _run_config(space: SweepSpace, name: str, storage: str):
     return tune.RunConfig(
         name=name, storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        callbacks=[SweepProgress(space.trial_count(), models_per_trial(space),
+        callbacks=[SweepProgress(space.trial_count(), space.models_per_trial(),
                                  space.settings.metric, space.settings.mode)],
     )
 

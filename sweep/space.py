@@ -94,6 +94,41 @@ class SweepSpace:
         """The experiment config of one trial, given a value for every distribution path."""
         return config_from_dict(substitute(self.base, values), "trial")
 
+    def models_per_trial(self) -> int:
+        """Evaluated models of the largest trial (phase-2 runs and phase-1 networks, at
+        every switch point and the rule's), for progress and ASHA's time axis."""
+        def models(cfg: ExperimentConfig) -> int:
+            switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
+            return switches * (len(cfg.codes) + len(cfg.phase1_modes))
+
+        return max(models(cfg) for cfg in self.configs())
+
+    def describe(self) -> list[str]:
+        """What ``validate`` says about a sweep: its grid, what one trial runs, the
+        resources a trial asks for and how many trials this machine runs at once."""
+        import os
+
+        lines = []
+        for path, d in self.distributions.items():
+            one = [v[0] if isinstance(v, list | tuple) and len(v) == 1 else v for v in d.args]
+            values = ", ".join(map(str, one)) if d.kind in ("grid", "choice") else \
+                f"{d.args[0]} to {d.args[1]}"
+            lines.append(f"  {path}: {d.kind} [{values}]")
+        cfg = self.config({p: d.args[0] for p, d in self.distributions.items()})
+        epochs1 = cfg.phase1_epochs * len(cfg.phase1_modes)
+        runs2 = (len(cfg.switch_points) + (cfg.switch_rule is not None)) * len(cfg.codes)
+        lines.append(f"  a trial: {self.models_per_trial()} evaluated models at most; "
+                     f"{epochs1:g} phase-1 epochs ({', '.join(cfg.phase1_modes)}), "
+                     f"{runs2} phase-2 runs of {cfg.phase2.epochs:g} epochs")
+        res = self.settings.resources
+        cpus = os.cpu_count() or 1
+        at_once = max(1, int(cpus // res.cpus)) if res.cpus else cpus
+        if self.settings.max_concurrent_trials:
+            at_once = min(at_once, self.settings.max_concurrent_trials)
+        lines.append(f"  resources per trial: {res.cpus:g} CPU, {res.gpus:g} GPU; on this "
+                     f"machine ({cpus} CPUs) {min(at_once, self.trial_count())} trials at once")
+        return lines
+
 
 def _is_distribution(node: Any) -> bool:
     return isinstance(node, dict) and len(node) == 1 and next(iter(node)) in KINDS

@@ -231,3 +231,19 @@ def test_version_and_what_counts_as_a_sweep(capsys):
     assert is_sweep({"seeds": [0], "phase2": {"lr": {"grid": [0.1, 0.01]}}})
     assert is_sweep({"seeds": [0], "sweep": {"num_samples": 2}})
     assert not is_sweep(["not", "a", "mapping"])
+
+
+def test_validate_describes_a_sweep(capsys):
+    """What a user needs before starting a sweep: its grid, what a trial runs, the resources
+    of a trial and how many run at once here."""
+    import os
+
+    assert main(["validate", "eps-sweep"]) == 0
+    out = capsys.readouterr().out
+    assert "eps-sweep: valid sweep, 8 trials over phase1.attack.eps, seeds" in out
+    assert "phase1.attack.eps: grid [0.05, 0.1, 0.2, 0.3]" in out
+    assert "seeds: grid [0, 1]" in out
+    assert "a trial: 8 evaluated models at most" in out  # 2 switch points x (2 codes + C-, A-)
+    cpus = os.cpu_count()
+    assert f"resources per trial: 1 CPU, 0 GPU; on this machine ({cpus} CPUs) " \
+           f"{min(cpus, 8)} trials at once" in out
