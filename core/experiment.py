@@ -85,6 +85,8 @@ class Hooks:
     # a stage starts: phase 1 of a data mode (before waiting for its trajectory's lock), or
     # phase 2 of a loader from a switch step
     on_stage: Callable[[Stage], None] | None = None
+    # the trajectory is locked by another process (a trial training it): this one waits
+    on_wait: Callable[[Trajectory], None] | None = None
     # (stage, epoch, the epoch's mean training metrics) after each epoch
     on_epoch: Callable[[Stage, int, dict[str, float]], None] | None = None
     on_result: Callable[[dict[str, Any]], None] | None = None  # each evaluated model's row
@@ -248,7 +250,7 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
         ctx.hooks.on_stage(Stage(1, mode, seed, None, spe))
     # Trials of a sweep that share this trajectory wait here; the next one finds the
     # checkpoints and trains nothing.
-    with trajectory.lock():
+    with trajectory.lock(on_wait=ctx.hooks.on_wait and (lambda: ctx.hooks.on_wait(trajectory))):
         store = trajectory.checkpoints()
         watch = _RuleWatch(ctx, trajectory) if cfg.switch_rule else None
         listed_last = epoch_to_step(max(cfg.switch_points, default=0), spe)

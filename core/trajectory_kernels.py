@@ -98,12 +98,13 @@ class KernelRecorder:
 
 
 def compute_trajectory_kernels(
-    trajectory: Trajectory, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None
+    trajectory: Trajectory, spec: KernelSpec, on_kernel: Callable[[float], None] | None = None,
+    on_wait: Callable[[], None] | None = None,
 ) -> KernelTrajectory:
     """Computes (or finds already stored) the kernel at each requested phase-1 checkpoint,
     holding the trajectory's lock: trials that share a trajectory compute its kernels once
-    (the second finds them stored)."""
-    with trajectory.lock():
+    (the second finds them stored; ``on_wait`` is called if it has to wait)."""
+    with trajectory.lock(on_wait):
         return _compute_kernels(trajectory, spec, on_kernel)
 
 

@@ -26,7 +26,7 @@ import fcntl
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,13 +133,19 @@ class Trajectory:
         self.record_path.write_text(json.dumps(record, indent=1))
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
         """An exclusive ``flock`` on ``<directory>.lock`` while the block runs: phase-1
         training and kernel computation of one trajectory happen in one process at a time
-        (trials that share it wait, then find the work stored)."""
+        (trials that share it wait, then find the work stored). ``on_wait`` is called once
+        when another process holds the lock, before waiting for it."""
         self.directory.parent.mkdir(parents=True, exist_ok=True)
         with open(self.directory.with_name(self.directory.name + ".lock"), "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
             finally:

@@ -6,7 +6,7 @@ steps are training steps (``sweep.mlflow_runs``), with ``epoch`` logged beside t
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ from sweep.tracking import Tracker
 
 def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg: Any,
                 trajectories: list[Trajectory], trial_dir: Path,
-                seen: dict[str, set[tuple[str, int]]]) -> list[Path]:
+                seen: dict[str, set[tuple[str, int]]],
+                on_wait: Callable[[Trajectory], None] | None = None) -> list[Path]:
     """Kernels of ``trajectories`` (the trial's) at every checkpoint (computed once per
     trajectory, under its lock, and stored with it), their measures as metrics of each
     trajectory's run (``trajectory_runs`` by data mode) and the distances between them on the
@@ -45,7 +46,8 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
 
     rows_of, stores = {}, {}
     for t in trajectories:
-        stores[t.mode] = store = compute_trajectory_kernels(t, cfg.kernel)
+        stores[t.mode] = store = compute_trajectory_kernels(
+            t, cfg.kernel, on_wait=on_wait and (lambda t=t: on_wait(t)))
         epochs = store.epochs()
         rows = trajectory_measures(store, len(np.unique(store.load(epochs[0]).labels)))
         rows_of[t.id] = {"mode": t.mode, "seed": t.seed, "rows": rows}

@@ -25,8 +25,16 @@ class SweepProgress(Callback):
         self.best: tuple[float, str] | None = None
         self.failed = 0
         self.state: tuple = ()
+        self.kernels: set[str] = set()  # trials computing kernels (work the ETA cannot see)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("waiting_for"):
+            CONSOLE.print(f"[sweep] trial {trial.trial_id} waits for {result['waiting_for']}: "
+                          "another trial holds it")
+        if result.get("computing_kernels"):
+            self.kernels.add(trial.trial_id)
+        if result.get("finished"):
+            self.kernels.discard(trial.trial_id)
         # The trial's share of its planned minibatch steps; else of its evaluated models.
         done = result.get("progress", result.get("models_evaluated", 0) / max(self.models, 1))
         self.progress[trial.trial_id] = min(done, 0.999 if not result.get("finished") else 1.0)
@@ -40,10 +48,16 @@ class SweepProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.progress[trial.trial_id] = 1.0
+        self.kernels.discard(trial.trial_id)
         self._line(force=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        """Tune's control loop: a line at least every 10 s, also while no trial reports."""
+        self._line(force=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.progress[trial.trial_id] = 1.0
+        self.kernels.discard(trial.trial_id)
         self.failed += 1
         CONSOLE.print(f"[sweep] trial {trial.trial_id} failed (try {trial.num_failures}): "
                            f"{trial.error_file}")
@@ -59,6 +73,9 @@ class SweepProgress(Callback):
         share = sum(self.progress.values()) / max(self.trials, 1)
         elapsed = now - self.start
         eta = f"{elapsed * (1 - share) / share:.0f} s" if share > 0 else "?"
+        if self.kernels:  # the ETA counts training steps; kernels come on top
+            n = len(self.kernels)
+            eta = f"? ({n} trial{'s' * (n > 1)} computing kernels; training: {eta})"
         best = (f"best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
                 if self.best else f"best {self.metric}: -")
         CONSOLE.print(

@@ -124,7 +124,7 @@ class TrialReporter:
     def hooks(self) -> Hooks:
         return Hooks(on_epoch=self.on_epoch, on_result=self.on_result, on_step=self.on_step,
                      planned_steps=self.on_plan, on_stage=self.on_stage,
-                     on_trajectory=self.on_trajectory)
+                     on_trajectory=self.on_trajectory, on_wait=self.on_wait)
 
     @property
     def pending_file(self) -> Path:
@@ -188,6 +188,14 @@ class TrialReporter:
         _report({"models_evaluated": len(self.rows), "progress": self.progress(),
                  **summary_metrics(self.rows)})
 
+    def on_wait(self, trajectory: Trajectory) -> None:
+        """Another trial holds ``trajectory`` (training it, or computing its kernels): say so
+        (heartbeat, Tune: the driver prints it) before waiting."""
+        what = f"trajectory {trajectory.mode} seed {trajectory.seed} ({trajectory.id})"
+        self.heartbeat(f"waiting for {what}", 0)
+        _report({"waiting_for": what, "progress": self.progress(),
+                 "models_evaluated": len(self.rows), **summary_metrics(self.rows)})
+
     def on_trajectory(self, trajectory: Trajectory, history: list[dict[str, float]]) -> None:
         """Phase 1 of ``trajectory`` is complete: its stored epoch history completes the
         trajectory run's curves (a trajectory an earlier trial trained has no epoch events
@@ -215,8 +223,12 @@ class TrialReporter:
         for name in ("results.csv", "summary.md"):
             tracker.artifact(run, self.directory / name)
         if self.cfg.kernel.enabled:
+            self.heartbeat("kernels", 0)
+            _report({"stage": "kernels", "computing_kernels": 1, "progress": self.progress(),
+                     "models_evaluated": len(self.rows), **summary_metrics(self.rows)})
             for path in log_kernels(tracker, run, self.trajectory_runs, self.cfg,
-                                    self.trajectories, self.directory, self.seen):
+                                    self.trajectories, self.directory, self.seen,
+                                    on_wait=self.on_wait):
                 for file in figure_files(path):
                     tracker.artifact(run, file)
         spent = since(before)
