@@ -87,6 +87,13 @@ def switch_label(row: dict[str, Any]) -> str:
     return f"{rule} → {row['switch_epoch']:.3g}" if rule else f"{row['switch_epoch']:g}"
 
 
+def row_order(r: dict[str, Any]) -> tuple:
+    """The one order of rows in every table, CSV and legend: variant, phase-1 data mode
+    (C, A, F), code (its phase-1 network X- first), switch rule, switch epoch."""
+    return (r.get("variant", ""), MODES.index(r["code"][0]), r["code"],
+            r.get("switch_rule", ""), r["switch_epoch"])
+
+
 def summary_markdown(summary: list[dict[str, Any]]) -> str:
     """The summary as a Markdown table: clean and PGD accuracy (%), mean ± std over seeds
     (with a first column naming the variant when the rows come from a sweep that varies one)."""
@@ -95,9 +102,7 @@ def summary_markdown(summary: list[dict[str, Any]]) -> str:
              + " | masking |", "|---|---:|---:|" + "---:|" * len(METRIC_LABELS) + "---|"]
     if variants:
         lines = ["| variant " + lines[0], "|---" + lines[1]]
-    for r in sorted(summary, key=lambda r: (r.get("variant", ""), MODES.index(r["code"][0]),
-                                            r["code"], r.get("switch_rule", ""),
-                                            r["switch_epoch"])):
+    for r in sorted(summary, key=row_order):
         cells = []
         for k in RESULT_METRICS:
             mean, std = r[f"{k}_mean"], r[f"{k}_std"]
@@ -120,7 +125,7 @@ def write_csv(path: Path, table: list[dict[str, Any]], fields) -> None:
 def write_summary(out: Path, summary: list[dict[str, Any]], notes: str = "") -> list[Path]:
     """Writes ``summary.csv`` and ``summary.md`` (the table, then ``notes``) under ``out``."""
     (out / "summary.md").write_text(summary_markdown(summary) + notes)
-    write_csv(out / "summary.csv", summary,
+    write_csv(out / "summary.csv", sorted(summary, key=row_order),
                list(summary[0]) if summary else ["code", "switch_epoch", "seeds"])
     return [out / "summary.csv", out / "summary.md"]
 

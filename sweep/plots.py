@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from core.config import is_network  # noqa: E402
 from core.kernel_store import KernelTrajectory  # noqa: E402
 from core.kernels import pairwise_distances, per_kernel, polar  # noqa: E402
+from core.results import row_order  # noqa: E402
 
 CODE_STYLE = {"CC": "tab:blue", "AC": "tab:red", "CA": "tab:green", "AA": "tab:purple",
               "C-": "tab:gray", "A-": "black"}
@@ -85,7 +86,7 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path, subtitle: str =
     (``describe``) names dataset, model and eps.
     """
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    codes = sorted({r["code"] for r in summary}, key=lambda c: (is_network(c), c))
+    codes = list(dict.fromkeys(r["code"] for r in sorted(summary, key=row_order)))
     variants = sorted({r.get("variant", "") for r in summary})
     markers = "osD^vP<>X"
     for ax, key, title in ((axes[0], "worst_linf", "worst-case L-inf accuracy (%)"),

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from core.config import METRIC_LABELS, RESULT_METRICS, ExperimentConfig
 from core.experiment import Hooks, run_experiment
-from core.results import summarize, switch_label
+from core.results import row_order, summarize, switch_label
 from sweep.console import stdout_console
 
 console = Console(stderr=True)
@@ -63,8 +63,7 @@ def summary_table(rows: list[dict[str, Any]]) -> Table:
     for col in ("variant",) * variants + ("code", "switch", "seeds", *METRIC_LABELS.values(),
                                           "masking"):
         table.add_column(col, justify="right")
-    for r in sorted(summary, key=lambda r: (r["variant"], r["code"], r["switch_rule"],
-                                            r["switch_epoch"])):
+    for r in sorted(summary, key=row_order):
         n = r["seeds"]
         table.add_row(
             *(r["variant"],) * variants, r["code"], switch_label(r), str(n),

@@ -35,3 +35,30 @@ def test_describe_names_what_was_run_but_not_what_a_sweep_varies():
     assert describe(params, {"phase1.attack.eps"}) == "digits, cnn width 32"
     assert describe({**params, "model.width": "null"}, {"dataset.name"}) == \
         "cnn, phase-1 L-inf eps 0.3"
+
+
+def test_rows_come_in_one_order_in_every_table(tmp_path):
+    """The terminal table, summary.md and summary.csv list codes and switch points in the
+    same order (``core.results.row_order``): C before A, X- before its loaders."""
+    import csv
+    import random
+
+    from core.config import RESULT_METRICS
+    from core.results import summarize, write_summary
+    from sweep.terminal import summary_table
+
+    rows = [{"seed": s, "code": c, "dynamics": "centered", "switch_epoch": e, "switch_rule": "",
+             "masked": False, **dict.fromkeys(RESULT_METRICS, 0.5)}
+            for s in (0, 1) for c in ("AA", "CC", "A-", "AC", "C-", "CA") for e in (10, 2, 0)]
+    random.Random(0).shuffle(rows)
+    want = [(c, e) for c in ("C-", "CA", "CC", "A-", "AA", "AC") for e in (0, 2, 10)]
+    write_summary(tmp_path, summarize(rows))
+    markdown = [line.split("|")[1:3] for line in (tmp_path / "summary.md").read_text()
+                .splitlines()[2:]]
+    assert [(c.strip(), float(e)) for c, e in markdown] == want
+    with (tmp_path / "summary.csv").open() as f:
+        assert [(r["code"], float(r["switch_epoch"])) for r in csv.DictReader(f)] == want
+    table = summary_table(rows)
+    codes = list(table.columns[0]._cells)
+    epochs = [float(e) for e in table.columns[1]._cells]
+    assert list(zip(codes, epochs, strict=True)) == want
