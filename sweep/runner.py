@@ -41,7 +41,7 @@ from sweep.layout import (
 )
 from sweep.mlflow_runs import KIND, SWEEP, provenance
 from sweep.plots import figure_files
-from sweep.space import SweepSpace, to_param_space
+from sweep.space import SweepSettings, SweepSpace, to_param_space
 from sweep.tracking import MAX_TAG_CHARS, Tracker, TrackingStoreLost
 from sweep.trial import trial
 
@@ -56,9 +56,12 @@ TRIAL_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
-def _init_ray() -> None:
+
+
+def _init_ray(settings: SweepSettings | None = None) -> None:
     """``RAY_ADDRESS`` when set, else a new local instance: never Ray's own fallback of
-    attaching to whatever cluster ``ray start`` last left running on this machine."""
+    attaching to whatever cluster ``ray start`` last left running on this machine. A local
+    instance's workers run at ``settings.worker_niceness`` (Ray's own default is +15)."""
     import warnings
 
     import ray
@@ -71,6 +74,8 @@ def _init_ray() -> None:
     # directory): the sweep prints its own progress (``sweep.progress``).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    if settings is not None and not os.environ.get("RAY_ADDRESS"):  # a cluster we start
+        os.environ["RAY_worker_niceness"] = str(settings.worker_niceness)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  runtime_env={"env_vars": TRIAL_ENV}, log_to_driver=False)
@@ -109,7 +114,7 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
               "tracking_uri": portable(out, tracker.uri)}
     try:  # a sweep that cannot start must not leave its parent run RUNNING forever
         (out / SWEEP_STATE).write_text(json.dumps(stored, indent=1))
-        _init_ray()
+        _init_ray(settings)
         scheduler = None
         _allow_reports_without_metric(space)
         if settings.scheduler == "asha":
@@ -186,7 +191,7 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
     tracker = Tracker(state["tracking_uri"], existing=True)
     tracker.reopen(state["parent_run"])
     _allow_reports_without_metric(space)
-    _init_ray()
+    _init_ray(space.settings)
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     tuner = tune.Tuner.restore(path, _trainable(space), resume_unfinished=True,
                                resume_errored=True)

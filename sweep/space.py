@@ -59,6 +59,10 @@ class SweepSettings(BaseModel):
     max_concurrent_trials: int = Field(0, ge=0, le=MAX_TRIALS,
                                        description="0: as many as resources allow")
     resources: Resources = Resources()
+    worker_niceness: int = Field(
+        0, ge=0, le=19, description="nice value of trial workers on a local Ray cluster "
+        "(Ray's default, 15, starves a sweep beside any other work; 0 is what "
+        "'ntk-sweep experiment' runs at)")
 
 
 @dataclass(frozen=True)

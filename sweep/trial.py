@@ -213,8 +213,8 @@ class TrialReporter:
 
         write_json(self.directory / HEARTBEAT, {
             "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-            "stage": stage, "epoch": epoch, "pending_writes": len(self.tracker.pending),
-            "time": time.time()})
+            "nice": os.nice(0), "stage": stage, "epoch": epoch,
+            "pending_writes": len(self.tracker.pending), "time": time.time()})
 
     def finish(self, started: float, before: dict[str, float]) -> dict[str, Any]:
         """After the experiment: tables, kernels and plots as artifacts, the trial's summary

@@ -73,6 +73,9 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     assert "3 trials, 0 failed" in resumed.stdout
     for noise in QUIET:  # the driver says what it does, not what its libraries do
         assert noise not in resumed.stdout + resumed.stderr, noise
+    # Trial workers ran at nice 0 (sweep.worker_niceness), not at Ray's default of +15.
+    beats = [json.loads(p.read_text()) for p in out.glob("trials/*/heartbeat.json")]
+    assert beats and {b["nice"] for b in beats} == {0}
     # Finished trials were not run again; every trial has its results now.
     for trial, mtime in finished_before.items():
         assert (out / "trials" / trial / "results.json").stat().st_mtime_ns == mtime
