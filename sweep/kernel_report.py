@@ -15,6 +15,7 @@ from rich.table import Table
 from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
 from core.data import DataError, dataset_of
 from core.kernels import MEASURES
+from core.preflight import preflight
 from core.results import write_csv
 from core.trajectory_kernels import (
     compute_trajectory_kernels,
@@ -23,7 +24,7 @@ from core.trajectory_kernels import (
     probe_set,
     trajectory_measures,
 )
-from core.trajectory_store import Trajectory, TrajectoryStore
+from core.trajectory_store import Trajectory, TrajectoryStore, kernel_storage_bytes
 from sweep.console import stdout_console
 from sweep.plots import kernel_distance_plot, kernel_measures_plot, polar_plot, trajectory_heatmap
 
@@ -45,15 +46,11 @@ def kernel_spec(run_dir: Path, overrides: list[str]) -> tuple[KernelSpec, list[T
         lines = "\n".join(f"kernel.{line}" for line in format_errors(e, KernelSpec).splitlines())
         raise ConfigError(f"invalid kernel settings\n{lines}") from None
     if infos:
-        ds = infos[0].config.dataset
-        data = dataset_of(ds)
-        if spec.probe_size > len(data.y_train):
-            raise DataError(f"kernel.probe_size: {spec.probe_size} exceeds the "
-                            f"{len(data.y_train)} training images")
-        if spec.logit >= data.num_classes:
-            raise DataError(f"kernel.logit: {spec.logit} is not a class of {ds.name} "
-                            f"(0 to {data.num_classes - 1})")
-        probe_set(data, spec)  # raises if a class is too small
+        # The checks every command shares (probe set against the data, storage budget).
+        cfg = infos[0].config.model_copy(update={"kernel": spec})
+        data = dataset_of(cfg.dataset)
+        per_trajectory = kernel_storage_bytes(cfg, data.num_classes) / len(cfg.phase1_modes)
+        preflight(cfg, kernels=True, data=data, kernel_bytes=per_trajectory * len(infos))
         if spec.epochs is not None:
             stored = set(open_trajectory(infos[0]).epochs())
             if not stored & set(spec.epochs):
