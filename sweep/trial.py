@@ -159,8 +159,9 @@ class TrialReporter:
             now = int(time.time() * 1000)
             self.curves[stage.code] += [[k, float(v), now, step] for k, v in values.items()]
         # Tune's and the heartbeat's label of the stage (``ntk-sweep status`` shows it).
+        # ``t`` is the switch epoch, as in run names (``AC t=10 seed 0``) and tables.
         name = f"phase{stage.phase}/{stage.code}/s{stage.seed}" + (
-            f"/t{stage.switch_step}" if stage.phase == 2 else "")
+            f"/t={stage.switch_step / max(self.phase1_spe, 1):g}" if stage.phase == 2 else "")
         self.heartbeat(name, epoch)
         self.tracker.save_pending(self.pending_file)  # undelivered writes survive a kill
         _report({"stage": name, "epoch": epoch, "progress": self.progress(),
