@@ -10,6 +10,7 @@ test versions themselves:
   replication checks OFF (``check_vma=False``, formerly ``check_rep=False``). With them on, a
   ``jacrev`` of replicated parameters inside ``f`` gets a ``psum`` inserted and the per-device
   Jacobians are silently summed across devices (tests/test_ntk.py compares 4 devices to 1).
+* ``use_compilation_cache(directory)``: jax's persistent compilation cache in ``directory``.
 * ``import_neural_tangents()``: neural-tangents 0.6.5 (its last release, written for jax 0.4)
   on current jax and without TensorFlow; see ``NT_ALIASES``.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +29,24 @@ from typing import Any
 import jax
 
 # --- jax ---------------------------------------------------------------------------------------
+
+COMPILATION_CACHE_MAX_BYTES = 4 * 2**30  # least recently used entries go beyond this
+
+
+def use_compilation_cache(directory: str | os.PathLike[str] | None) -> None:
+    """jax's persistent compilation cache in ``directory`` (None: leave it off), for every
+    program however short its compilation: a second process with the same programs loads
+    them instead of compiling (the tiny test experiment: 15 s -> 3.4 s on 2 CPU cores). jax's
+    cache key covers the program, its compile options, the backend and device kind and the
+    jax/jaxlib versions, so a stale entry is never used; loaded executables compute the same
+    bits as compiled ones. Entries beyond ``COMPILATION_CACHE_MAX_BYTES`` are evicted."""
+    if directory is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if "jax_compilation_cache_max_size" in jax.config.values:
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
 
 
 @contextlib.contextmanager

@@ -39,7 +39,14 @@ from sweep.claims import (
 )
 from sweep.console import stdout_console
 from sweep.k8s import dump, render_sweep
-from sweep.layout import StateFileError, read_results, tracking_uri, trial_files, trial_outcomes
+from sweep.layout import (
+    StateFileError,
+    jax_cache_dir,
+    read_results,
+    tracking_uri,
+    trial_files,
+    trial_outcomes,
+)
 from sweep.space import is_sweep, parse_space
 
 EXIT_BAD_INPUT = 2
@@ -578,12 +585,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+COMPILING = {"experiment", "kernel", "features", "compare", "attack"}  # commands running JAX
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     # MLflow announces every database migration of a new store at INFO: not news to a user.
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
+    if args.command in COMPILING:  # they load JAX anyway: keep what they compile
+        from core.compat import use_compilation_cache
+
+        use_compilation_cache(jax_cache_dir())
     handler = {"experiment": cmd_experiment, "validate": cmd_validate, "list": cmd_list,
                "kernel": cmd_kernel, "features": cmd_features, "run": cmd_run,
                "resume": cmd_resume, "status": cmd_status, "report": cmd_report,

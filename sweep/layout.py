@@ -122,6 +122,27 @@ def tracking_uri(out: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').absolute()}"
 
 
+JAX_CACHE_ENV = "NTK_SWEEP_JAX_CACHE"  # a directory, or "off"
+
+
+def jax_cache_dir(out: Path | None = None) -> Path | None:
+    """Where compiled JAX programs are kept between processes (``core.compat.
+    use_compilation_cache``): ``NTK_SWEEP_JAX_CACHE`` ("off": nowhere), else a sweep's
+    ``<out>/jax-cache`` (its workers, on every node that mounts it, and later sweeps into it
+    share it), else the user's ``$XDG_CACHE_HOME/ntk-sweep/jax``. None also when jax's own
+    ``JAX_COMPILATION_CACHE_DIR`` is set: that one is used as it is."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    value = os.environ.get(JAX_CACHE_ENV, "")
+    if value == "off":
+        return None
+    if value:
+        return Path(value)
+    if out is not None:
+        return Path(out) / "jax-cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ntk-sweep" / "jax"
+
+
 def trial_dir(out: Path, trial_id: str) -> Path:
     """``<out>/trials/<trial id>``: the files of one trial."""
     return out / "trials" / trial_id

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.compat import use_compilation_cache
 from core.config import RESULT_METRICS, ExperimentConfig, config_from_dict, is_network
 from core.experiment import Hooks, Stage, run_experiment
 from core.timing import since, snapshot, timed
@@ -35,6 +36,7 @@ from sweep.layout import (
     TRIAL_STATE,
     VARIANT_FILE,
     format_variant,
+    jax_cache_dir,
     read_record,
     trial_dir,
     write_json,
@@ -292,6 +294,7 @@ def trial(config: dict[str, Any]) -> None:
 
     started, before = time.perf_counter(), snapshot()
     ctx = config[CONTEXT_KEY]
+    use_compilation_cache(jax_cache_dir(Path(ctx["out"])))  # programs compiled once per sweep
     values = {path: config[path] for path in ctx["paths"]}
     cfg = config_from_dict(substitute(ctx["base"], values), "trial")
     trial_id = tune.get_context().get_trial_id() or "trial"

@@ -247,3 +247,42 @@ def test_validate_describes_a_sweep(capsys):
     cpus = os.cpu_count()
     assert f"resources per trial: 1 CPU, 0 GPU; on this machine ({cpus} CPUs) " \
            f"{min(cpus, 8)} trials at once" in out
+
+
+@pytest.mark.slow
+def test_compiled_programs_are_kept_between_runs(tmp_path):
+    """A second experiment loads the programs the first compiled (``NTK_SWEEP_JAX_CACHE``)
+    instead of compiling them: no new cache entry, and the same results bit for bit."""
+    from tests.helpers import BASE
+
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(NTK_SWEEP_JAX_CACHE=str(cache), TF_CPP_MIN_LOG_LEVEL="3")
+    path = _write(tmp_path, {**BASE, "name": "cached", "codes": ["CC", "AC"],
+                             "switch_points": [0, 1]})
+    entries = []
+    for out in ("first", "second"):
+        done = subprocess.run([sys.executable, "-m", "sweep.cli", "experiment", str(path),
+                               "--out", str(tmp_path / out), "--quiet"], capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        entries.append(sorted(p.name for p in cache.iterdir()))
+    assert entries[0] and entries[1] == entries[0]
+    assert _rows(tmp_path / "first") == _rows(tmp_path / "second")
+
+
+def test_where_compiled_programs_are_kept(tmp_path, monkeypatch):
+    from sweep.layout import jax_cache_dir
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv("NTK_SWEEP_JAX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert jax_cache_dir() == tmp_path / "xdg" / "ntk-sweep" / "jax"
+    assert jax_cache_dir(tmp_path / "sweep") == tmp_path / "sweep" / "jax-cache"
+    monkeypatch.setenv("NTK_SWEEP_JAX_CACHE", str(tmp_path / "mine"))
+    assert jax_cache_dir(tmp_path / "sweep") == tmp_path / "mine"
+    monkeypatch.setenv("NTK_SWEEP_JAX_CACHE", "off")
+    assert jax_cache_dir(tmp_path / "sweep") is None
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))  # jax's own wins
+    monkeypatch.delenv("NTK_SWEEP_JAX_CACHE")
+    assert jax_cache_dir(tmp_path / "sweep") is None
