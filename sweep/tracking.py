@@ -171,8 +171,7 @@ class Tracker:
         kind, c = op["kind"], self.client
         self._guard()
         if kind == "batch":
-            self._log_batch(op["run"], op.get("metrics", ()), op.get("params", ()),
-                            op.get("tags", ()))
+            self._deliver(op, ("params", "tags", "metrics"))
         elif kind == "artifact":
             c.log_artifact(op["run"], op["path"], op["artifact_path"])
         elif kind == "end":
@@ -182,20 +181,21 @@ class Tracker:
                 op["run"] = c.create_run(op["experiment"], tags=op["tags"],
                                          run_name=op["name"]).info.run_id
                 failpoint("child-run-created")
-            if op["metrics"] or op.get("params"):
-                self._log_batch(op["run"], op["metrics"], op.get("params", ()), ())
-                op["metrics"], op["params"] = [], []
+            self._deliver(op, ("params", "metrics"))  # its tags went with create_run
             c.set_terminated(op["run"], "FINISHED")
 
-    def _log_batch(self, run: str, metrics: Sequence[Sequence[Any]],
-                   params: Sequence[Sequence[Any]], tags: Sequence[Sequence[Any]]) -> None:
-        """``log_batch`` in requests within MLflow's limits (``BATCH_LIMITS``); params first,
-        so that a retried batch never logs a metric twice after its params failed."""
-        for key, items, cls in (("params", params, Param), ("tags", tags, RunTag),
-                                ("metrics", metrics, Metric)):
-            limit = BATCH_LIMITS[key]
-            for i in range(0, len(items), limit):
-                self.client.log_batch(run, **{key: [cls(*item) for item in items[i:i + limit]]})
+    def _deliver(self, op: dict[str, Any], keys: Sequence[str]) -> None:
+        """Sends the op's ``keys`` lists to its run in ``log_batch`` requests within MLflow's
+        limits (``BATCH_LIMITS``), removing each part from the op once the server has it: a
+        retry after a failed request sends only the rest (and so does an attempt that loads
+        the op from ``save_pending``), so no metric point is logged twice."""
+        entity = {"params": Param, "tags": RunTag, "metrics": Metric}
+        for key in keys:
+            items, limit = op.get(key) or [], BATCH_LIMITS[key]
+            while items:
+                self.client.log_batch(op["run"], **{key: [entity[key](*item)
+                                                          for item in items[:limit]]})
+                del items[:limit]
 
     def _submit(self, op: dict[str, Any]) -> None:
         if not self.buffered:

@@ -300,3 +300,34 @@ def test_buffered_writes_queue_while_the_server_is_down_and_arrive_once_in_order
     child = next(b for e, b in server.applied if e == "runs/create" and b["run_name"] == "CC-s0")
     assert {"key": PARENT_TAG, "value": trial} in child["tags"]
     assert server.runs[trial]["info"]["status"] == "FINISHED"
+
+
+def test_a_batch_beyond_mlflow_limits_resumes_where_a_failure_stopped_it(fake_mlflow):
+    """A write larger than one MLflow request (1,500 metrics, 150 params) goes in requests
+    within MLflow's limits; when one of them fails, the retry sends what was not delivered,
+    not the whole write again: every metric and param arrives once."""
+    from sweep.tracking import BATCH_LIMITS
+
+    server = fake_mlflow
+    tracker = Tracker(server.uri, buffered=True)
+    run = tracker.start("0", "trial", {"kind": "trial"})
+    apply, batches = server.apply, [0]
+
+    def second_batch_fails_once(endpoint: str, body: dict, query: str) -> tuple[int, dict]:
+        if endpoint == "runs/log-batch":
+            batches[0] += 1
+            if batches[0] == 4:  # two of params went, then one chunk of metrics
+                return 503, {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "once"}
+        return apply(endpoint, body, query)
+
+    server.apply = second_batch_fails_once
+    tracker.params(run, {f"p{i}": i for i in range(150)})
+    tracker.log(run, {f"m{i}": float(i) for i in range(1500)}, step=3)
+    assert tracker.flush(10.0) and batches[0] > 4
+    bodies = [b for e, b in server.applied if e == "runs/log-batch"]
+    metrics = [m["key"] for b in bodies for m in b.get("metrics", [])]
+    params = [p["key"] for b in bodies for p in b.get("params", [])]
+    assert sorted(metrics) == sorted(f"m{i}" for i in range(1500))  # each once
+    assert sorted(params) == sorted(f"p{i}" for i in range(150))
+    assert all(len(b.get("metrics", [])) <= BATCH_LIMITS["metrics"]
+               and len(b.get("params", [])) <= BATCH_LIMITS["params"] for b in bodies)
