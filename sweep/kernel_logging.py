@@ -29,9 +29,10 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     trajectory's run (``trajectory_runs`` by data mode) and the distances between them on the
     trial run ``run`` (``kernel/cross/<modes>/distance``). The kernel files at the switch
     points and the last checkpoint (the kernels phase 2 trains with) become artifacts
-    ``kernels/`` of the trajectory runs. ``seen``: (metric, step) already logged, by run.
-    Returns the plots written under ``trial_dir`` (distance curves, one epoch-by-epoch
-    heatmap per trajectory)."""
+    ``kernels/`` of the trajectory runs. ``seen``: (metric, step) already logged, by run;
+    ``on_wait(trajectory)`` when another process holds a trajectory's lock. Returns the plots
+    written under ``trial_dir`` (distance, alignment and spectrum curves, the polar view, one
+    epoch-by-epoch heatmap per trajectory)."""
     from core.trajectory_kernels import (
         compute_trajectory_kernels,
         cross_trajectory_distances,
@@ -108,10 +109,10 @@ def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
                            trials: Collection[str]) -> list[Path]:
     """Kernel distances between the sweep's trajectories, on the parent run: for every pair
     of trajectories (data mode x seed) of one phase-1 configuration, S(K^a_t, K^b_t) at their
-    common checkpoints as ``kernel/cross/<mode><seed>-<mode><seed>/distance`` (step = epoch x
-    1000, a configuration prefix when the sweep varies it), and one matrix plot per
-    configuration at the last common epoch. Seed vs seed shows how much of a kernel's
-    evolution is the data mode rather than the initialisation."""
+    common checkpoints as ``kernel/cross/<mode><seed>-<mode><seed>/distance`` (step: the
+    checkpoint's training step; a configuration prefix when the sweep varies it), and one
+    matrix plot per configuration at the last common epoch. Seed vs seed shows how much of a
+    kernel's evolution is the data mode rather than the initialisation."""
     from core.trajectory_kernels import cross_trajectory_distances
     from sweep.plots import heatmap_plot
 

@@ -138,6 +138,12 @@ class TrialReporter:
     def progress(self) -> float:
         return min(self.steps_done / self.steps_planned, 0.999) if self.steps_planned else 0.0
 
+    def standing(self) -> dict[str, Any]:
+        """What every report to Tune carries: progress, models evaluated so far (ASHA's time
+        axis) and the running means of their metrics."""
+        return {"progress": self.progress(), "models_evaluated": len(self.rows),
+                **summary_metrics(self.rows)}
+
     def on_plan(self, steps: int) -> None:
         self.steps_planned = steps
 
@@ -166,9 +172,8 @@ class TrialReporter:
             f"/t={stage.switch_step / max(self.phase1_spe, 1):g}" if stage.phase == 2 else "")
         self.heartbeat(name, epoch)
         self.tracker.save_pending(self.pending_file)  # undelivered writes survive a kill
-        _report({"stage": name, "epoch": epoch, "progress": self.progress(),
-                 "train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
-                 "models_evaluated": len(self.rows), **summary_metrics(self.rows)})
+        _report({"stage": name, "epoch": epoch, "train_loss": metrics["loss"],
+                 "train_accuracy": metrics["accuracy"], **self.standing()})
 
     def on_result(self, r: dict[str, Any]) -> None:
         self.rows.append(r)
@@ -188,16 +193,14 @@ class TrialReporter:
             run = self.trajectory_runs[r["code"][0]]
             self.tracker.log(run, {"switch_rule_epoch": r["switch_epoch"]}, skip=self.skip(run))
         self.tracker.save_pending(self.pending_file)
-        _report({"models_evaluated": len(self.rows), "progress": self.progress(),
-                 **summary_metrics(self.rows)})
+        _report(self.standing())
 
     def on_wait(self, trajectory: Trajectory) -> None:
         """Another trial holds ``trajectory`` (training it, or computing its kernels): say so
         (heartbeat, Tune: the driver prints it) before waiting."""
         what = f"trajectory {trajectory.mode} seed {trajectory.seed} ({trajectory.id})"
         self.heartbeat(f"waiting for {what}", 0)
-        _report({"waiting_for": what, "progress": self.progress(),
-                 "models_evaluated": len(self.rows), **summary_metrics(self.rows)})
+        _report({"waiting_for": what, **self.standing()})
 
     def on_trajectory(self, trajectory: Trajectory, history: list[dict[str, float]]) -> None:
         """Phase 1 of ``trajectory`` is complete: its stored epoch history completes the
@@ -227,8 +230,7 @@ class TrialReporter:
             tracker.artifact(run, self.directory / name)
         if self.cfg.kernel.enabled:
             self.heartbeat("kernels", 0)
-            _report({"stage": "kernels", "computing_kernels": 1, "progress": self.progress(),
-                     "models_evaluated": len(self.rows), **summary_metrics(self.rows)})
+            _report({"stage": "kernels", "computing_kernels": 1, **self.standing()})
             for path in log_kernels(tracker, run, self.trajectory_runs, self.cfg,
                                     self.trajectories, self.directory, self.seen,
                                     on_wait=self.on_wait):
@@ -273,10 +275,11 @@ def _start_runs(tracker: Tracker, ctx: dict[str, Any], cfg: ExperimentConfig, tr
     store = TrajectoryStore(ctx["out"])
     modes = sorted({*cfg.phase1_modes, *([cfg.eval.reference] if cfg.eval.reference else [])})
     trajectories = [store.get(cfg, mode, seed) for mode in modes]
-    tags = {KIND: TRIAL, VARIANT_TAG: format_variant(values), "trial_id": trial_id,
+    variant = format_variant(values)
+    tags = {KIND: TRIAL, VARIANT_TAG: variant, "trial_id": trial_id,
             "ray_node": ray.get_runtime_context().get_node_id(), **provenance()}
-    run = tracker.start(ctx["experiment_id"], trial_name(format_variant(values), seed)[:250],
-                        tags, parent=ctx["parent_run"])
+    run = tracker.start(ctx["experiment_id"], trial_name(variant, seed)[:250], tags,
+                        parent=ctx["parent_run"])
     tracker.params(run, {**flat_params(cfg), "seed": seed, "trial_id": trial_id})
     runs = {"run_id": run, "trajectories": {}}
     for t in trajectories:
