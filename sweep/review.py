@@ -29,6 +29,7 @@ from sweep.layout import (
 from sweep.mlflow_runs import KIND, MODEL_KINDS, PARENT_TAG, SWEEP, TRAJECTORY, TRIAL, VARIANT_TAG
 from sweep.space import SweepSpace
 
+MODEL_PARAMS = ("seed", "code", "dynamics", "switch_epoch")  # what a report reads of a model run
 SWEEP_STATE_KEYS = {"name": str, "space": dict, "storage": str, "tracking_uri": str,
                     "experiment_id": str, "parent_run": str}
 
@@ -153,6 +154,13 @@ def mlflow_rows(tracking_uri: str, experiment: str, parent_run: str | None = Non
     rows = []
     for (trial, _), r in sorted(latest.items()):
         params, metrics = r.data.params, r.data.metrics
+        missing = [k for k in MODEL_PARAMS if k not in params]
+        if missing:
+            raise ConfigError(
+                f"MLflow run {r.info.run_id} ({r.info.run_name}) of experiment {experiment!r} "
+                f"has no param {', '.join(missing)}: it was logged by an ntk-sweep before the "
+                "params layout (2026-11-26); rebuild its summary from the sweep's files "
+                "(summary.md, 'ntk-sweep claims OUT') instead")
         rows.append({"variant": variants[trial],
                      "seed": int(params["seed"]), "code": params["code"],
                      "dynamics": params["dynamics"],

@@ -331,3 +331,23 @@ def test_a_batch_beyond_mlflow_limits_resumes_where_a_failure_stopped_it(fake_ml
     assert sorted(params) == sorted(f"p{i}" for i in range(150))
     assert all(len(b.get("metrics", [])) <= BATCH_LIMITS["metrics"]
                and len(b.get("params", [])) <= BATCH_LIMITS["params"] for b in bodies)
+
+
+def test_a_report_of_runs_logged_before_the_params_layout_names_the_run(tmp_path):
+    """Model runs an earlier version logged with tags instead of params: the report stops with
+    an error naming the run and what it lacks, not a KeyError."""
+    from core.config import ConfigError
+    from sweep.review import mlflow_rows
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old")
+    parent = client.create_run(exp, run_name="old sweep", tags={"kind": "sweep"}).info.run_id
+    trial = client.create_run(exp, run_name="t", tags={"kind": "trial", PARENT_TAG: parent})
+    client.set_terminated(trial.info.run_id)
+    old = client.create_run(exp, run_name="CC t=1 seed 0", tags={
+        "kind": "switch_run", PARENT_TAG: trial.info.run_id, "code": "CC", "seed": "0",
+        "dynamics": "centered", "switch_epoch": "1"})
+    with pytest.raises(ConfigError, match=f"MLflow run {old.info.run_id} \\(CC t=1 seed 0\\) "
+                       "of experiment 'old' has no param seed, code, dynamics, switch_epoch"):
+        mlflow_rows(uri, "old", parent)
