@@ -85,7 +85,7 @@ bench: install
 	$(BIN)/python benchmarks/attack.py --quick
 	$(BIN)/python benchmarks/evaluate.py --quick
 	$(BIN)/python benchmarks/ntk.py --quick
-	$(BIN)/python benchmarks/sweep.py --quick
+	$(BIN)/python benchmarks/quickstart.py --quick
 
 # The GPU check (benchmarks/gpu.py, core/ only) on a machine with jax and CUDA but no network:
 # `make gpu-wheels` here downloads the small pure-Python wheels it needs into .gpu-wheels/;

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--iters", type=int, default=100)
     args = parser.parse_args()
-    # (benchmarks/sweep.py shadows the sweep package here: the file is read directly)
+    # the run directory's results.json, read directly
     results = json.loads((args.run_dir / "results.json").read_text())
     cfg = config_from_dict(results["config"])
     ctx = make_context(cfg, args.run_dir)

@@ -59,6 +59,7 @@ from core.trajectory_store import (
     checkpoint_steps,
     epoch_to_step,
 )
+from core.workload import experiment_work
 
 LOG = logging.getLogger("ntk_sweep")
 
@@ -527,16 +528,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
 
 def planned_steps(cfg: ExperimentConfig, n_train: int) -> int:
     """Minibatch steps of the whole experiment, for progress bars."""
-    spe1 = n_train // cfg.phase1.batch_size
-    spe2 = n_train // cfg.phase2.batch_size
-    modes = set(cfg.phase1_modes) | ({cfg.eval.reference} if cfg.eval.reference else set())
-    phase1 = len(modes) * epoch_to_step(cfg.phase1_epochs, spe1)
-    switches = len(cfg.switch_points) + (cfg.switch_rule is not None)
-    runs = len(cfg.codes) * switches
-    if 0 in cfg.switch_points:  # computed once per phase-2 loader (``_InitialRuns``)
-        runs -= len(cfg.codes) - len({c[1:] for c in cfg.codes})
-    phase2 = runs * epoch_to_step(cfg.phase2.epochs, spe2)
-    return len(cfg.seeds) * (phase1 + phase2)
+    return experiment_work(cfg, n_train).steps
 
 
 def make_context(cfg: ExperimentConfig, out: Path, hooks: Hooks | None = None,

@@ -78,9 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", default=None, help="output directory (default runs/<name>)")
     _add_set(exp, "override a field, e.g. --set phase1.epochs=3")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
-    val = sub.add_parser("validate", help="validate an experiment config and exit")
+    val = sub.add_parser("validate", help="validate an experiment or sweep definition and exit")
     val.add_argument("config")
     _add_set(val)
+    val.add_argument("--estimate", action="store_true",
+                     help="also estimate the run's time on this machine by timing its programs "
+                     "once (imports JAX; seconds to a minute)")
     ker = sub.add_parser("kernel", help="empirical NTKs of an experiment's phase-1 checkpoints")
     ker.add_argument("run_dir", help="an experiment's output directory")
     _add_set(ker, "kernel settings, e.g. --set kernel.probe_size=100")
@@ -95,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("space", help="a sweep YAML file, or the name of a shipped one")
     run.add_argument("--out", default=None, help="output directory (default runs/<name>)")
     _add_set(run, "override a field, e.g. --set phase2.epochs=3")
+    run.add_argument("--trials", action="store_true",
+                     help="also show a table of the trials (state, values, stage, progress) "
+                     "every 30 s and at the end")
     res = sub.add_parser("resume", help="finish an interrupted sweep (finished trials are kept)")
     res.add_argument("out", help="the sweep's output directory (holds sweep.json)")
     sta = sub.add_parser("status", help="the trials of a sweep: state, progress, metrics")
@@ -279,7 +285,6 @@ def _claims_of_run(out: Path) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-
     try:
         path = resolve(args.config)
         raw = read_config_file(path, args.overrides)
@@ -288,12 +293,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"{args.config}: valid sweep, {space.trial_count()} trials over "
                   f"{', '.join(space.distributions) or 'no distributions'}")
             print("\n".join(space.describe()))
-            return 0
-        cfg = _load(args.config, args.overrides)
+        else:
+            cfg = _load(args.config, args.overrides)
+            print(f"{args.config}: valid ({cfg.name}: codes {', '.join(cfg.codes)}, "
+                  f"switch points {list(cfg.switch_points)}, seeds {list(cfg.seeds)})")
+            space = None
     except ConfigError as e:
         return _fail(str(e))
-    print(f"{args.config}: valid ({cfg.name}: codes {', '.join(cfg.codes)}, "
-          f"switch points {list(cfg.switch_points)}, seeds {list(cfg.seeds)})")
+    if not args.estimate:
+        if space is not None:
+            print("  (--estimate: its time on this machine)")
+        return 0
+    from core import estimate
+
+    def log(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    try:
+        est = (estimate.for_experiment(cfg, log) if space is None
+               else estimate.for_sweep(space.configs(), space.trial_count(), log))
+    except DataError as e:
+        return _fail(str(e))
+    print("\n".join(estimate.describe(est)))
     return 0
 
 
@@ -352,7 +373,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from sweep.runner import run_sweep
 
-    return _finished(out, lambda: run_sweep(space, out))
+    return _finished(out, lambda: run_sweep(space, out, trial_rows=args.trials))
 
 
 def _finished(out: Path, sweep) -> int:
