@@ -6,20 +6,30 @@ import time
 
 from ray.tune import Callback
 from rich.console import Console
+from rich.table import Table
+
+from sweep.layout import CONTEXT_KEY, format_variant
 
 # Module level: Tune pickles its callbacks, and a Console holds a lock.
 CONSOLE = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
 
 
+ROWS_EVERY_S = 30.0  # the per-trial table (``ntk-sweep run --trials``), at most this often
+
+
 class SweepProgress(Callback):
     """Progress lines on stderr: trials done and failed, the best finished trial on the
     sweep's metric, and an ETA from the share of planned training steps done (at most every
-    10 s, and whenever a trial ends)."""
+    10 s, and whenever a trial ends). With ``rows``, also a table of the trials (state,
+    swept values and seed, stage, progress, the metric so far) every ``ROWS_EVERY_S`` and
+    when the sweep ends, like Tune's own reporter."""
 
-    def __init__(self, trials: int, models: int, metric: str, mode: str):
+    def __init__(self, trials: int, models: int, metric: str, mode: str, rows: bool = False):
         """``trials`` of the sweep, ``models`` evaluated per trial; ``metric`` and ``mode``
-        as in the sweep settings."""
+        as in the sweep settings; ``rows``: print the per-trial table."""
         self.trials, self.models, self.metric, self.mode = trials, models, metric, mode
+        self.rows, self.rows_last = rows, 0.0
+        self.latest: dict[str, dict] = {}  # each trial's last report
         self.start, self.last = time.monotonic(), 0.0
         self.progress: dict[str, float] = {}
         self.best: tuple[float, str] | None = None
@@ -31,6 +41,7 @@ class SweepProgress(Callback):
         if result.get("waiting_for"):
             CONSOLE.print(f"[sweep] trial {trial.trial_id} waits for {result['waiting_for']}: "
                           "another trial holds it")
+        self.latest.setdefault(trial.trial_id, {}).update(result)
         if result.get("computing_kernels"):
             self.kernels.add(trial.trial_id)
         if result.get("finished"):
@@ -54,6 +65,35 @@ class SweepProgress(Callback):
     def on_step_end(self, iteration, trials, **info):
         """Tune's control loop: a line at least every 10 s, also while no trial reports."""
         self._line(force=False)
+        if self.rows and time.monotonic() - self.rows_last >= ROWS_EVERY_S:
+            self.rows_last = time.monotonic()
+            CONSOLE.print(self.table(trials))
+
+    def on_experiment_end(self, trials, **info):
+        if self.rows:
+            CONSOLE.print(self.table(trials))
+
+    def table(self, trials) -> Table:
+        """One row per trial: id, Tune's state, swept values and seed, the stage it is in,
+        its progress, the running mean of the sweep's metric over its evaluated models."""
+        table = Table(title=f"trials ({self.metric}: running mean over evaluated models)",
+                      title_justify="left", box=None, pad_edge=False)
+        for column in ("trial", "state", "variant", "seed", "stage", "progress", self.metric):
+            table.add_column(column, justify="right" if column in ("progress", self.metric)
+                             else "left")
+        for t in trials:
+            config = {k: v for k, v in t.config.items() if k != CONTEXT_KEY}
+            last = self.latest.get(t.trial_id, {})
+            done = self.progress.get(t.trial_id, 0.0)
+            value = last.get(self.metric)
+            stage = "kernels" if t.trial_id in self.kernels else last.get("stage", "-")
+            seeds = config.get("seeds", t.config.get(CONTEXT_KEY, {}).get("base", {})
+                               .get("seeds", "-"))
+            table.add_row(t.trial_id, str(t.status).lower(), format_variant(config) or "-",
+                          ", ".join(map(str, seeds)) if isinstance(seeds, list | tuple)
+                          else str(seeds), stage, f"{100 * done:.0f} %",
+                          "-" if value is None else f"{value:.4f}")
+        return table
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.progress[trial.trial_id] = 1.0

@@ -88,8 +88,10 @@ def _allow_reports_without_metric(space: SweepSpace) -> None:
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
 
 
-def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dict[str, Any]]:
-    """Runs every trial of ``space``; returns one record per trial (config values, metrics).
+def run_sweep(space: SweepSpace, out: Path, name: str | None = None,
+              trial_rows: bool = False) -> list[dict[str, Any]]:
+    """Runs every trial of ``space``; returns one record per trial (config values, metrics);
+    ``trial_rows``: the progress shows a table of the trials every 30 s (``SweepProgress``).
 
     Writes ``<out>/sweep.json`` first (the space, the MLflow parent run, the Tune experiment),
     so that ``resume_sweep`` can finish an interrupted sweep.
@@ -130,7 +132,7 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None) -> list[dic
                 num_samples=settings.num_samples, scheduler=scheduler,
                 max_concurrent_trials=settings.max_concurrent_trials or None,
             ),
-            run_config=_run_config(space, name, state["storage"]),
+            run_config=_run_config(space, name, state["storage"], trial_rows),
         )
     except BaseException:
         tracker.end(parent, "FAILED")
@@ -162,7 +164,7 @@ def _trainable(space: SweepSpace):
     return tune.with_resources(trial, {"cpu": resources.cpus, "gpu": resources.gpus})
 
 
-def _run_config(space: SweepSpace, name: str, storage: str):
+def _run_config(space: SweepSpace, name: str, storage: str, trial_rows: bool = False):
     from ray import tune
 
     from sweep.progress import SweepProgress
@@ -171,7 +173,7 @@ def _run_config(space: SweepSpace, name: str, storage: str):
         name=name, storage_path=storage, verbose=0,
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         callbacks=[SweepProgress(space.trial_count(), space.models_per_trial(),
-                                 space.settings.metric, space.settings.mode)],
+                                 space.settings.metric, space.settings.mode, trial_rows)],
     )
 
 

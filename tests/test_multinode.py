@@ -4,6 +4,7 @@ through ``RAY_ADDRESS`` and logs through the server, as on Kubernetes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import psycopg2
@@ -28,13 +29,18 @@ def test_sweep_on_two_ray_nodes_logs_to_postgres_backed_mlflow(tmp_path):
         temp = env["RAY_TMPDIR"]
         assert len(processes_mentioning(f"{temp}/")) > 0  # the cluster is up
         done = subprocess.run(
-            [str(BIN / "ntk-sweep"), "run", str(path), "--out", str(tmp_path / "out")],
+            [str(BIN / "ntk-sweep"), "run", str(path), "--out", str(tmp_path / "out"),
+             "--trials"],
             env={**env, "MLFLOW_TRACKING_URI": uri, "NTK_SWEEP_STORAGE": ""},
             capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         assert "2 trials, 0 failed" in done.stdout
         for noise in QUIET:
             assert noise not in done.stdout + done.stderr, noise
+        # --trials: the table at the end has both trials, finished, at 100 %.
+        rows = [line.split() for line in done.stderr.splitlines()
+                if re.match(r"^[0-9a-f]{5}_0000[01] ", line)]
+        assert len(rows) >= 2 and all(r[1] == "terminated" and "100" in r for r in rows[-2:])
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("cluster-sweep")

@@ -184,3 +184,30 @@ def test_damaged_sweep_state_exits_2_naming_the_file(tmp_path, capsys, content, 
         assert main([command, str(tmp_path)]) == 2, command
         err = capsys.readouterr().err
         assert f"{tmp_path}/sweep.json" in err and message in err, (command, err)
+
+
+def test_trial_rows_show_each_trial_state_values_stage_and_progress():
+    """``run --trials``: a table of the trials, as Tune's reporter shows it, from what the
+    trials reported: state, swept values, seed, stage (kernels while it computes them),
+    progress and the running metric; a trial that has not reported shows dashes."""
+    from ray.tune.experiment import Trial
+    from rich.console import Console
+
+    from sweep.layout import CONTEXT_KEY
+    from sweep.progress import SweepProgress
+
+    context = {CONTEXT_KEY: {"base": {"seeds": [0]}}}
+    trials = [Trial("trial", config={"phase2.lr": lr, **context}, stub=True)
+              for lr in (0.01, 0.1)]
+    progress = SweepProgress(trials=2, models=4, metric="robust_linf", mode="max", rows=True)
+    progress.on_trial_result(0, trials, trials[0], {
+        "stage": "phase2/AC/s0/t=1", "progress": 0.5, "robust_linf": 0.25})
+    progress.on_trial_result(0, trials, trials[1], {"computing_kernels": 1, "progress": 0.9})
+    console = Console(width=200, record=True)
+    console.print(progress.table(trials))
+    lines = console.export_text().splitlines()
+    first = next(line for line in lines if line.startswith(trials[0].trial_id)).split()
+    assert first == [trials[0].trial_id, "pending", "phase2.lr=0.01", "0", "phase2/AC/s0/t=1",
+                     "50", "%", "0.2500"]
+    second = next(line for line in lines if line.startswith(trials[1].trial_id)).split()
+    assert second[3:] == ["0", "kernels", "90", "%", "-"]
