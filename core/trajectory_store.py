@@ -17,6 +17,10 @@ dtype), so kernels of other settings never mix.
 
 This module imports neither JAX nor orbax (the checkpoint store is opened lazily): the CLI
 uses it to estimate storage and resolve ids without loading JAX.
+
+The lock is only as good as the filesystem's ``flock``: a sweep calls ``check_locking`` on its
+store before it starts (a shared volume whose locks do not reach other processes or nodes,
+such as NFSv3 mounted without lockd, is refused rather than risk two writers).
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import fcntl
 import hashlib
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,11 @@ if TYPE_CHECKING:
 RECORD = "trajectory.json"
 CHECKPOINTS = "checkpoints"
 KERNELS = "kernels"
+
+LOCK_PROBE = ".lock-probe"
+NFS_LOCAL_LOCKS = ("nolock", "local_lock=flock", "local_lock=all")
+"""NFS mount options under which the client keeps flock locks to itself (other nodes never
+see them): ``nolock`` is how NFSv3 is mounted where the server runs no lockd."""
 
 NEW_ATTACK_FIELDS = {"schedule": "fixed"}
 """AttackSpec fields newer than the first stored trajectories, with their defaults: left out
@@ -201,6 +214,96 @@ class TrajectoryStore:
         meta = json.loads(path.read_text())
         return Trajectory(meta["id"], meta["mode"], meta["seed"], Path(directory),
                           config_from_dict(meta["config"], str(path)))
+
+
+class LocksNotEnforced(RuntimeError):
+    """``flock`` in a store does not keep a second writer out (the message says where, why
+    and what to do)."""
+
+
+# Run in a second process: exit 0 if the probe file's lock is refused, 1 if granted, 2 if
+# flock fails (the error on stdout).
+_SECOND_LOCKER = """
+import fcntl, sys
+with open(sys.argv[1], "a") as f:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(0)
+    except OSError as e:
+        print(e.strerror)
+        sys.exit(2)
+sys.exit(1)
+"""
+
+
+def _unescape(field: str) -> str:
+    """A /proc/self/mountinfo path field (spaces and the like are octal escapes)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def local_only_locks(directory: Path, mountinfo: str) -> str | None:
+    """The NFS mount holding ``directory`` and its option that keeps locks on this node
+    (``NFS_LOCAL_LOCKS``), or None; ``mountinfo`` is the text of /proc/self/mountinfo."""
+    path, best = str(Path(directory).resolve()), None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields:
+            continue
+        dash = fields.index("-")
+        point, fstype = _unescape(fields[4]), fields[dash + 1]
+        options = set(fields[5].split(",")) | set(fields[dash + 3].split(","))
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > len(best[0])):
+            best = (point, fstype, options)
+    if best is None or not best[1].startswith("nfs"):
+        return None
+    local = sorted(best[2] & set(NFS_LOCAL_LOCKS))
+    return f"{best[1]} mount {best[0]} with {local[0]}" if local else None
+
+
+def check_locking(directory: str | Path, timeout_s: float = 30.0,
+                  mountinfo: Path = Path("/proc/self/mountinfo")) -> None:
+    """Raises ``LocksNotEnforced`` unless ``flock`` keeps a second writer out in
+    ``directory`` (created if missing), as ``Trajectory.lock`` needs: an exclusive lock on a
+    probe file there must make a second process's non-blocking lock fail, and the directory
+    must not be on an NFS mount whose locks stay on this node (``local_only_locks``).
+
+    A probe from one node sees one node: it catches a filesystem that ignores or refuses
+    locks (ENOLCK: NFSv3 whose lockd is unreachable) and a mount that keeps them local, not a
+    server that grants conflicting locks to two clients."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / LOCK_PROBE
+    advice = ("trials sharing a trajectory would train it at once and could damage it. Use "
+              "a volume whose locks work across nodes (NFSv4, CephFS, or NFSv3 with lockd "
+              "and without 'nolock'), or a one-node cluster with a ReadWriteOnce volume")
+    try:
+        with open(probe, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            second = subprocess.run([sys.executable, "-c", _SECOND_LOCKER, str(probe)],
+                                    capture_output=True, text=True, timeout=timeout_s)
+    except OSError as e:
+        raise LocksNotEnforced(f"{directory}: flock fails here ({e.strerror}): {advice}") from e
+    except subprocess.TimeoutExpired:
+        raise LocksNotEnforced(f"{directory}: a second lock did not answer in {timeout_s:g} "
+                               f"s (flock hangs): {advice}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    if second.returncode == 1:
+        raise LocksNotEnforced(f"{directory}: flock is not enforced here (a second process "
+                               f"got the lock this one held): {advice}")
+    if second.returncode != 0:
+        raise LocksNotEnforced(f"{directory}: flock fails here for a second process "
+                               f"({second.stdout.strip() or second.stderr.strip()}): {advice}")
+    try:
+        mounts = mountinfo.read_text()
+    except OSError:
+        return  # not Linux: nothing more to learn
+    if local := local_only_locks(directory, mounts):
+        raise LocksNotEnforced(f"{directory}: on an {local}, so other nodes never see its "
+                               f"locks: {advice}")
 
 
 def is_trajectory(directory: Path) -> bool:

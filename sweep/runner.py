@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.config import RESULT_METRICS, ConfigError
+from core.trajectory_store import LocksNotEnforced, TrajectoryStore, check_locking
 from sweep.claims import claim_tags
 from sweep.kernel_logging import log_cross_trajectories
 from sweep.layout import (
@@ -101,6 +102,7 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None,
 
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
+    _check_locks(out)
     settings = space.settings
     name = name or space.base.get("name") or "sweep"
     tracker = Tracker(tracking_uri(out))
@@ -138,6 +140,15 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None,
         tracker.end(parent, "FAILED")
         raise
     return _finish(tuner, space, out, tracker, parent)
+
+
+def _check_locks(out: Path) -> None:
+    """Refuses (SweepInterrupted, printed by the CLI) to start trials whose trajectory locks
+    would not keep each other out: the store's flock is probed first (issue 16)."""
+    try:
+        check_locking(TrajectoryStore(out).directory)
+    except LocksNotEnforced as e:
+        raise SweepInterrupted(str(e)) from None
 
 
 def _log_sweep_definition(tracker: Tracker, parent: str, space: SweepSpace, out: Path) -> None:
@@ -190,6 +201,7 @@ def resume_sweep(out: Path) -> tuple[SweepSpace, list[dict[str, Any]]]:
 
     out = out.absolute()
     state, space = resumable_sweep(out)  # checked: ConfigError naming the file and the problem
+    _check_locks(out)
     tracker = Tracker(state["tracking_uri"], existing=True)
     tracker.reopen(state["parent_run"])
     _allow_reports_without_metric(space)

@@ -10,14 +10,21 @@ beyond this is not tested (README, "Running on Kubernetes")."""
 from __future__ import annotations
 
 import copy
+import errno
+import fcntl
 import json
+import re
 import subprocess
+from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
+from core.config import read_config_file
+from core.trajectory_store import LOCK_PROBE, LocksNotEnforced, check_locking, local_only_locks
+from search_spaces import resolve
 from sweep.cli import main
 from sweep.k8s import RAY_AUTH_SECRET, dump, render_sweep
 from tests.k8s_checks import (
@@ -382,6 +389,78 @@ def test_broken_network_policies_fail_the_model():
     # Today's main (no policies at all): every pod reaches everything.
     assert access([d for d in docs if d["kind"] != "NetworkPolicy"])[("postgres", 5432)] == {
         "head", "worker", "submitter", "mlflow", "postgres", "stranger", "impostor", "operator"}
+
+
+# -- the shared volume's locks --------------------------------------------------------------
+
+def test_flock_probe_passes_where_locks_work(tmp_path):
+    store = tmp_path / "out" / "trajectories"
+    check_locking(store)  # a local filesystem: a second process is refused the lock
+    assert store.is_dir() and not (store / LOCK_PROBE).exists()
+
+
+def test_flock_probe_refuses_a_filesystem_that_ignores_or_refuses_locks(tmp_path,
+                                                                        monkeypatch):
+    """No filesystem here ignores flock or answers ENOLCK, so this process's flock is made to
+    (the second process is real and takes the lock for real)."""
+    monkeypatch.setattr(fcntl, "flock", lambda f, op: None)  # granted, enforced nowhere
+    with pytest.raises(LocksNotEnforced, match=re.escape(f"{tmp_path}: flock is not enforced")):
+        check_locking(tmp_path)
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # NFSv3 whose lockd does not answer
+    with pytest.raises(LocksNotEnforced, match="No locks available"):
+        check_locking(tmp_path)
+    assert not (tmp_path / LOCK_PROBE).exists()
+
+
+NFS_LINE = ("871 30 0:95 / {point} rw,relatime shared:420 - {fs} 10.0.0.2:/export "
+            "rw,vers={vers},rsize=1048576,{lock},proto=tcp,addr=10.0.0.2")
+
+
+def test_an_nfs_mount_whose_locks_stay_on_this_node_is_refused(tmp_path):
+    def mountinfo(point: str, fs: str = "nfs", vers: str = "3", lock: str = "nolock") -> str:
+        root = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw"
+        return root + "\n" + NFS_LINE.format(point=point, fs=fs, vers=vers, lock=lock)
+
+    volume = Path("/mnt/ntk-sweep")
+    assert local_only_locks(volume / "runs", mountinfo("/mnt/ntk-sweep")) == \
+        "nfs mount /mnt/ntk-sweep with nolock"
+    assert local_only_locks(volume, mountinfo("/mnt/ntk-sweep", lock="local_lock=all")) == \
+        "nfs mount /mnt/ntk-sweep with local_lock=all"
+    assert local_only_locks(volume, mountinfo("/mnt/ntk-sweep", "nfs4", "4.1",
+                                              "local_lock=none")) is None
+    assert local_only_locks(Path("/mnt/other"), mountinfo("/mnt/ntk-sweep")) is None
+    assert local_only_locks(Path("/mnt/ntk-sweep2"), mountinfo("/mnt/ntk-sweep")) is None
+    spaced = mountinfo("/mnt/my\\040volume")  # mountinfo escapes a space as \040
+    assert local_only_locks(Path("/mnt/my volume/x"), spaced) == \
+        "nfs mount /mnt/my volume with nolock"
+    # The probe reads the mount table: this directory on such a mount is refused.
+    table = tmp_path / "mountinfo"
+    table.write_text(mountinfo(str(tmp_path.resolve())))
+    with pytest.raises(LocksNotEnforced, match="other nodes never see its locks"):
+        check_locking(tmp_path / "trajectories", mountinfo=table)
+
+
+def test_a_sweep_refuses_to_start_on_a_volume_without_locks(tmp_path, monkeypatch):
+    """Before the MLflow parent run, sweep.json or Ray: the CLI prints the message."""
+    from sweep import runner
+    from sweep.space import parse_space
+
+    def no_ray(settings=None):
+        raise AssertionError("Ray was started on a volume without locks")
+
+    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    monkeypatch.setattr(runner, "Tracker", lambda *a, **k: pytest.fail("MLflow was opened"))
+    monkeypatch.setattr(fcntl, "flock", lambda f, op: None)
+    path = resolve("quickstart")
+    space = parse_space(read_config_file(path), str(path))
+    where = re.escape(f"{tmp_path / 'trajectories'}: flock")
+    with pytest.raises(runner.SweepInterrupted, match=where):
+        runner.run_sweep(space, tmp_path)
+    assert not (tmp_path / "sweep.json").exists()
 
 
 # -- ntk-sweep k8s render --------------------------------------------------------------------
