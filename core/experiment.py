@@ -542,7 +542,27 @@ def make_context(cfg: ExperimentConfig, out: Path, hooks: Hooks | None = None,
         data.x_test[:n_test], data.y_test[:n_test],
         make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs()), out,
         hooks or Hooks(), TrajectoryStore(store_root if store_root is not None else out),
+        _programs(cfg, len(data.y_train)),
     )
+
+
+# Jitted programs by what they are built from, kept across the experiments of a process (the
+# trials a reused Ray worker runs, switch points and seeds of one config): a program is traced
+# and compiled once per process instead of once per experiment. The last PROGRAM_SETS configs.
+PROGRAM_SETS = 4
+_PROGRAMS: dict[str, dict[str, Any]] = {}
+
+
+def _programs(cfg: ExperimentConfig, n_train: int) -> dict[str, Any]:
+    """The programs of experiments whose programs are those of ``cfg``: every input of the
+    closures ``_phase_steps``, ``_evaluator``, ``_transfer``, ``craft`` and ``_score`` build
+    (dataset, model, phase and evaluation settings, steps per epoch through ``n_train``)."""
+    key = repr((cfg.dataset, cfg.model, cfg.phase1, cfg.phase2, cfg.eval, n_train))
+    programs = _PROGRAMS.pop(key, None) or {}
+    _PROGRAMS[key] = programs  # most recent last
+    while len(_PROGRAMS) > PROGRAM_SETS:
+        del _PROGRAMS[next(iter(_PROGRAMS))]
+    return programs
 
 
 def run_experiment(

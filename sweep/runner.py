@@ -74,6 +74,9 @@ def _init_ray(settings: SweepSettings | None = None) -> None:
     # Tune's own console output (a configuration table, a TensorBoard hint for an empty
     # directory): the sweep prints its own progress (``sweep.progress``).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's CSV, JSON and TensorBoard loggers: three files per trial, rewritten on every
+    # report, read by nothing (the trial files and MLflow hold the results; issue 15).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     if settings is not None and not os.environ.get("RAY_ADDRESS"):  # a cluster we start
         os.environ["RAY_worker_niceness"] = str(settings.worker_niceness)
@@ -133,6 +136,10 @@ def run_sweep(space: SweepSpace, out: Path, name: str | None = None,
             tune_config=tune.TuneConfig(
                 num_samples=settings.num_samples, scheduler=scheduler,
                 max_concurrent_trials=settings.max_concurrent_trials or None,
+                # A worker that finished a trial runs the next one of the same resources:
+                # imports, JAX's start and loaded programs are paid once per worker, not per
+                # trial (issue 15); a trial keeps no state in the process between runs.
+                reuse_actors=True,
             ),
             run_config=_run_config(space, name, state["storage"], trial_rows),
         )

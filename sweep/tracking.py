@@ -372,6 +372,11 @@ class Tracker:
 
         return self._retrying(read)
 
+    def find(self, experiment_id: str, tags: dict[str, str]) -> list[Any]:
+        """The runs of the experiment carrying every one of ``tags`` (read page by page)."""
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        return self._retrying(lambda: search_all(self.client, [experiment_id], where))
+
     def resume(self, run_id: str, pending: Path, others: Collection[str] = ()) -> ResumedRun:
         """Continues a trial's run (and its runs ``others``, e.g. its trajectories') after a
         retry or restore: marks them running, delivers the writes an earlier attempt saved in

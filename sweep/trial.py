@@ -43,6 +43,7 @@ from sweep.layout import (
 )
 from sweep.mlflow_runs import (
     KIND,
+    PARENT_TAG,
     TRAJECTORY,
     TRIAL,
     VARIANT_TAG,
@@ -58,7 +59,7 @@ from sweep.mlflow_runs import (
 )
 from sweep.plots import figure_files
 from sweep.space import substitute
-from sweep.tracking import MAX_TAG_CHARS, ResumedRun, Tracker
+from sweep.tracking import MAX_TAG_CHARS, ResumedRun, Tracker, failpoint
 
 
 class TrialFailed(RuntimeError):
@@ -265,30 +266,48 @@ class TrialReporter:
 
 
 def _start_runs(tracker: Tracker, ctx: dict[str, Any], cfg: ExperimentConfig, trial_id: str,
-                values: dict[str, Any]) -> dict[str, Any]:
+                values: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The trial's MLflow run (a child of the sweep's) and one child run per trajectory it
     trains (its phase-1 data modes and the reference network's), then the first Tune
-    checkpoint holding their ids."""
+    checkpoint holding their ids; and whether the trial run existed already.
+
+    A trial without a Tune checkpoint may still have runs: its driver can die after the trial
+    created them and before Tune recorded the checkpoint naming them (a reused worker starts
+    a trial within milliseconds). They are found by the trial's id under the sweep's run and
+    continued, so a restored trial never makes a second trial run."""
     import ray
 
     seed = cfg.seeds[0]
     store = TrajectoryStore(ctx["out"])
     modes = sorted({*cfg.phase1_modes, *([cfg.eval.reference] if cfg.eval.reference else [])})
     trajectories = [store.get(cfg, mode, seed) for mode in modes]
-    variant = format_variant(values)
-    tags = {KIND: TRIAL, VARIANT_TAG: variant, "trial_id": trial_id,
-            "ray_node": ray.get_runtime_context().get_node_id(), **provenance()}
-    run = tracker.start(ctx["experiment_id"], trial_name(variant, seed)[:250], tags,
-                        parent=ctx["parent_run"])
+    found = tracker.find(ctx["experiment_id"], {KIND: TRIAL, "trial_id": trial_id,
+                                                PARENT_TAG: ctx["parent_run"]})
+    if found:
+        run = min(found, key=lambda r: r.info.start_time).info.run_id
+        children = tracker.find(ctx["experiment_id"], {KIND: TRAJECTORY, PARENT_TAG: run})
+        by_mode = {r.data.params.get("data_mode"): r.info.run_id
+                   for r in sorted(children, key=lambda r: -r.info.start_time)}
+    else:
+        variant = format_variant(values)
+        tags = {KIND: TRIAL, VARIANT_TAG: variant, "trial_id": trial_id,
+                "ray_node": ray.get_runtime_context().get_node_id(), **provenance()}
+        run = tracker.start(ctx["experiment_id"], trial_name(variant, seed)[:250], tags,
+                            parent=ctx["parent_run"])
+        by_mode = {}
+    # Params again where the runs existed (an attempt may have died before delivering them):
+    # the same value twice is accepted.
     tracker.params(run, {**flat_params(cfg), "seed": seed, "trial_id": trial_id})
     runs = {"run_id": run, "trajectories": {}}
     for t in trajectories:
-        runs["trajectories"][t.mode] = child = tracker.start(
+        child = by_mode.get(t.mode) or tracker.start(
             ctx["experiment_id"], trajectory_name(t.mode, seed),
             {KIND: TRAJECTORY, **provenance()}, parent=run)
+        runs["trajectories"][t.mode] = child
         tracker.params(child, trajectory_params(cfg, t.mode, seed, t.id))
+    failpoint("trial-runs-created")
     _report({"models_evaluated": 0}, runs)
-    return runs
+    return runs, bool(found)
 
 
 def trial(config: dict[str, Any]) -> None:
@@ -313,11 +332,12 @@ def trial(config: dict[str, Any]) -> None:
             tracker.flush(60.0)
             tracker.save_pending(pending)
         raise TrialFailed(read_record(directory / FAILED_STATE, {"error": str})["error"])
-    runs = _restored_runs()
-    if runs is not None:
+    runs, existed = _restored_runs(), True
+    if runs is None:
+        runs, existed = _start_runs(tracker, ctx, cfg, trial_id, values)
+    if existed:
         resumed = tracker.resume(runs["run_id"], pending, runs["trajectories"].values())
     else:
-        runs = _start_runs(tracker, ctx, cfg, trial_id, values)
         resumed = ResumedRun({}, {}, {})
     reporter = TrialReporter(tracker, runs, ctx, directory, cfg, resumed)
     directory.mkdir(parents=True, exist_ok=True)

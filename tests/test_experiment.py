@@ -235,3 +235,42 @@ def test_switch_point_zero_is_computed_once(tmp_path):
     phase2 = {(s.code, s.switch_step): c for s, c in curves.items() if s.phase == 2}
     assert phase2["AC", 0] == phase2["CC", 0] and phase2["AA", 0] == phase2["CA", 0]
     assert len(rows) == 2 * (2 + 4)
+
+
+def test_programs_are_traced_once_per_process_and_give_the_same_results(tmp_path):
+    """A second experiment with the programs of the first (a reused Ray worker's next trial,
+    say) lowers none of them again (``jax.monitoring``'s lowering events, one per program
+    built for compilation) and gets the results of a process that built them afresh; another
+    learning rate gets its own programs."""
+    import jax
+
+    import core.experiment
+
+    def strip(rows):  # NaN (no L2 attack, no transfer) compares unequal to itself
+        return [{k: None if v != v else v for k, v in r.items() if k != "seconds"}
+                for r in rows]
+
+    traces: list[str] = []
+
+    def listen(event: str, seconds: float, **kwargs) -> None:
+        if event.endswith("jaxpr_to_mlir_module_duration"):
+            traces.append(event)
+
+    cfg = _cfg(codes=["CC", "AC"], switch_points=[0, 1])
+    programs = getattr(core.experiment, "_PROGRAMS", {})  # the process's programs
+    programs.clear()
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        first = run_experiment(cfg, tmp_path / "a")
+        traced_first = len(traces)
+        again = run_experiment(cfg, tmp_path / "b")  # new trajectories: trains all again
+        assert traced_first > 0 and len(traces) == traced_first, traces[traced_first:]
+        assert strip(again) == strip(first)
+        other = _cfg(codes=["CC", "AC"], switch_points=[0, 1],
+                     phase2={**BASE["phase2"], "lr": 0.5})
+        changed = run_experiment(other, tmp_path / "c")
+        assert len(traces) > traced_first  # its phase-2 step bakes in another learning rate
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    programs.clear()
+    assert strip(run_experiment(other, tmp_path / "d")) == strip(changed)

@@ -26,6 +26,11 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     # point (2 epochs), although 3 switch points x 1 code use each of them.
     assert sorted(r["phase1_epochs_trained"] for r in records) == [4, 4]
     assert all(0 <= r["robust_linf"] <= r["accuracy"] <= 1 for r in records)
+    # Tune's own loggers are off: results live in the trial files and MLflow.
+    for written_by_tune_loggers in ("progress.csv", "result.json", "events.out.tfevents.*",
+                                    "params.json", "params.pkl"):
+        assert not list(tmp_path.glob(f"ray/*/*/{written_by_tune_loggers}"))
+    assert len(list(tmp_path.glob("ray/*/*/checkpoint_*"))) == 2  # Tune's own state is there
 
     client = MlflowClient(tracking_uri(tmp_path))
     exp = client.get_experiment_by_name("tiny-sweep")
@@ -219,6 +224,41 @@ def test_ray_workers_log_to_a_real_mlflow_server(tmp_path, ray_local, monkeypatc
     assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing went to the default store
     stored = list((tmp_path / "server" / "artifacts").rglob("summary.md"))
     assert len(stored) == 3  # two trials and the sweep's parent run
+
+
+@pytest.mark.slow
+def test_a_trial_killed_after_creating_its_runs_continues_them(tmp_path):
+    """The worker dies right after the trial created its MLflow runs, before Tune recorded the
+    checkpoint naming them (a failpoint; a driver killed then leaves the same state, and a
+    reused worker starts a trial within milliseconds). The retry finds the runs by the trial's
+    id and continues them: one trial run, one run per trajectory, none left RUNNING."""
+    import ray
+
+    from sweep.tracking import FAILPOINT
+
+    marker = tmp_path / "killed"
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, runtime_env={
+        "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", FAILPOINT: f"trial-runs-created:{marker}"}})
+    try:
+        small = {**SWEEP, "name": "retry-sweep", "codes": ["CC", "AC"], "switch_rule": None,
+                 "seeds": [0], "switch_points": [0, 1], "phase1": {**SWEEP["phase1"],
+                                                                   "epochs": 1}}
+        records = run_sweep(parse_space(small), tmp_path / "out")
+    finally:
+        ray.shutdown()
+    assert marker.exists() and [r["error"] for r in records] == [""]
+    client = MlflowClient(tracking_uri(tmp_path / "out"))
+    exp = client.get_experiment_by_name("retry-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_kind: dict[str, list] = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags.get("kind"), []).append(r)
+    (trial,) = by_kind["trial"]
+    trajectories = by_kind["trajectory"]
+    assert sorted(r.data.params["data_mode"] for r in trajectories) == ["A", "C"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trajectories} == {trial.info.run_id}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert len(by_kind["switch_run"]) == 2 * 2
 
 
 @pytest.mark.slow

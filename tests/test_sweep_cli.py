@@ -76,6 +76,9 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     # Trial workers ran at nice 0 (sweep.worker_niceness), not at Ray's default of +15.
     beats = [json.loads(p.read_text()) for p in out.glob("trials/*/heartbeat.json")]
     assert beats and {b["nice"] for b in beats} == {0}
+    # One trial at a time: the trials the resumed driver ran shared one worker process
+    # (reuse_actors), so fewer worker processes than trials.
+    assert len({b["pid"] for b in beats}) < len(beats) == 3
     # Finished trials were not run again; every trial has its results now.
     for trial, mtime in finished_before.items():
         assert (out / "trials" / trial / "results.json").stat().st_mtime_ns == mtime
