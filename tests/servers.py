@@ -55,10 +55,11 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def mlflow_server(directory: Path, backend_uri: str | None = None,
-                  port: int | None = None) -> Iterator[str]:
+                  port: int | None = None, workers: int = 1) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 (SQLite backend in ``directory`` unless given), serving
-    artifacts from ``directory/artifacts``; yields its tracking URI. Started again with the
-    same directory and port, it is the same server after a restart."""
+    artifacts from ``directory/artifacts`` with ``workers`` server processes; yields its
+    tracking URI. Started again with the same directory and port, it is the same server after
+    a restart."""
     directory.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     backend_uri = backend_uri or f"sqlite:///{directory / 'mlflow.db'}"
@@ -67,7 +68,7 @@ def mlflow_server(directory: Path, backend_uri: str | None = None,
         process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
              "--backend-store-uri", backend_uri, "--serve-artifacts",
-             "--artifacts-destination", str(directory / "artifacts"), "--workers", "1"],
+             "--artifacts-destination", str(directory / "artifacts"), "--workers", str(workers)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=directory,
         )
     try:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from sweep.tracking import PARENT_TAG, Tracker
+from tests.helpers import bulk_sweep
 
 
 def test_a_child_run_an_attempt_left_empty_is_completed_not_skipped(tmp_path):
@@ -43,51 +43,6 @@ def test_a_child_run_an_attempt_left_empty_is_completed_not_skipped(tmp_path):
         assert len(client.get_metric_history(run_id, "accuracy")) == 1  # not logged twice
 
 
-def _bulk_sweep(uri: str, trials: int, children: int) -> tuple[str, str]:
-    """A sweep's runs written straight into MLflow's SQLite tables (seconds, where the client
-    would take an hour): a parent, ``trials`` finished trial runs, and under each ``children``
-    evaluated models (seed = trial, code CC, switch epochs 0..children-1) with their
-    ``accuracy`` and ``worst_linf``. Returns (experiment id, parent run id)."""
-    import uuid
-
-    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlParam, SqlRun, SqlTag
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    client = MlflowClient(uri)
-    exp = client.create_experiment("big")
-    parent = client.create_run(exp, run_name="sweep", tags={"kind": "sweep"}).info.run_id
-    runs, tags, params, metrics = [], [], [], []
-
-    def run(name: str, parent_id: str, run_tags: dict[str, str],
-            run_params: dict[str, str] | None = None) -> str:
-        rid = uuid.uuid4().hex
-        runs.append(dict(run_uuid=rid, name=name, source_type="LOCAL", source_name="",
-                         entry_point_name="", user_id="test", status="FINISHED",
-                         start_time=len(runs), end_time=len(runs), source_version="",
-                         lifecycle_stage="active", artifact_uri="", experiment_id=int(exp)))
-        tags.extend(dict(key=k, value=v, run_uuid=rid)
-                    for k, v in {PARENT_TAG: parent_id, **run_tags}.items())
-        params.extend(dict(key=k, value=v, run_uuid=rid) for k, v in (run_params or {}).items())
-        return rid
-
-    for t in range(trials):
-        trial = run(f"trial {t}", parent, {"kind": "trial"})
-        for c in range(children):
-            rid = run(f"CC t={c}", trial, {"kind": "switch_run"},
-                      {"seed": str(t), "code": "CC", "dynamics": "centered",
-                       "switch_epoch": str(c), "switch_rule": ""})
-            metrics.extend(dict(key=k, value=v, timestamp=0, step=0, is_nan=False,
-                                run_uuid=rid) for k, v in (("accuracy", 0.5),
-                                                           ("worst_linf", c / children)))
-    store = SqlAlchemyStore(uri, str(Path(uri.removeprefix("sqlite:///")).parent / "art"))
-    with store.ManagedSessionMaker() as session:
-        session.bulk_insert_mappings(SqlRun, runs)
-        session.bulk_insert_mappings(SqlTag, tags)
-        session.bulk_insert_mappings(SqlParam, params)
-        session.bulk_insert_mappings(SqlLatestMetric, metrics)
-    return exp, parent
-
-
 @pytest.mark.slow
 def test_a_report_reads_every_run_past_any_page_or_cap(tmp_path):
     """51,001 runs: more than one MLflow search answers (50,000), so a capped read truncates
@@ -95,7 +50,7 @@ def test_a_report_reads_every_run_past_any_page_or_cap(tmp_path):
     from sweep.review import mlflow_rows
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _, parent = _bulk_sweep(uri, trials=1000, children=50)
+    _, parent = bulk_sweep(uri, trials=1000, children=50)
     rows, trials, _ = mlflow_rows(uri, "big", parent)
     assert len(trials) == 1000
     assert len(rows) == 50_000
@@ -106,7 +61,7 @@ def test_children_are_read_page_by_page(tmp_path, monkeypatch):
     import sweep.tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    exp, parent = _bulk_sweep(uri, trials=1, children=23)
+    exp, parent = bulk_sweep(uri, trials=1, children=23)
     trial = next(r.info.run_id for r in MlflowClient(uri).search_runs(
         [exp], "tags.kind = 'trial'"))
     monkeypatch.setattr(sweep.tracking, "PAGE", 5)  # 23 children: five requests

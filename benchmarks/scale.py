@@ -1,0 +1,329 @@
+"""What a sweep costs per trial, and how each cost grows with the number of trials.
+
+    python benchmarks/scale.py [--quick]
+
+Runs ``ntk-sweep run`` (a subprocess, fresh output directory, local Ray and MLflow on SQLite)
+on sweeps of n tiny trials, n = 8, 32, 128 (``--quick``: 4, 8, 16), every trial its own seed
+so that no trajectory is shared, and fits each cost against n by least squares
+(cost = a + b n: b is the cost of one more trial). Costs: wall seconds; CPU seconds of the
+command and every process under it (the driver, Ray's daemons and trial workers, sampled);
+files and bytes under the output directory by part (trajectory store, trial files, Tune's
+experiment, MLflow's database and artifacts); the driver's peak resident memory.
+
+A trial's own work is measured apart, in this process: its JAX compute (``trial_compute_s``:
+each of its programs timed after compiling, times how often the trial runs it, as
+``validate --estimate`` does), and the CPU seconds of its experiment and kernels run a second
+time in one process (``trial_work_cpu_s``: compute plus checkpoints, files and Python).
+Goals:
+
+* ``overhead_cpu_s_per_trial``: per-trial CPU seconds less the JAX compute: <= 1.5;
+* ``files_per_trial``: <= 12;
+* ``compile_share_digits_experiment``: compilation (tracing, lowering, compiling or loading
+  from the persistent cache; ``jax.monitoring`` events) over the wall time of
+  ``digits-demo`` (``--quick``: 2 phase-1 epochs), in a fresh process whose compilation cache
+  a first run filled: <= 0.03;
+* ``report_reads_all_runs``: a report over 60,000 evaluated-model runs (inserted straight into
+  MLflow's tables) returns every one.
+
+Also MLflow's write throughput against a real ``mlflow server`` on PostgreSQL (both started
+here on loopback) with 1, 2 and 8 concurrent writers (the trials a node runs at once) and 1 or
+4 server workers: runs, requests and trials' worth of writes per second.
+
+Prints one JSON object; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "MLFLOW_TRACKING_URI": "", "NTK_SWEEP_STORAGE": "", "RAY_ADDRESS": "",
+       "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+# A tiny trial: synthetic data, an MLP of width 8, phase 1 of 2 epochs (C and A), phase 2 of
+# one epoch from switch points 0, 1, 2 for CC and AC, kernels of 12 probe images.
+TINY = {
+    "dataset": {"name": "synthetic", "synthetic": {"n_train": 64, "n_test": 16, "num_classes": 3}},
+    "model": {"name": "mlp", "widths": [8]},
+    "codes": ["CC", "AC"], "switch_points": [0, 1, 2], "fractional_checkpoints": [],
+    "phase1": {"epochs": 2, "lr": 0.05, "batch_size": 16, "lr_decay_epochs": [],
+               "attack": {"eps": 0.1, "iters": 2}},
+    "phase2": {"epochs": 1, "batch_size": 16},
+    "eval": {"linf": {"eps": 0.1, "iters": 2}, "l2": None, "transfer": False},
+    "kernel": {"probe_size": 12},
+}
+PARTS = ("trajectories", "trials", "ray", "mlartifacts", "mlflow.db", "jax-cache")
+
+
+def log(message: str) -> None:
+    print(f"[scale] {message}", file=sys.stderr, flush=True)
+
+
+def tree(path: Path) -> tuple[int, int]:
+    """(files, bytes) under ``path`` (a file counts as one)."""
+    if path.is_file():
+        return 1, path.stat().st_size
+    files = [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def run_sweep(n: int, tmp: Path) -> dict:
+    """One sweep of ``n`` tiny trials: its costs."""
+    space = {**TINY, "name": f"scale-{n}", "seeds": {"grid": [[s] for s in range(n)]},
+             "sweep": {"resources": {"cpus": 1}}}
+    path = tmp / f"scale-{n}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    out = tmp / f"out-{n}"
+    start = time.perf_counter()
+    driver = subprocess.Popen([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    peak, cpu = [0], {}
+
+    def watch() -> None:
+        """The driver's peak RSS, and the CPU seconds of every process under it (Ray's
+        daemons and trial workers are not waited for by the driver: RUSAGE_CHILDREN misses
+        them), sampled every 0.1 s; a process's last sample stands for its total."""
+        proc = psutil.Process(driver.pid)
+        while driver.poll() is None:
+            try:
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                for p in [proc, *proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        t = p.cpu_times()
+                        cpu[(p.pid, p.create_time())] = t.user + t.system
+            except psutil.Error:
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    _, err = driver.communicate()
+    watcher.join()
+    if driver.returncode != 0:
+        sys.exit(f"ntk-sweep run failed ({driver.returncode}):\n{err[-3000:]}")
+    row = {"trials": n, "wall_s": time.perf_counter() - start, "cpu_s": sum(cpu.values()),
+           "driver_peak_rss_bytes": peak[0]}
+    total_files = 0
+    for part in PARTS:
+        files, size = tree(out / part)
+        row[f"files/{part}"], row[f"bytes/{part}"] = files, size
+        total_files += files
+    row["files"] = sum(1 for p in out.rglob("*") if p.is_file())
+    row["files/other"] = row["files"] - total_files
+    log(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
+    return row
+
+
+def trial_compute_s() -> float:
+    """Seconds of JAX compute in one tiny trial: its programs' run times (timed after
+    compiling, ``core/estimate.py``) times how often the trial runs them, kernels included."""
+    from core.config import config_from_dict
+    from core.estimate import for_sweep
+
+    estimate = for_sweep([config_from_dict({**TINY, "seeds": [0]})], trials=1)
+    return sum(estimate.seconds.values())
+
+
+def trial_work_cpu_s(tmp: Path) -> float:
+    """CPU seconds of one tiny trial's experiment and kernels in a warm process (the second of
+    two runs: its programs compiled, its data loaded)."""
+    from core.config import config_from_dict
+    from core.experiment import run_experiment
+    from core.trajectory_kernels import compute_trajectory_kernels
+    from core.trajectory_store import TrajectoryStore
+
+    cfg = config_from_dict({**TINY, "seeds": [0]})
+    spent = []
+    for attempt in range(2):
+        out = tmp / f"warm-{attempt}"
+        start = time.process_time()
+        run_experiment(cfg, out)
+        for trajectory in TrajectoryStore(out).of(cfg):
+            compute_trajectory_kernels(trajectory, cfg.kernel)
+        spent.append(time.process_time() - start)
+    return spent[-1]
+
+
+COMPILE_PROBE = """
+import json, sys, time
+import jax
+from core.compat import use_compilation_cache
+from core.config import read_config_file, config_from_dict
+from core.experiment import run_experiment
+from search_spaces import resolve
+spent = []
+def listen(event, seconds, **kw):
+    if any(w in event for w in ("compile", "trace", "mlir", "cache_retrieval")) \\
+            and "time_saved" not in event:
+        spent.append(seconds)
+jax.monitoring.register_event_duration_secs_listener(listen)
+use_compilation_cache(sys.argv[1])
+cfg = config_from_dict(read_config_file(resolve("digits-demo"), sys.argv[3:]))
+start = time.perf_counter()
+run_experiment(cfg, sys.argv[2])
+print(json.dumps({"wall_s": time.perf_counter() - start, "compile_s": sum(spent)}))
+"""
+
+
+def compile_share(tmp: Path, quick: bool) -> dict:
+    """Compilation over wall time of the digits experiment in a fresh process whose persistent
+    compilation cache a first run filled."""
+    overrides = ["phase1.epochs=2", "switch_points=[0,2]", "phase2.epochs=1"] if quick else []
+    runs = []
+    for attempt in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", COMPILE_PROBE, str(tmp / "jax-cache"), str(tmp / f"d{attempt}"),
+             *overrides], cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
+            text=True, check=False)
+        if done.returncode != 0:
+            sys.exit(f"digits experiment failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        log(f"digits experiment run {attempt + 1}: {runs[-1]}")
+    return {"cold": runs[0], "warm": runs[1], "share": runs[1]["compile_s"] / runs[1]["wall_s"]}
+
+
+def report_reads_all_runs(tmp: Path, models: int = 60_000) -> dict:
+    """A report over ``models`` evaluated-model runs (1,200 trials of 50) inserted straight
+    into MLflow's SQLite tables: does it return every one, each once?"""
+    sys.path.insert(0, str(ROOT))
+    from sweep.review import mlflow_rows
+    from tests.helpers import bulk_sweep
+
+    uri = f"sqlite:///{tmp / 'big.db'}"
+    trials = models // 50
+    _, parent = bulk_sweep(uri, trials=trials, children=50)
+    start = time.perf_counter()
+    rows, found, _ = mlflow_rows(uri, "big", parent)
+    distinct = len({(r["seed"], r["switch_epoch"]) for r in rows})
+    return {"models": models, "rows": len(rows), "distinct": distinct, "trials": len(found),
+            "seconds": time.perf_counter() - start,
+            "all": len(rows) == distinct == models and len(found) == trials}
+
+
+# One writer: what a trial of the digits grid writes, ``trials`` times over: 10 runs (a trial,
+# two trajectories, seven evaluated models), each with 80 params, 12 final metrics and a
+# 20-point curve, then closed; through the MLflow client, one request per call.
+WRITER = """
+import sys, time
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+client = MlflowClient(sys.argv[1])
+exp, trials = sys.argv[2], int(sys.argv[3])
+start = time.perf_counter()
+for t in range(trials):
+    for r in range(10):
+        run = client.create_run(exp, tags={"kind": "bench"}).info.run_id
+        now = int(time.time() * 1000)
+        client.log_batch(run, params=[Param(f"p{i}", str(i)) for i in range(80)],
+                         metrics=[Metric(f"m{i}", 0.5, now, 0) for i in range(12)])
+        client.log_batch(run, metrics=[Metric("loss", 1.0 / (s + 1), now, s) for s in range(20)])
+        client.set_terminated(run)
+print(time.perf_counter() - start)
+"""
+
+
+def mlflow_writes(tmp: Path, writers: tuple[int, ...] = (1, 2, 8),
+                  server_workers: tuple[int, ...] = (1, 4), trials: int = 5) -> list[dict]:
+    """Write throughput of ``mlflow server`` on PostgreSQL (both on loopback, started here)
+    with as many concurrent writer processes as trials a node runs at once (2 on this 2-core
+    machine, 8 on an 8-GPU node), for 1 and 4 server worker processes."""
+    sys.path.insert(0, str(ROOT))
+    from mlflow.tracking import MlflowClient
+
+    from tests.servers import mlflow_server, postgres_server
+
+    found = []
+    for workers in server_workers:
+        with postgres_server() as database, mlflow_server(
+                tmp / f"mlflow-{workers}", database.replace("postgresql://",
+                                                            "postgresql+psycopg2://"),
+                workers=workers) as uri:
+            for n in writers:
+                exp = MlflowClient(uri).create_experiment(f"bench-{n}")
+                start = time.perf_counter()
+                procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, exp, str(trials)],
+                                          stdout=subprocess.PIPE, text=True, env=ENV)
+                         for _ in range(n)]
+                outs = [p.communicate()[0] for p in procs]
+                wall = time.perf_counter() - start
+                if any(p.returncode for p in procs):
+                    sys.exit(f"an MLflow writer failed: {outs}")
+                row = {"server_workers": workers, "writers": n, "wall_s": round(wall, 2),
+                       "runs_per_s": round(n * trials * 10 / wall, 1),
+                       "requests_per_s": round(n * trials * 10 * 4 / wall, 1),
+                       "trial_writes_per_s": round(n * trials / wall, 2)}
+                log(json.dumps(row))
+                found.append(row)
+    return found
+
+
+def fit(rows: list[dict], key: str) -> tuple[float, float]:
+    """(a, b) of key = a + b n over the sweeps."""
+    b, a = np.polyfit([r["trials"] for r in rows], [r[key] for r in rows], 1)
+    return float(a), float(b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="sweeps of 4, 8 and 16 trials")
+    parser.add_argument("--sweeps-only", action="store_true",
+                        help="only the per-trial costs (for a before/after comparison)")
+    args = parser.parse_args()
+    sizes = [4, 8, 16] if args.quick else [8, 32, 128]
+    with tempfile.TemporaryDirectory(prefix="ntk-scale-") as name:
+        tmp = Path(name)
+        log("a tiny trial's own work, warm")
+        work, compute = trial_work_cpu_s(tmp), trial_compute_s()
+        rows = []
+        for n in sizes:
+            log(f"sweep of {n} trials")
+            rows.append(run_sweep(n, tmp))
+        compiled, report, writes = {"share": float("nan")}, {"all": None}, []
+        if not args.sweeps_only:
+            log("compilation share of the digits experiment")
+            compiled = compile_share(tmp, args.quick)
+            log("a report over 60,000 runs")
+            report = report_reads_all_runs(tmp)
+            log("MLflow write throughput on PostgreSQL")
+            writes = mlflow_writes(tmp)
+    keys = ["wall_s", "cpu_s", "files", "driver_peak_rss_bytes",
+            *(f"files/{p}" for p in (*PARTS, "other")), *(f"bytes/{p}" for p in PARTS)]
+    per_trial = {k: round(fit(rows, k)[1], 4) for k in keys}
+    overhead = per_trial["cpu_s"] - compute
+    print(json.dumps({
+        "benchmark": "scale", "quick": args.quick, "machine": platform.machine(),
+        "cpus": os.cpu_count(), "sweeps": rows, "per_trial": per_trial,
+        "trial_work_cpu_s": round(work, 3),
+        "trial_compute_s": round(compute, 3), "compile": compiled, "report": report,
+        "mlflow_writes_postgres": writes,
+        "goals": [
+            {"name": "overhead_cpu_s_per_trial", "value": round(overhead, 3), "target": 1.5,
+             "met": overhead <= 1.5},
+            {"name": "files_per_trial", "value": per_trial["files"], "target": 12,
+             "met": per_trial["files"] <= 12},
+            {"name": "compile_share_digits_experiment", "value": round(compiled["share"], 4),
+             "target": 0.03, "met": compiled["share"] <= 0.03},
+            {"name": "report_reads_all_runs", "value": report["all"], "target": True,
+             "met": report["all"]},
+        ],
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
