@@ -129,7 +129,7 @@ def test_killed_worker_in_phase1_then_phase2_resumes_to_the_same_result(tmp_path
             killed.append((beat["pid"], after["stage"], after["epoch"]))
 
         # The worker dies after the fractional checkpoint, before epoch 3 ends ...
-        strike("phase1", 2, lambda: list(out.glob("trajectories/*/checkpoints/136")))
+        strike("phase1", 2, lambda: list(out.glob("trajectories/*/checkpoints/136.ckpt")))
         strike("phase2", 1)  # ... and its retry dies mid phase 2
 
     thread = threading.Thread(target=killer, daemon=True)

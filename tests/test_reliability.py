@@ -25,11 +25,8 @@ def _strip(rows):  # NaN (no L2 attack, no transfer) compares unequal to itself
     return [{k: None if v != v else v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-def _truncate_largest_file(directory: Path) -> Path:
-    victim = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 2])
-    return victim
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _trajectory(out: Path) -> Path:
@@ -45,9 +42,9 @@ def test_damaged_checkpoints_are_set_aside_and_remade(tmp_path):
     checkpoints = _trajectory(tmp_path / "run") / "checkpoints"
     assert CheckpointStore(checkpoints).steps() == [0, 4, 8]
 
-    # A truncated file in the checkpoint a switch point needs: set aside, retrained from the
+    # The truncated checkpoint a switch point needs: set aside, retrained from the
     # one before, and the results are those of the clean run.
-    _truncate_largest_file(checkpoints / "8")
+    _truncate(checkpoints / "8.ckpt")
     messages: list[str] = []
     again = run_experiment(cfg, tmp_path / "run", Hooks(log=messages.append))
     assert _strip(again) == _strip(clean)
@@ -60,14 +57,14 @@ def test_damaged_checkpoints_are_set_aside_and_remade(tmp_path):
     # the one before, and matches a longer run made from scratch.
     longer = _cfg(switch_points=[0, 3], fractional_checkpoints=[],
                   phase1={**BASE["phase1"], "epochs": 3})
-    _truncate_largest_file(checkpoints / "8")
+    _truncate(checkpoints / "8.ckpt")
     messages.clear()
     extended = run_experiment(longer, tmp_path / "run", Hooks(log=messages.append))
     assert any("continuing at step 4" in m for m in messages), messages
     assert _strip(extended) == _strip(run_experiment(longer, tmp_path / "clean-longer"))
 
-    # A half-written checkpoint (orbax's temporary directory, never renamed) is not a step.
-    shutil.copytree(checkpoints / "12", checkpoints / "16.orbax-checkpoint-tmp-0")
+    # A half-written checkpoint (its temporary file, never renamed) is not a step.
+    shutil.copy(checkpoints / "12.ckpt", checkpoints / ".16.ckpt.tmp-123")
     assert 16 not in CheckpointStore(checkpoints).steps()
 
 
@@ -82,7 +79,7 @@ def test_the_same_step_set_aside_twice_in_a_second_keeps_both(tmp_path):
     for _ in range(3):
         store.save(0, state, {"history": []})
         moved.append(store.quarantine(0))
-    assert len(set(moved)) == 3 and all(p.is_dir() for p in moved)
+    assert len(set(moved)) == 3 and all(p.is_file() and p.suffix == ".ckpt" for p in moved)
     assert store.steps() == []
 
 
@@ -205,53 +202,53 @@ def test_a_damaged_mlflow_database_exits_2_naming_it(tmp_path, capsys, damage):
     assert db.read_bytes() == before and not ray.is_initialized()
 
 
-def _flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x10
-    path.write_bytes(bytes(data))
-
-
 def _equal_states(a, b) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def test_flipped_bytes_and_swapped_states_are_damage_not_other_parameters(tmp_path):
-    """orbax's compressed array files carry no checksum: a flipped byte used to restore without
-    error as different parameters, and another step's state/ restored too. Every flip must now
-    either restore the saved state exactly or be a DamagedCheckpoint."""
-    # Random float32 weights do not compress: zstd stores them raw, where a flip changes a value.
-    model = make_model("mlp", 10, widths=(256, 256))
+    """orbax's compressed array files carried no checksum: a flipped byte restored without
+    error as different parameters, and another step's state/ restored too. Now every byte of
+    a checkpoint file is checked: a flip in the prefix or the header fails the header's
+    checksum (or its bounds), a flip in the raw array bytes fails the state's digest."""
+    model = make_model("mlp", 10, widths=(32,))
     params, bs = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
     state = init_state(params, bs, 0.9, jax.random.PRNGKey(0))
     other = state._replace(params=jax.tree.map(lambda p: p + 1.0, params))
-    clean = tmp_path / "clean"
-    store = CheckpointStore(clean)
+    store = CheckpointStore(tmp_path)
     store.save(0, state, {"epoch": 0})
     store.save(4, other, {"epoch": 1})
     assert _equal_states(store.restore(0, state)[0], state)
 
-    data = max((p for p in (clean / "0" / "state").rglob("*") if p.is_file()),
-               key=lambda p: p.stat().st_size)
-    size, outcomes = data.stat().st_size, {"same": 0, "digest": 0, "unreadable": 0}
-    for i, offset in enumerate(range(size // 20, size, size // 20)):
-        copy = tmp_path / f"flip{i}"
-        shutil.copytree(clean, copy)
-        _flip_byte(copy / data.relative_to(clean), offset)
+    path = tmp_path / "0.ckpt"
+    clean = path.read_bytes()
+    data = len(clean) - sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
+    offsets = [*range(data), *range(data, len(clean), (len(clean) - data) // 40), len(clean) - 1]
+    outcomes: dict[str, list[int]] = {"same": [], "digest": [], "unreadable": []}
+    for offset in offsets:
+        flipped = bytearray(clean)
+        flipped[offset] ^= 0x10
+        path.write_bytes(bytes(flipped))
         try:
-            restored = CheckpointStore(copy).restore(0, state)[0]
+            restored = store.restore(0, state)[0]
         except DamagedCheckpoint as e:
-            outcomes["digest" if "digest mismatch" in str(e) else "unreadable"] += 1
+            outcomes["digest" if "digest mismatch" in str(e) else "unreadable"].append(offset)
             continue
         assert _equal_states(restored, state), f"byte {offset} flipped: other parameters"
-        outcomes["same"] += 1
-    assert outcomes["digest"] >= 1, outcomes  # the silent kind exists, and is caught
+        outcomes["same"].append(offset)
+    assert outcomes["same"] == [], outcomes["same"]  # raw bytes: no flip goes unnoticed
+    assert outcomes["digest"] == [o for o in offsets if o >= data]
+    assert outcomes["unreadable"] == [o for o in offsets if o < data]
 
-    # Step 4's arrays in place of step 0's: restores, but is not what step 0 saved.
-    shutil.rmtree(clean / "0" / "state")
-    shutil.copytree(clean / "4" / "state", clean / "0" / "state")
+    # Step 4's file in place of step 0's: its header says step 4.
+    path.write_bytes((tmp_path / "4.ckpt").read_bytes())
+    with pytest.raises(DamagedCheckpoint, match="checkpoint of step 4"):
+        store.restore(0, state)
+    # Step 4's arrays under step 0's header (the state/ swap of orbax checkpoints).
+    path.write_bytes(clean[:data] + (tmp_path / "4.ckpt").read_bytes()[-(len(clean) - data):])
     with pytest.raises(DamagedCheckpoint, match="digest mismatch"):
-        CheckpointStore(clean).restore(0, state)
+        store.restore(0, state)
 
 
 @pytest.mark.slow
@@ -262,12 +259,11 @@ def test_a_swapped_switch_point_checkpoint_is_set_aside_and_remade(tmp_path):
     clean = run_experiment(cfg, tmp_path / "clean")
     run_experiment(cfg, tmp_path / "run")
     checkpoints = _trajectory(tmp_path / "run") / "checkpoints"
-    shutil.rmtree(checkpoints / "8" / "state")
-    shutil.copytree(checkpoints / "4" / "state", checkpoints / "8" / "state")
+    shutil.copy(checkpoints / "4.ckpt", checkpoints / "8.ckpt")
     messages: list[str] = []
     again = run_experiment(cfg, tmp_path / "run", Hooks(log=messages.append))
     assert _strip(again) == _strip(clean)
-    assert any("checkpoint at step 8 is damaged" in m and "digest mismatch" in m
+    assert any("checkpoint at step 8 is damaged" in m and "checkpoint of step 4" in m
                for m in messages), messages
     assert len(list(checkpoints.glob("damaged-8-*"))) == 1
 
@@ -285,7 +281,7 @@ def test_resume_from_a_fractional_checkpoint_reports_whole_epochs(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tmp_path / "clean", run)
     store = CheckpointStore(_trajectory(run) / "checkpoints")
-    shutil.rmtree(store.directory / "8")
+    (store.directory / "8.ckpt").unlink()
     messages: list[str] = []
     run_experiment(cfg, run, Hooks(log=messages.append))
     assert any("continuing at step 6" in m for m in messages), messages
