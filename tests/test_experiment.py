@@ -193,7 +193,10 @@ def test_the_training_steps_compile_once_across_switch_points(tmp_path):
             counts[(stage.phase, stage.code[-1], event)] += 1
         events.clear()
 
+    import core.experiment
+
     cfg = _cfg(codes=["CA", "AC"], switch_points=[0, 1, 2], fractional_checkpoints=[])
+    core.experiment._PROGRAMS.clear()  # as a fresh process: an earlier test built these
     monitoring.register_event_duration_secs_listener(listener)
     try:
         rows = run_experiment(cfg, tmp_path, Hooks(on_epoch=on_epoch))
