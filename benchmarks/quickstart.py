@@ -9,7 +9,7 @@ starting Python, Ray and MLflow. Prints one JSON object with the raw figures and
 * ``quickstart_wall_s``: the whole command, under 300 s on a 2-core machine (full run only);
 * ``phase1_epochs_ratio``: phase-1 epochs trained over what one trial per switch point would
   train (each to its own switch point); at most max(switch points) / sum(switch points);
-* ``overhead_share``: the share of trial wall time spent in MLflow calls, orbax checkpoint
+* ``overhead_share``: the share of trial wall time spent in MLflow calls, checkpoint
   writes and reads, and Tune reports (each trial times them and logs ``time/*_s``); under 0.15.
   The time between the command's start and the first trial (imports, Ray start) is reported
   separately as ``startup_s``;

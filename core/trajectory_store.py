@@ -5,7 +5,7 @@ Layout under a store root (an experiment's output directory, or a sweep's: its t
 one store, and so do later sweeps and experiments given the same root)::
 
     trajectories/<id>/trajectory.json                 id, mode, seed, config (the record)
-    trajectories/<id>/checkpoints/<step>/             orbax checkpoints
+    trajectories/<id>/checkpoints/<step>.ckpt         one file per checkpoint
     trajectories/<id>/kernels/<output>-<hash>/epoch_*.npz
     trajectories/<id>.lock                            flock: one writer at a time
 
@@ -15,7 +15,7 @@ their switch points share it, and a trajectory found stored is continued, never 
 ``<hash>`` hashes the kernel settings that change the numbers (probe set, output, logit,
 dtype), so kernels of other settings never mix.
 
-This module imports neither JAX nor orbax (the checkpoint store is opened lazily): the CLI
+This module imports no JAX (the checkpoint store is opened lazily): the CLI
 uses it to estimate storage and resolve ids without loading JAX.
 
 The lock is only as good as the filesystem's ``flock``: a sweep calls ``check_locking`` on its
@@ -165,7 +165,7 @@ class Trajectory:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def checkpoints(self) -> CheckpointStore:
-        """The orbax checkpoint store (opened here; the caller closes it)."""
+        """The checkpoint store (``core/checkpoints.py``; the caller closes it)."""
         from core.checkpoints import CheckpointStore
 
         return CheckpointStore(self.directory / CHECKPOINTS)
