@@ -25,6 +25,10 @@ the reason when the budget would run out:
    neural-tangents' two implementations (the full [N, N, 10, 10] kernel in one call). Achieved
    TFLOP/s count the contraction 2 O N^2 P; the share is of the same-precision matmul.
    The largest rows come last: they are the ones the budget cuts.
+6. ``estimate``: what ``ntk-sweep validate --estimate`` predicts for the ``digits-demo``
+   experiment on this GPU (``core/estimate.py``: the run's own programs timed once) against
+   the experiment's wall time, in this process after the prediction (the programs then come
+   from the process's cache, so the run's wall time is mostly compute).
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ from core.train import init_state, make_step  # noqa: E402
 
 PRECISIONS = {"float32": "highest", "tensorfloat32": "tensorfloat32",
               "bfloat16": "BF16_BF16_F32", "jax_default": None}
-SECTIONS = ("matmul", "ntk_precision", "attack", "training", "ntk")
+SECTIONS = ("matmul", "ntk_precision", "attack", "training", "ntk", "estimate")
 ATTACK_SPEEDUP_TARGET = 1.5  # benchmarks/attack.py's goal, a GPU goal
 FLOAT32_KERNEL_TOLERANCE = 1e-5  # relative to max |K|: float32 rounding, not TF32's ~1e-3
 
@@ -276,6 +280,30 @@ def training(width: int, batch: int, steps: int, pgd_iters: int) -> list[dict[st
 # --- main ---------------------------------------------------------------------------------------
 
 
+def estimate_check(quick: bool) -> dict[str, Any]:
+    """``validate --estimate`` for digits-demo (``quick``: 2 phase-1 epochs, switch points 0
+    and 2, 1 phase-2 epoch) against its real wall time here."""
+    import tempfile
+
+    from core.config import config_from_dict, read_config_file
+    from core.estimate import for_experiment
+    from core.experiment import run_experiment
+    from search_spaces import resolve
+
+    overrides = ["phase1.epochs=2", "switch_points=[0,2]", "phase2.epochs=1"] if quick else []
+    cfg = config_from_dict(read_config_file(resolve("digits-demo"), overrides))
+    predicted = for_experiment(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        run_experiment(cfg, out)
+        wall = time.perf_counter() - start
+    compute = sum(predicted.seconds.values())
+    return {"experiment": "digits-demo", "predicted_compute_s": round(compute, 2),
+            "predicted_compile_s": round(predicted.compile_s, 2), "wall_s": round(wall, 2),
+            "ratio": round(wall / compute, 3),
+            "by_work_s": {k: round(v, 3) for k, v in predicted.seconds.items() if v}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -338,6 +366,14 @@ def main() -> None:
             continue
         result["ntk"] += ntk_rows(name, width, sizes, block, budget, ceiling, nt_at)
 
+    if "estimate" not in sections:
+        result["estimate"] = "not asked for"
+    elif budget.allows(60 if not q else 0):
+        result["estimate"] = estimate_check(q)
+        log(json.dumps(result["estimate"]))
+    else:
+        result["estimate"] = "skipped: time budget"
+
     result["wall_s"] = time.perf_counter() - budget.start
     result["goals"] = goals(result)
     text = json.dumps(result, indent=1)
@@ -361,6 +397,10 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
         mlp = min(r["speedup"] for r in result["attack"] if r["model"] == "mlp")
         out.append({"name": "attack_speedup_mlp", "value": mlp, "target": ATTACK_SPEEDUP_TARGET,
                     "met": mlp >= ATTACK_SPEEDUP_TARGET})
+    if isinstance(result.get("estimate"), dict):
+        ratio = result["estimate"]["ratio"]
+        out.append({"name": "estimate_ratio_digits_experiment", "value": ratio,
+                    "target": [0.5, 2], "met": 0.5 <= ratio <= 2})
     if isinstance(result["training"], list):
         finite = all(r["final_loss_finite"] for r in result["training"])
         out.append({"name": "training_steps_finite", "value": finite, "target": True,
