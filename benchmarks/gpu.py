@@ -335,21 +335,19 @@ def main() -> None:
         result["ntk_precision"] = ntk_precision(16 if q else 256, 8 if q else 32)
         log(json.dumps(result["ntk_precision"]))
 
-    if "attack" not in sections:
-        result["attack"] = "not asked for"
-    elif budget.allows(60 if not q else 0):
-        result["attack"] = attacks(q)
-        log(json.dumps(result["attack"]))
-    else:
-        result["attack"] = "skipped: time budget"
+    def section(name: str, run: Callable[[], Any]) -> None:
+        """``result[name]``: ``run()`` if asked for and a minute of the budget is left."""
+        if name not in sections:
+            result[name] = "not asked for"
+        elif budget.allows(60 if not q else 0):
+            result[name] = run()
+            log(json.dumps(result[name]))
+        else:
+            result[name] = "skipped: time budget"
 
-    if "training" not in sections:
-        result["training"] = "not asked for"
-    elif budget.allows(60 if not q else 0):
-        result["training"] = training(8 if q else 64, 16 if q else 128, 2 if q else 10,
-                                      2 if q else 10)
-    else:
-        result["training"] = "skipped: time budget"
+    section("attack", lambda: attacks(q))
+    section("training", lambda: training(8 if q else 64, 16 if q else 128, 2 if q else 10,
+                                         2 if q else 10))
 
     result["ntk"] = []
     plans = ([("cnn", 8, [16, 32], 8, 16), ("resnet18", 4, [16], 8, 16)] if q else
@@ -366,13 +364,7 @@ def main() -> None:
             continue
         result["ntk"] += ntk_rows(name, width, sizes, block, budget, ceiling, nt_at)
 
-    if "estimate" not in sections:
-        result["estimate"] = "not asked for"
-    elif budget.allows(60 if not q else 0):
-        result["estimate"] = estimate_check(q)
-        log(json.dumps(result["estimate"]))
-    else:
-        result["estimate"] = "skipped: time budget"
+    section("estimate", lambda: estimate_check(q))
 
     result["wall_s"] = time.perf_counter() - budget.start
     result["goals"] = goals(result)

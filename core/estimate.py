@@ -39,7 +39,7 @@ from core.experiment import (
     make_context,
 )
 from core.ntk import NtkEngine
-from core.train import epoch_batches, init_state
+from core.train import _own_copy, epoch_batches, init_state
 from core.trajectory_kernels import probe_set
 from core.workload import Work, experiment_work, sweep_work
 
@@ -90,7 +90,11 @@ def measure(cfg: ExperimentConfig, work: Work, log: Callable[[str], None] = lamb
     with tempfile.TemporaryDirectory(prefix="ntk-sweep-estimate-") as tmp:
         ctx = make_context(cfg, tmp)
         seed = cfg.seeds[0]
-        params, batch_stats = initial_params(ctx, seed)
+        # Placed as the run places them (committed to the data's device: restored from a
+        # checkpoint, or outputs of committed inputs), so that the programs compiled here are
+        # the run's own (jit compiles again for other placements).
+        device = next(iter(ctx.x_train.devices()))
+        params, batch_stats = jax.device_put(initial_params(ctx, seed), device)
         key = jax.random.PRNGKey(seed)
         n = len(ctx.y_train)
         anchor = Anchor(params, batch_stats)
@@ -111,11 +115,18 @@ def measure(cfg: ExperimentConfig, work: Work, log: Callable[[str], None] = lamb
         ):
             spec = cfg.phase1 if phase == "phase1" else cfg.phase2
             state = init_state(params, batch_stats, spec.momentum, key)
-            idx = epoch_batches(key, 0, n, spec.batch_size)[0]
+            idx = jax.device_put(epoch_batches(key, 0, n, spec.batch_size)[0], device)
             steps = _phase_steps(ctx, phase)
             for name, adversarial in ((clean, False), (adv, True)):
-                time_unit(name, lambda a=adversarial, s=state, an=state_anchor, st=steps, i=idx:
-                          st[a](s, an, ctx.x_train, ctx.y_train, i)[1])
+                # The program ``run_phase`` runs: the step donating its state, on a state
+                # placed as it places it (each call's output state is the next one's input).
+                held = [_own_copy(state, ctx.x_train)]
+
+                def step(a=adversarial, an=state_anchor, st=steps, i=idx, h=held):
+                    h[0], metrics = st[a].donating(h[0], an, ctx.x_train, ctx.y_train, i)
+                    return metrics
+
+                time_unit(name, step)
 
         # Evaluations: one batch of the test set (every batch has its shape, padded), scaled.
         n_test, batch = len(ctx.y_test), cfg.eval.batch_size
