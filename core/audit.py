@@ -86,6 +86,12 @@ def rebuild(ctx: _Context, ref: ModelRef, seed: int) -> Rebuilt:
     store = trajectory.checkpoints()
     step = epoch_to_step(ref.switch, len(ctx.y_train) // cfg.phase1.batch_size)
     if step not in store.steps():
+        if step in store.older_steps():
+            raise AuditError(
+                f"{ref}, seed {seed}: the checkpoint at epoch {ref.switch:g} in {directory} was "
+                f"written by an earlier version (directory {step}/), which this one does not "
+                "read: run the experiment again with the same config and --out to remake its "
+                "checkpoints (identical results), then audit")
         epochs = sorted(store.meta(s)["epoch"] for s in store.steps())
         raise AuditError(f"{ref}, seed {seed}: no checkpoint at epoch {ref.switch:g} in "
                          f"{directory} (stored: {epochs or 'none'})")

@@ -221,6 +221,11 @@ class CheckpointStore:
         self._known = found
         return sorted(found)
 
+    def older_steps(self) -> list[int]:
+        """Steps held only in an earlier format (orbax directories ``<step>/``), not read."""
+        with os.scandir(self.directory) as entries:
+            return sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir())
+
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Writes ``state`` and JSON-serialisable ``meta`` as checkpoint ``step`` (idempotent)."""
         with timed("checkpoint"):

@@ -115,8 +115,9 @@ def run_audit(cfg: ExperimentConfig, run_dir: Path, store_root: Path, ref, seed:
     (``run_eval``) every figure must equal the recorded row's, under others (on the same test
     images) its clean accuracy."""
     import json
+    import sys
 
-    from core.audit import audit, differences
+    from core.audit import AuditError, audit, differences
     from core.experiment import Hooks, make_context
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -125,7 +126,12 @@ def run_audit(cfg: ExperimentConfig, run_dir: Path, store_root: Path, ref, seed:
         hooks = Hooks(on_step=lambda: progress.advance(task),
                       log=lambda m: progress.update(task, description=m))
         ctx = make_context(cfg, run_dir, hooks, store_root)
-        result = audit(ctx, ref, seed, source)
+        try:
+            result = audit(ctx, ref, seed, source)
+        except AuditError as e:  # a checkpoint not stored, or stored in an earlier format
+            progress.stop()
+            print(f"ntk-sweep: error: {e}", file=sys.stderr)
+            return 2  # bad input, as the CLI's other refusals
     stdout = stdout_console()
     table = Table(title=f"{ref}, seed {seed}: accuracy (%) as recorded and as audited now")
     for column in ("metric", "recorded", "audit"):

@@ -94,6 +94,26 @@ def test_bad_requests_are_refused_before_work(run, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_checkpoint_of_the_earlier_format_is_named_not_missing(tmp_path, capsys):
+    """A run whose checkpoints are orbax directories (``<step>/``, before one-file
+    checkpoints): the audit says the checkpoint is of an earlier format and how to remake it,
+    rather than that none is stored."""
+    import shutil
+
+    out = tmp_path / "run"
+    run_experiment(_cfg(codes=["CC"], switch_points=[0, 1]), out)
+    (checkpoints,) = out.glob("trajectories/*/checkpoints")
+    for path in checkpoints.glob("*.ckpt"):  # as an earlier version left them
+        step = path.stem
+        (checkpoints / step / "state").mkdir(parents=True)
+        shutil.move(path, checkpoints / step / "state" / "d")
+    assert main(["attack", str(out), "--model", "CC@1"]) == 2
+    err = capsys.readouterr().err
+    assert "was written by an earlier version (directory 4/)" in err
+    assert "run the experiment again with the same config and --out" in err
+
+
 def test_model_references():
     assert ModelRef.parse("AC@10") == ModelRef("AC", 10.0)
     assert ModelRef.parse("A-@2.5") == ModelRef("A-", 2.5) and str(ModelRef("A-", 2.5)) == "A-@2.5"
