@@ -129,6 +129,21 @@ def processes_mentioning(text: str) -> list[int]:
     return [int(p) for p in out.split() if int(p) != os.getpid()]
 
 
+def processes_with_environment(text: str) -> list[int]:
+    """PIDs of processes whose environment contains ``text`` (Ray's workers, say, which
+    inherit the session's ``RAY_TMPDIR`` but do not name it on their command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if text.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
 @contextlib.contextmanager
 def ray_cluster(nodes: int = 2, cpus: int = 1,
                 extra_env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:

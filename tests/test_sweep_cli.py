@@ -3,6 +3,7 @@ the driver's process group), then ``status``, ``resume``, ``report`` and ``compa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -20,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import QUIET, SWEEP
-from tests.servers import BIN, processes_mentioning
+from tests.servers import BIN, processes_mentioning, processes_with_environment
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_ADDRESS": "",
        "MLFLOW_TRACKING_URI": "", "NTK_SWEEP_STORAGE": ""}
@@ -54,8 +55,11 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(30)
-    for pid in processes_mentioning(str(ray_tmp)):  # the dead driver's Ray daemons, if any
-        os.kill(pid, signal.SIGKILL)
+    # The dead driver's Ray daemons and workers, if any (a worker may otherwise finish the
+    # trial it runs after the snapshot below: a reused worker runs a tiny trial in seconds).
+    for pid in {*processes_mentioning(str(ray_tmp)), *processes_with_environment(str(ray_tmp))}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     finished_before = {p.parent.name: (p.parent / "results.json").stat().st_mtime_ns
                        for p in out.glob("trials/*/final.json")}
