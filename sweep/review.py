@@ -81,13 +81,15 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     id, status, failures, values of the swept paths, its last heartbeat, progress and metrics
     (of its last report to Tune).
 
-    The status is what the trial's own files say where they settle it (``finished``: results
-    written; ``failed``: it diverged; ``damaged``: a file of it is unreadable), else Tune's
+    The status is what the trial's own files say where they settle it (``finished``: its
+    ``final.json`` written, as ``resume`` counts it; results written without it, by a trial
+    killed while it computed kernels or wrote MLflow, is not finished; ``failed``: it
+    diverged; ``damaged``: a file of it is unreadable), else Tune's
     as it last saved it: after a driver kill a trial Tune left RUNNING or PENDING shows the
     stage and age of its heartbeat, if it has one."""
     from ray.tune import ExperimentAnalysis
 
-    from sweep.layout import CONTEXT_KEY, FAILED_STATE, read_results
+    from sweep.layout import CONTEXT_KEY, FAILED_STATE, FINAL_STATE, read_results
 
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     try:
@@ -104,7 +106,7 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
             if (trial_dir / HEARTBEAT).is_file():
                 beat = read_record(trial_dir / HEARTBEAT, {"stage": str, "epoch": (int, float),
                                                            "time": (int, float)})
-            if (trial_dir / "results.json").is_file():
+            if (trial_dir / FINAL_STATE).is_file():  # what resume counts as finished
                 read_results(trial_dir / "results.json")
                 status = "finished"
             elif (trial_dir / FAILED_STATE).is_file():
