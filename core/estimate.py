@@ -30,17 +30,16 @@ import jax
 
 from core.config import DatasetSpec, ExperimentConfig
 from core.data import dataset_of
-from core.dynamics import Anchor, BatchNormMode, Dynamics, make_apply_fn
+from core.dynamics import Anchor
 from core.experiment import (
-    _phase_steps,
     craft,
     evaluate_model,
     initial_params,
     make_context,
+    phase_steps,
 )
-from core.ntk import NtkEngine
-from core.train import _own_copy, epoch_batches, init_state
-from core.trajectory_kernels import probe_set
+from core.train import epoch_batches, init_state, own_copy
+from core.trajectory_kernels import kernel_engine, probe_set
 from core.workload import Work, experiment_work, sweep_work
 
 # How long to time a unit after its compiling call: at least MIN_REPEATS calls, more until
@@ -116,11 +115,11 @@ def measure(cfg: ExperimentConfig, work: Work, log: Callable[[str], None] = lamb
             spec = cfg.phase1 if phase == "phase1" else cfg.phase2
             state = init_state(params, batch_stats, spec.momentum, key)
             idx = jax.device_put(epoch_batches(key, 0, n, spec.batch_size)[0], device)
-            steps = _phase_steps(ctx, phase)
+            steps = phase_steps(ctx, phase)
             for name, adversarial in ((clean, False), (adv, True)):
                 # The program ``run_phase`` runs: the step donating its state, on a state
                 # placed as it places it (each call's output state is the next one's input).
-                held = [_own_copy(state, ctx.x_train)]
+                held = [own_copy(state, ctx.x_train)]
 
                 def step(a=adversarial, an=state_anchor, st=steps, i=idx, h=held):
                     h[0], metrics = st[a].donating(h[0], an, ctx.x_train, ctx.y_train, i)
@@ -144,11 +143,7 @@ def measure(cfg: ExperimentConfig, work: Work, log: Callable[[str], None] = lamb
         if work.kernels:
             spec = cfg.kernel
             x_probe = ctx.data.x_train[probe_set(ctx.data, spec)]
-            engine = NtkEngine(
-                make_apply_fn(ctx.model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
-                logit=spec.logit, implementation=spec.implementation,
-                block_size=spec.block_size, memory_budget=spec.memory_budget_bytes,
-                dtype=spec.dtype, model=ctx.model)
+            engine = kernel_engine(ctx.model, spec)
             time_unit("kernels", lambda: engine(None, params, batch_stats, x_probe))
         return UnitTimes(**unit, compile=compile_s)
 

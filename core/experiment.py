@@ -111,7 +111,7 @@ class _Context:
     fns: dict[str, Any] = field(default_factory=dict)
 
 
-def _phase_steps(ctx: _Context, phase: str) -> dict[bool, Any]:
+def phase_steps(ctx: _Context, phase: str) -> dict[bool, Any]:
     """Jitted clean and adversarial steps of a phase (built once per experiment)."""
     if phase in ctx.fns:
         return ctx.fns[phase]
@@ -297,7 +297,7 @@ def train_phase1(ctx: _Context, mode: str, seed: int, init: tuple[Any, Any]) -> 
 
         try:
             run_phase(
-                state, None, _phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
+                state, None, phase_steps(ctx, "phase1"), ctx.x_train, ctx.y_train, mode=mode,
                 flip_epoch=spec.flip_epoch, batch_size=spec.batch_size, total_steps=total,
                 checkpoint_steps=frozenset(ckpt_steps), on_checkpoint=on_checkpoint,
                 on_epoch=on_epoch, on_step=ctx.hooks.on_step, partial=partial,
@@ -343,7 +343,7 @@ def run_phase2(
     state = init_state(anchor.params, anchor.batch_stats, spec.momentum, key)
     try:
         state = run_phase(
-            state, anchor, _phase_steps(ctx, "phase2"), ctx.x_train, ctx.y_train, mode=mode,
+            state, anchor, phase_steps(ctx, "phase2"), ctx.x_train, ctx.y_train, mode=mode,
             flip_epoch=spec.flip_epoch, batch_size=spec.batch_size,
             total_steps=epoch_to_step(spec.epochs, spe), on_epoch=on_epoch,
             on_step=ctx.hooks.on_step,
@@ -555,7 +555,7 @@ _PROGRAMS: dict[str, dict[str, Any]] = {}
 
 def _programs(cfg: ExperimentConfig, n_train: int) -> dict[str, Any]:
     """The programs of experiments whose programs are those of ``cfg``: every input of the
-    closures ``_phase_steps``, ``_evaluator``, ``_transfer``, ``craft`` and ``_score`` build
+    closures ``phase_steps``, ``_evaluator``, ``_transfer``, ``craft`` and ``_score`` build
     (dataset, model, phase and evaluation settings, steps per epoch through ``n_train``)."""
     key = repr((cfg.dataset, cfg.model, cfg.phase1, cfg.phase2, cfg.eval, n_train))
     programs = _PROGRAMS.pop(key, None) or {}

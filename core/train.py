@@ -162,7 +162,7 @@ def is_adversarial(mode: str, epoch: int, flip_epoch: int) -> bool:
     return mode == "A" or (mode == "F" and epoch >= flip_epoch)
 
 
-def _own_copy(state: TrainState, data: jax.Array) -> TrainState:
+def own_copy(state: TrainState, data: jax.Array) -> TrainState:
     """``state`` in fresh buffers (donating them leaves the caller's intact), all committed to
     the device of ``data``. Committed: a step's outputs are committed whenever one of its inputs
     is, and jit compiles once more for a state of other placement, so a state partly restored
@@ -218,7 +218,7 @@ def run_phase(
                          f"metrics of {s % spe} minibatches, got {len(partial)}")
     if all(isinstance(fn, Step) for fn in steps.values()):
         steps = {adversarial: fn.donating for adversarial, fn in steps.items()}
-        state = _own_copy(state, x_train)  # the caller's state is not donated
+        state = own_copy(state, x_train)  # the caller's state is not donated
     batches, history = None, [dict(m) for m in partial]
     while True:
         if s in checkpoint_steps and on_checkpoint is not None:

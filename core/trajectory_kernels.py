@@ -63,6 +63,17 @@ def open_trajectory(trajectory: Trajectory) -> OpenTrajectory:
     return OpenTrajectory(data, model, trajectory.checkpoints(), template)
 
 
+def kernel_engine(model: Any, spec: KernelSpec) -> NtkEngine:
+    """The engine computing a config's kernels of ``model``: the network as evaluated
+    (standard dynamics, batch-norm statistics frozen), with ``spec``'s output, logit,
+    implementation, block size, memory budget and dtype."""
+    return NtkEngine(
+        make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
+        logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
+        memory_budget=spec.memory_budget_bytes, dtype=spec.dtype, model=model,
+    )
+
+
 class KernelRecorder:
     """Computes and stores the probe-set kernel of checkpoints of one trajectory.
 
@@ -77,11 +88,7 @@ class KernelRecorder:
         self.labels = data.y_train[self.indices]
         self.meta = {"model": trajectory.config.model.name, "mode": trajectory.mode,
                      "seed": trajectory.seed, "trajectory": trajectory.id}
-        self.engine = NtkEngine(
-            make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
-            logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
-            memory_budget=spec.memory_budget_bytes, dtype=spec.dtype, model=model,
-        )
+        self.engine = kernel_engine(model, spec)
         self.trajectory = trajectory.kernels(spec)
 
     def record(self, state: TrainState, step: int, checkpoint_meta: dict[str, Any]) -> None:
