@@ -413,7 +413,7 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
         show_claims(console, read_claims(out))
     console.print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'claims.md'}")
     plots = [out / "switch_point.png", *sorted(out.glob("cross_trajectory*.png")),
-             *trial_files(out, trials, "kernel_distances.png")]
+             *trial_files(out, trials, "kernels.png")]
     console.print("plots:" + "".join(f"\n  {p}" for p in plots if p.is_file()))
     uri = tracking_uri(out.absolute())
     console.print(f"open the results: {uri}" if uri.startswith("http") else

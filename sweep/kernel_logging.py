@@ -30,20 +30,15 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     trial run ``run`` (``kernel/cross/<modes>/distance``). The kernel files at the switch
     points and the last checkpoint (the kernels phase 2 trains with) become artifacts
     ``kernels/`` of the trajectory runs. ``seen``: (metric, step) already logged, by run;
-    ``on_wait(trajectory)`` when another process holds a trajectory's lock. Returns the plots
-    written under ``trial_dir`` (distance, alignment and spectrum curves, the polar view, one
-    epoch-by-epoch heatmap per trajectory)."""
+    ``on_wait(trajectory)`` when another process holds a trajectory's lock. Returns the plot
+    written under ``trial_dir``: ``kernels.png``, the overview of distance, alignment and
+    spectrum curves, the polar view and one epoch-by-epoch heatmap per trajectory."""
     from core.trajectory_kernels import (
         compute_trajectory_kernels,
         cross_trajectory_distances,
         trajectory_measures,
     )
-    from sweep.plots import (
-        kernel_distance_plot,
-        kernel_measures_plot,
-        polar_plot,
-        trajectory_heatmap,
-    )
+    from sweep.plots import kernel_overview
 
     rows_of, stores = {}, {}
     for t in trajectories:
@@ -67,14 +62,9 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     if not rows_of:
         return []
     seed = cfg.seeds[0]
-    plots = [kernel_distance_plot(rows_of, trial_dir / "kernel_distances.png"),
-             kernel_measures_plot(rows_of, trial_dir / "kernel_measures.png"),
-             polar_plot({f"{m} seed {seed}": k for m, k in stores.items()},
-                        trial_dir / "kernel_polar.png")]
-    for mode, store in stores.items():
-        plots.append(trajectory_heatmap(store, f"kernel distances, {mode} seed {seed}",
-                                        trial_dir / f"kernel_heatmap_{mode}.png"))
-    return plots
+    title = f"trial {trial_dir.name}: {variant_label(trial_dir) or 'base config'}, seed {seed}"
+    return [kernel_overview(rows_of, {f"{m} seed {seed}": k for m, k in stores.items()},
+                            trial_dir / "kernels.png", title)]
 
 
 def _families(out: Path, trials: Collection[str]

@@ -1,6 +1,8 @@
 """Plots written beside a run: accuracy against switch point, kernel distance, alignment and
-spectrum curves, polar dynamics, heatmaps. Every figure is written as PNG and as PDF (vector,
-for papers) beside it; ``figure_files`` lists both for MLflow."""
+spectrum curves, polar dynamics, heatmaps. A figure of a run, a report or ``ntk-sweep kernel``
+is written as PNG and as PDF (vector, for papers) beside it; ``figure_files`` lists both for
+MLflow. A sweep's trial draws its kernel figures as one overview PNG (``kernel_overview``):
+one file and one render a trial instead of ten."""
 
 from __future__ import annotations
 
@@ -26,12 +28,16 @@ SEED_STYLES = ("-", "--", ":", "-.")  # seeds of one data mode: same colour, oth
 MAX_ANNOTATED = 12  # heatmaps up to this size show their values in the cells
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Writes ``path`` (PNG) and the same figure as PDF beside it; returns ``path``."""
+def save_figure(fig, path: Path, pdf: bool = True, tight: bool = True) -> Path:
+    """Writes ``path`` (PNG) and, with ``pdf``, the same figure as PDF beside it; returns
+    ``path``. ``tight``: fit the layout to the labels first (measures every text: a third of
+    the time of a small figure; a figure with a fixed grid passes False)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
-    fig.savefig(path.with_suffix(".pdf"))
+    if pdf:
+        fig.savefig(path.with_suffix(".pdf"))
     plt.close(fig)
     return path
 
@@ -125,22 +131,31 @@ def switch_point_plot(summary: list[dict[str, Any]], path: Path, subtitle: str =
 
 def kernel_distance_plot(trajectories: dict[str, dict[str, Any]], path: Path) -> Path:
     """Distance to the initial and to the final kernel, and velocity, against epoch."""
-    return _measure_curves(trajectories, path, ("to_init", "to_final", "velocity"),
-                           ("S(k_t, k_0)", "S(k_t, k_T)", "kernel velocity"))
+    return _measure_curves(trajectories, path, *DISTANCES)
 
 
 def kernel_measures_plot(trajectories: dict[str, dict[str, Any]], path: Path) -> Path:
     """Target alignment, centered alignment and effective rank of each trajectory's kernel
     against epoch (does the A kernel align with the labels faster than the C kernel?)."""
-    return _measure_curves(trajectories, path,
-                           ("alignment", "centered_alignment", "effective_rank"),
-                           ("kernel-target alignment", "centered alignment", "effective rank"))
+    return _measure_curves(trajectories, path, *ALIGNMENTS)
+
+
+DISTANCES = (("to_init", "to_final", "velocity"),
+             ("S(k_t, k_0)", "S(k_t, k_T)", "kernel velocity"))
+ALIGNMENTS = (("alignment", "centered_alignment", "effective_rank"),
+              ("kernel-target alignment", "centered alignment", "effective rank"))
 
 
 def _measure_curves(trajectories: dict[str, dict[str, Any]], path: Path,
                     keys: tuple[str, ...], titles: tuple[str, ...]) -> Path:
     """One panel per measure, one line per trajectory (colour: data mode, line: seed)."""
     fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.8))
+    _draw_measure_curves(axes, trajectories, keys, titles)
+    return save_figure(fig, path)
+
+
+def _draw_measure_curves(axes, trajectories: dict[str, dict[str, Any]],
+                         keys: tuple[str, ...], titles: tuple[str, ...]) -> None:
     style = _seed_style(trajectories)
     for traj in trajectories.values():
         rows = traj["rows"]
@@ -152,7 +167,6 @@ def _measure_curves(trajectories: dict[str, dict[str, Any]], path: Path,
     for ax, title in zip(axes, titles, strict=True):
         epoch_axis(ax, "epoch", title)
     axes[0].legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def polar_plot(trajectories: dict[str, KernelTrajectory], path: Path) -> Path:
@@ -160,7 +174,11 @@ def polar_plot(trajectories: dict[str, KernelTrajectory], path: Path) -> Path:
     trajectory, radius ||K_t - K_0|| / ||K_T - K_0|| against angle arccos(1 - S(K_t, K_0)),
     class-wise means, one point per stored epoch (the first at the origin)."""
     fig = plt.figure(figsize=(5, 4.6))
-    ax = fig.add_subplot(projection="polar")
+    _draw_polar(fig.add_subplot(projection="polar"), trajectories)
+    return save_figure(fig, path)
+
+
+def _draw_polar(ax, trajectories: dict[str, KernelTrajectory]) -> None:
     for label, store in sorted(trajectories.items()):
         epochs, kernels = store.stack()
         output = store.load(epochs[0]).meta["output"]
@@ -174,15 +192,18 @@ def polar_plot(trajectories: dict[str, KernelTrajectory], path: Path) -> Path:
     ax.set_title("kernel dynamics: radius (to the final kernel) vs angle (from init)",
                  fontsize=8)
     ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0.75, 0.8))
-    return save_figure(fig, path)
 
 
 def trajectory_heatmap(trajectory: KernelTrajectory, title: str, path: Path) -> Path:
     """The heatmap of a stored kernel trajectory (class-wise distances averaged)."""
+    return heatmap_plot(*_trajectory_distances(trajectory), title, path)
+
+
+def _trajectory_distances(trajectory: KernelTrajectory) -> tuple[list[float], np.ndarray]:
+    """A stored trajectory's epochs [T] and S(k_s, k_t) [T, T], class-wise means."""
     epochs, kernels = trajectory.stack()
     output = trajectory.load(epochs[0]).meta["output"]
-    distances = pairwise_distances(per_kernel(kernels, output)).mean(axis=-1)
-    return heatmap_plot(epochs, distances, title, path)
+    return epochs, pairwise_distances(per_kernel(kernels, output)).mean(axis=-1)
 
 
 def heatmap_plot(epochs, distances: np.ndarray, title: str, path: Path,
@@ -191,6 +212,11 @@ def heatmap_plot(epochs, distances: np.ndarray, title: str, path: Path,
     epochs, or between trajectories (``epochs`` then holds their names and ``axis`` says what
     they are). Up to ``MAX_ANNOTATED`` rows, every cell shows its value."""
     fig, ax = plt.subplots(figsize=(5, 4.3))
+    _draw_heatmap(fig, ax, epochs, distances, title, axis)
+    return save_figure(fig, path)
+
+
+def _draw_heatmap(fig, ax, epochs, distances: np.ndarray, title: str, axis: str) -> None:
     numeric = all(isinstance(e, int | float | np.number) for e in epochs) and len(epochs) > 1
     labels = [f"{e:g}" if isinstance(e, int | float | np.number) else str(e) for e in epochs]
     if numeric:  # cell edges half-way between epochs: 0, 1, 2, 10, 30 are not evenly spaced
@@ -216,4 +242,25 @@ def heatmap_plot(epochs, distances: np.ndarray, title: str, path: Path,
     ax.set_ylabel(axis)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="kernel distance")
-    return save_figure(fig, path)
+
+
+def kernel_overview(trajectories: dict[str, dict[str, Any]],
+                    stores: dict[str, KernelTrajectory], path: Path, title: str = "") -> Path:
+    """A trial's kernel figures in one PNG (no PDF): the distance curves (``DISTANCES``), the
+    alignment curves (``ALIGNMENTS``), and a row with the polar view and one epoch-by-epoch
+    heatmap per trajectory. ``trajectories`` as for ``kernel_distance_plot``; ``stores``: the
+    kernel trajectories by label (``<mode> seed <seed>``)."""
+    cols = max(3, 1 + len(stores))
+    fig = plt.figure(figsize=(4.4 * cols, 12.5))
+    grid = fig.add_gridspec(3, cols, left=0.05, right=0.97, bottom=0.05, top=0.93,
+                            wspace=0.3, hspace=0.38)
+    for row, (keys, titles) in enumerate((DISTANCES, ALIGNMENTS)):
+        _draw_measure_curves([fig.add_subplot(grid[row, c]) for c in range(3)], trajectories,
+                             keys, titles)
+    _draw_polar(fig.add_subplot(grid[2, 0], projection="polar"), stores)
+    for c, (label, store) in enumerate(sorted(stores.items()), start=1):
+        _draw_heatmap(fig, fig.add_subplot(grid[2, c]), *_trajectory_distances(store),
+                      f"kernel distances, {label}", "epoch")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path, pdf=False, tight=False)

@@ -90,8 +90,9 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
         to_final = client.get_metric_history(t.info.run_id, "to_final")
         assert to_final[-1].value < 1e-5 and to_final[0].value > 0
     artifacts = {a.path for a in client.list_artifacts(trials[0].info.run_id)}
-    assert {"results.csv", "summary.md", "kernel_distances.png", "kernel_heatmap_A.png",
-            "kernel_heatmap_C.png"} <= artifacts
+    assert {"results.csv", "summary.md", "kernels.png"} <= artifacts
+    # One overview figure a trial, beside it and in its run; no PDF twins in a sweep.
+    assert not any(a.endswith(".pdf") for a in artifacts)
     cross = client.get_metric_history(trials[0].info.run_id, "kernel/cross/AC/distance")
     assert len(cross) == 3 and cross[0].value < 1e-5  # same initial network for C and A
     # The rule triggered where the logged distance to the previous kernel is below 10.
@@ -198,7 +199,7 @@ def test_ray_workers_log_to_a_real_mlflow_server(tmp_path, ray_local, monkeypatc
         for t in trials:  # logged by Ray workers, through the server
             assert t.info.status == "FINISHED" and "robust_linf" in t.data.metrics
             names = {a.path for a in client.list_artifacts(t.info.run_id)}
-            assert {"results.csv", "summary.md", "kernel_distances.png"} <= names
+            assert {"results.csv", "summary.md", "kernels.png"} <= names
         assert len([r for r in runs if r.data.tags.get("kind") == "switch_run"]) == 2 * 2
         # The comparisons of the README, as MLflow's own searches, against the trial files:
         # CC switched at epoch 1, one model run per seed, nested under its trial.
