@@ -63,15 +63,35 @@ def open_trajectory(trajectory: Trajectory) -> OpenTrajectory:
     return OpenTrajectory(data, model, trajectory.checkpoints(), template)
 
 
-def kernel_engine(model: Any, spec: KernelSpec) -> NtkEngine:
+# Kernel engines of this process by what their programs are built from (the last
+# ENGINE_SETS): the trajectories of an experiment and the trials a reused Ray worker runs
+# trace and compile an engine's two programs once instead of once per trajectory.
+ENGINE_SETS = 4
+_ENGINES: dict[str, NtkEngine] = {}
+
+
+def kernel_engine(model: Any, spec: KernelSpec,
+                  input_shape: tuple[int, ...] | None = None) -> NtkEngine:
     """The engine computing a config's kernels of ``model``: the network as evaluated
     (standard dynamics, batch-norm statistics frozen), with ``spec``'s output, logit,
-    implementation, block size, memory budget and dtype."""
-    return NtkEngine(
-        make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
-        logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
-        memory_budget=spec.memory_budget_bytes, dtype=spec.dtype, model=model,
-    )
+    implementation, block size, memory budget and dtype. Given the shape of one input
+    ``input_shape``, the process's engine for (model, spec, shape) (it keeps its compiled
+    programs); without it, a new engine."""
+    def build() -> NtkEngine:
+        return NtkEngine(
+            make_apply_fn(model, Dynamics.STANDARD, BatchNormMode.FROZEN), spec.output,
+            logit=spec.logit, implementation=spec.implementation, block_size=spec.block_size,
+            memory_budget=spec.memory_budget_bytes, dtype=spec.dtype, model=model,
+        )
+
+    if input_shape is None:
+        return build()
+    key = repr((model, spec, tuple(input_shape)))
+    engine = _ENGINES.pop(key, None) or build()
+    _ENGINES[key] = engine  # most recent last
+    while len(_ENGINES) > ENGINE_SETS:
+        del _ENGINES[next(iter(_ENGINES))]
+    return engine
 
 
 class KernelRecorder:
@@ -88,7 +108,7 @@ class KernelRecorder:
         self.labels = data.y_train[self.indices]
         self.meta = {"model": trajectory.config.model.name, "mode": trajectory.mode,
                      "seed": trajectory.seed, "trajectory": trajectory.id}
-        self.engine = kernel_engine(model, spec)
+        self.engine = kernel_engine(model, spec, self.x_probe.shape[1:])
         self.trajectory = trajectory.kernels(spec)
 
     def record(self, state: TrainState, step: int, checkpoint_meta: dict[str, Any]) -> None:
