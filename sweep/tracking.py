@@ -105,6 +105,7 @@ MAX_BACKOFF_S = 30.0  # the longest wait between two tries of an MLflow request
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value (longer ones are cut)
 MAX_TAG_CHARS = 5000  # what a tag keeps of an error message (MLflow allows 8000)
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per log_batch request
+MAX_BATCH_ENTITIES = 1000  # and all three together
 
 
 class Tracker:
@@ -185,17 +186,24 @@ class Tracker:
             c.set_terminated(op["run"], "FINISHED")
 
     def _deliver(self, op: dict[str, Any], keys: Sequence[str]) -> None:
-        """Sends the op's ``keys`` lists to its run in ``log_batch`` requests within MLflow's
-        limits (``BATCH_LIMITS``), removing each part from the op once the server has it: a
+        """Sends the op's ``keys`` lists to its run in as few ``log_batch`` requests as MLflow's
+        limits allow (``BATCH_LIMITS``), removing each part from the op once the server has it: a
         retry after a failed request sends only the rest (and so does an attempt that loads
         the op from ``save_pending``), so no metric point is logged twice."""
         entity = {"params": Param, "tags": RunTag, "metrics": Metric}
-        for key in keys:
-            items, limit = op.get(key) or [], BATCH_LIMITS[key]
-            while items:
-                self.client.log_batch(op["run"], **{key: [entity[key](*item)
-                                                          for item in items[:limit]]})
-                del items[:limit]
+        while any(op.get(key) for key in keys):
+            # One request takes what fits of every list (a child run's params and metrics
+            # together): each list within its limit, all within MAX_BATCH_ENTITIES.
+            taken, room = {}, MAX_BATCH_ENTITIES
+            for key in keys:
+                taken[key] = min(len(op.get(key) or []), BATCH_LIMITS[key], room)
+                room -= taken[key]
+            self.client.log_batch(op["run"], **{
+                key: [entity[key](*item) for item in op[key][:n]]
+                for key, n in taken.items() if n})
+            for key, n in taken.items():
+                if n:
+                    del op[key][:n]
 
     def _submit(self, op: dict[str, Any]) -> None:
         if not self.buffered:

@@ -288,6 +288,33 @@ def test_a_batch_beyond_mlflow_limits_resumes_where_a_failure_stopped_it(fake_ml
                and len(b.get("params", [])) <= BATCH_LIMITS["params"] for b in bodies)
 
 
+def test_a_child_run_is_three_requests_its_params_and_metrics_in_one_batch(fake_mlflow):
+    """A finished child run (an evaluated model) is create, one log-batch with its params and
+    metrics together, and end: a sweep makes one per evaluated model, so each request more is
+    paid thousands of times."""
+    from sweep.tracking import MAX_BATCH_ENTITIES
+
+    server = fake_mlflow
+    tracker = Tracker(server.uri, buffered=True)
+    trial = tracker.start("0", "trial", {"kind": "trial"})
+    tracker.child("0", "CC-s0", {"kind": "switch_run"}, trial,
+                  {"accuracy": 0.75, "robust_linf": 0.5}, params={"code": "CC", "seed": 0},
+                  curves=[["loss", 1.0, 0, 1], ["loss", 0.5, 0, 2]])
+    tracker.child("0", "big", {"kind": "switch_run"}, trial,
+                  {f"m{i}": float(i) for i in range(950)}, params={f"p{i}": i for i in range(99)})
+    assert tracker.flush(10.0)
+    endpoints = [e for e, _ in server.applied]
+    assert endpoints == ["runs/create", "runs/create", "runs/log-batch", "runs/update",
+                         "runs/create", "runs/log-batch", "runs/log-batch", "runs/update"]
+    first = [b for e, b in server.applied if e == "runs/log-batch"][0]
+    assert len(first["params"]) == 2 and len(first["metrics"]) == 4
+    bodies = [b for e, b in server.applied if e == "runs/log-batch"][1:]
+    assert all(len(b.get("params", [])) + len(b.get("metrics", [])) <= MAX_BATCH_ENTITIES
+               for b in bodies)
+    assert sum(len(b.get("metrics", [])) for b in bodies) == 950
+    assert sum(len(b.get("params", [])) for b in bodies) == 99
+
+
 def test_a_report_of_runs_logged_before_the_params_layout_names_the_run(tmp_path):
     """Model runs an earlier version logged with tags instead of params: the report stops with
     an error naming the run and what it lacks, not a KeyError."""
