@@ -91,6 +91,13 @@ def _report(metrics: dict[str, Any], state: dict[str, Any] | None = None) -> Non
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
 
+# A trial's progress reports to Tune (epochs, evaluated models): at most one every
+# REPORT_EVERY_S, the latest standing each time; every one under a scheduler (ASHA decides on
+# them). A report costs the driver tens of milliseconds: a small trial's dozens of epochs and
+# models were most of its overhead (issue 15).
+REPORT_EVERY_S = 1.0
+
+
 def _restored_runs() -> dict[str, Any] | None:
     """The MLflow runs in the trial's Tune checkpoint (a retried or restored trial):
     ``{"run_id": trial run, "trajectories": {mode: run id}}``."""
@@ -123,6 +130,7 @@ class TrialReporter:
         self.curves: dict[str, list[list[Any]]] = {}  # phase-2 curves by code, until its row
         self.phase1_epochs = self.phase1_spe = 0
         self.steps_done = self.steps_planned = 0
+        self.reported = -math.inf  # time.monotonic() of the last progress report
 
     def hooks(self) -> Hooks:
         return Hooks(on_epoch=self.on_epoch, on_result=self.on_result, on_step=self.on_step,
@@ -144,6 +152,14 @@ class TrialReporter:
         axis) and the running means of their metrics."""
         return {"progress": self.progress(), "models_evaluated": len(self.rows),
                 **summary_metrics(self.rows)}
+
+    def report_progress(self, metrics: dict[str, Any]) -> None:
+        """``metrics`` to Tune unless a progress report went less than ``REPORT_EVERY_S``
+        ago (always under a scheduler: ``ctx["every_report"]``)."""
+        now = time.monotonic()
+        if self.ctx.get("every_report") or now - self.reported >= REPORT_EVERY_S:
+            self.reported = now
+            _report(metrics)
 
     def on_plan(self, steps: int) -> None:
         self.steps_planned = steps
@@ -173,8 +189,8 @@ class TrialReporter:
             f"/t={stage.switch_step / max(self.phase1_spe, 1):g}" if stage.phase == 2 else "")
         self.heartbeat(name, epoch)
         self.tracker.save_pending(self.pending_file)  # undelivered writes survive a kill
-        _report({"stage": name, "epoch": epoch, "train_loss": metrics["loss"],
-                 "train_accuracy": metrics["accuracy"], **self.standing()})
+        self.report_progress({"stage": name, "epoch": epoch, "train_loss": metrics["loss"],
+                              "train_accuracy": metrics["accuracy"], **self.standing()})
 
     def on_result(self, r: dict[str, Any]) -> None:
         self.rows.append(r)
@@ -194,7 +210,7 @@ class TrialReporter:
             run = self.trajectory_runs[r["code"][0]]
             self.tracker.log(run, {"switch_rule_epoch": r["switch_epoch"]}, skip=self.skip(run))
         self.tracker.save_pending(self.pending_file)
-        _report(self.standing())
+        self.report_progress(self.standing())
 
     def on_wait(self, trajectory: Trajectory) -> None:
         """Another trial holds ``trajectory`` (training it, or computing its kernels): say so

@@ -62,7 +62,8 @@ SWEEP: dict[str, Any] = {
 # What a sweep's driver must not print: its libraries' chatter (JAX's fork warning, MLflow's
 # database migrations, Tune's configuration table and TensorBoard hint, Tune's state writes).
 QUIET = ("os.fork() was called", "Creating initial MLflow database tables", "TensorBoard",
-         "Configuration for experiment", "Wrote the latest version")
+         "Configuration for experiment", "Wrote the latest version",
+         "Failed to fetch metrics")  # Tune's loggers are off: no result.json to fetch
 
 
 def bulk_sweep(uri: str, trials: int, children: int) -> tuple[str, str]:
