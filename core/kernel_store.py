@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,40 @@ def load_meta(path: str | Path) -> dict[str, Any]:
                             f"{str(e)[:200]}); delete it to have it computed again") from e
 
 
+# Kernel records read in this process, most recent last, by file: at most CACHE_BYTES of
+# kernels. A trial's end reads its trajectories' kernels for the measures, the figures and the
+# distances between trajectories, and a sweep's end every pair of its trajectories: each file
+# is read once while it fits, and the least recently read go first.
+CACHE_BYTES = 1 << 30
+_CACHE: OrderedDict[Path, tuple[tuple[int, int, int], KernelRecord]] = OrderedDict()
+
+
+def _cached_load(path: Path) -> KernelRecord:
+    """``load_kernel(path)``, from the cache while the file is the one read: same inode,
+    size and modification time (files are replaced, never rewritten, so a new file is a new
+    inode even where the file system keeps times in whole seconds). Cached records are
+    read-only: every reader shares them."""
+    stat = path.stat() if path.is_file() else None
+    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns) if stat else (-1, -1, -1)
+    cached = _CACHE.pop(path, None)
+    if cached is not None and cached[0] == version:
+        _CACHE[path] = cached
+        return cached[1]
+    record = load_kernel(path)
+    if record.kernel.nbytes <= CACHE_BYTES:
+        for array in (record.kernel, record.probe_indices, record.labels):
+            array.flags.writeable = False
+        _CACHE[path] = (version, record)
+        held = sum(r.kernel.nbytes for _, r in _CACHE.values())
+        while held > CACHE_BYTES:
+            _, (_, old) = _CACHE.popitem(last=False)
+            held -= old.kernel.nbytes
+    return record
+
+
 class KernelTrajectory:
-    """The kernels of one trajectory and output mode, stored under ``directory``."""
+    """The kernels of one trajectory and output mode, stored under ``directory`` (records
+    read through the process's cache, ``_cached_load``)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -101,7 +134,7 @@ class KernelTrajectory:
         save_kernel(self.path(record.meta["epoch"]), record)
 
     def load(self, epoch: float) -> KernelRecord:
-        return load_kernel(self.path(epoch))
+        return _cached_load(self.path(epoch))
 
     def stack(self, epochs: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(epochs [T], kernels [T, ...]) for the given or all stored epochs."""

@@ -113,6 +113,42 @@ def test_kernel_files_round_trip_without_pickle(tmp_path):
     assert not list((tmp_path / "k").glob("*.tmp"))
 
 
+def test_a_trajectory_reads_each_kernel_file_once_until_it_is_written_again(tmp_path,
+                                                                           monkeypatch):
+    """A trial's end reads its trajectories' kernels for the measures, the figures and the
+    distances: each file is read once in a process (the records shared, read-only), a file
+    written again is read again, and past the cache's bytes the least recently read go."""
+    import core.kernel_store as ks
+
+    monkeypatch.setattr(ks, "_CACHE", type(ks._CACHE)())
+    reads = []
+    real = ks.load_kernel
+    monkeypatch.setattr(ks, "load_kernel", lambda path: reads.append(path) or real(path))
+    traj = KernelTrajectory(tmp_path / "k")
+
+    def save(epoch, seed):
+        traj.save(KernelRecord(_psd(seed, 4).astype(np.float32), np.arange(4),
+                               np.array([0, 0, 1, 1]), {"epoch": epoch, "output": "trace",
+                                                        "model": "mlp", "dtype": "float32"}))
+
+    for epoch in (0.0, 1.0, 2.0):
+        save(epoch, int(epoch))
+    _, first = traj.stack()
+    again = np.stack([traj.load(e).kernel for e in (0.0, 1.0, 2.0)])
+    assert len(reads) == 3 and np.array_equal(first, again)
+    with pytest.raises(ValueError):
+        traj.load(1.0).kernel[0, 0] = 1.0  # shared: read-only
+    save(1.0, 7)  # written again: read again, the new kernel
+    np.testing.assert_array_equal(traj.load(1.0).kernel, _psd(7, 4).astype(np.float32))
+    assert len(reads) == 4
+    assert KernelTrajectory(tmp_path / "k").stack()[1].shape == (3, 4, 4)  # another reader
+    assert len(reads) == 4
+    monkeypatch.setattr(ks, "CACHE_BYTES", 2 * 4 * 4 * 4)  # two kernels: the oldest goes
+    ks._CACHE.clear()
+    traj.stack(), traj.stack()
+    assert len(reads) == 4 + 3 + 3
+
+
 def test_flipped_bits_in_a_kernel_file_are_a_clear_error_naming_it(tmp_path):
     """Every flipped byte of a kernel file either reads back the same record or raises
     DamagedKernel naming the file (never zipfile's, zlib's or numpy's own errors)."""
