@@ -23,7 +23,11 @@ Goals:
   ``digits-demo`` (``--quick``: 2 phase-1 epochs), in a fresh process whose compilation cache
   a first run filled: <= 0.03;
 * ``report_reads_all_runs``: a report over 60,000 evaluated-model runs (inserted straight into
-  MLflow's tables) returns every one.
+  MLflow's tables) returns every one;
+* ``digits_grid_sweep_vs_one_process``: the digits CNN grid (``digits-switch-point``, seed 0)
+  as a sweep of one trial per code against the same grid and its kernels in one process, wall
+  time: <= 0.55 (``--grid-only`` runs just this: about 20 minutes; ``--quick`` a shorter grid,
+  still about 8, the evaluation's APGD-100 and transfer attacks being most of it).
 
 Also MLflow's write throughput against a real ``mlflow server`` on PostgreSQL (both started
 here on loopback) with 1, 2 and 8 concurrent writers (the trials a node runs at once) and 1 or
@@ -279,13 +283,74 @@ def fit(rows: list[dict], key: str) -> tuple[float, float]:
     return float(a), float(b)
 
 
+GRID_PROBE = """
+import json, sys, time
+from core.config import config_from_dict
+from core.experiment import run_experiment
+from core.trajectory_kernels import compute_trajectory_kernels
+from core.trajectory_store import TrajectoryStore
+cfg = config_from_dict(json.loads(sys.argv[1]))
+start = time.perf_counter()
+run_experiment(cfg, sys.argv[2])
+for trajectory in TrajectoryStore(sys.argv[2]).of(cfg):
+    compute_trajectory_kernels(trajectory, cfg.kernel)
+print(json.dumps({"wall_s": time.perf_counter() - start}))
+"""
+
+
+def grid_ratio(tmp: Path, quick: bool) -> dict:
+    """The digits CNN grid (``digits-switch-point`` with seed 0: codes CC, AC, CA, AA, switch
+    points 0, 1, 2, 5, 10, 30, kernels at every checkpoint) as a sweep of one trial per code
+    (``ntk-sweep run``, a trial a core, trajectories shared through the store) against the
+    same grid by ``run_experiment`` and the kernels in one process: wall seconds of each and
+    their ratio (goal <= 0.55; 0.5 is the two-core limit). ``quick``: 5 phase-1 epochs, switch
+    points 0, 1, 2, 5, 2 phase-2 epochs."""
+    from core.config import read_config_file
+    from search_spaces import resolve
+
+    base = {**read_config_file(resolve("digits-switch-point")), "seeds": [0]}
+    if quick:
+        base["phase1"] = {**base["phase1"], "epochs": 5, "lr_decay_epochs": []}
+        base["phase2"] = {**base["phase2"], "epochs": 2}
+        base["switch_points"] = [0, 1, 2, 5]
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", GRID_PROBE, json.dumps(base), str(tmp / "grid")],
+                          cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"digits grid experiment failed:\n{done.stderr[-3000:]}")
+    one_process = time.perf_counter() - start
+    log(f"digits grid in one process: {one_process:.1f} s")
+    space = {**base, "name": "grid", "codes": {"grid": [[c] for c in base["codes"]]},
+             "sweep": {"resources": {"cpus": 1}}}
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(space))
+    start = time.perf_counter()
+    done = subprocess.run([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(tmp / "gs")],
+                          cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"digits grid sweep failed:\n{done.stderr[-3000:]}")
+    sweep = time.perf_counter() - start
+    log(f"digits grid as a sweep: {sweep:.1f} s")
+    return {"one_process_s": one_process, "sweep_s": sweep, "ratio": sweep / one_process}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="sweeps of 4, 8 and 16 trials")
     parser.add_argument("--sweeps-only", action="store_true",
                         help="only the per-trial costs (for a before/after comparison)")
+    parser.add_argument("--grid-only", action="store_true",
+                        help="only the digits grid, sweep against one process")
     args = parser.parse_args()
     sizes = [4, 8, 16] if args.quick else [8, 32, 128]
+    if args.grid_only:
+        with tempfile.TemporaryDirectory(prefix="ntk-scale-") as name:
+            grid = grid_ratio(Path(name), args.quick)
+        print(json.dumps({"benchmark": "scale", "quick": args.quick, "cpus": os.cpu_count(),
+                          "grid": grid, "goals": [_grid_goal(grid)]}, indent=1))
+        return
     with tempfile.TemporaryDirectory(prefix="ntk-scale-") as name:
         tmp = Path(name)
         log("a tiny trial's own work, warm")
@@ -295,7 +360,10 @@ def main() -> None:
             log(f"sweep of {n} trials")
             rows.append(run_sweep(n, tmp))
         compiled, report, writes = {"share": float("nan")}, {"all": None}, []
+        grid = {"ratio": float("nan")}
         if not args.sweeps_only:
+            log("the digits grid: a sweep against one process")
+            grid = grid_ratio(tmp, args.quick)
             log("compilation share of the digits experiment")
             compiled = compile_share(tmp, args.quick)
             log("a report over 60,000 runs")
@@ -311,7 +379,7 @@ def main() -> None:
         "cpus": os.cpu_count(), "sweeps": rows, "per_trial": per_trial,
         "trial_work_cpu_s": round(work, 3),
         "trial_compute_s": round(compute, 3), "compile": compiled, "report": report,
-        "mlflow_writes_postgres": writes,
+        "mlflow_writes_postgres": writes, "grid": grid,
         "goals": [
             {"name": "overhead_cpu_s_per_trial", "value": round(overhead, 3), "target": 1.5,
              "met": overhead <= 1.5},
@@ -321,8 +389,14 @@ def main() -> None:
              "target": 0.03, "met": compiled["share"] <= 0.03},
             {"name": "report_reads_all_runs", "value": report["all"], "target": True,
              "met": report["all"]},
+            _grid_goal(grid),
         ],
     }, indent=1))
+
+
+def _grid_goal(grid: dict) -> dict:
+    return {"name": "digits_grid_sweep_vs_one_process", "value": round(grid["ratio"], 3),
+            "target": 0.55, "met": grid["ratio"] <= 0.55}
 
 
 if __name__ == "__main__":
