@@ -44,6 +44,7 @@ from core.evaluate import (
 )
 from core.models import init_model, make_model
 from core.preflight import preflight
+from core.recent import recent
 from core.results import result_metrics, result_row, write_results
 from core.train import (
     Divergence,
@@ -558,11 +559,7 @@ def _programs(cfg: ExperimentConfig, n_train: int) -> dict[str, Any]:
     closures ``phase_steps``, ``_evaluator``, ``_transfer``, ``craft`` and ``_score`` build
     (dataset, model, phase and evaluation settings, steps per epoch through ``n_train``)."""
     key = repr((cfg.dataset, cfg.model, cfg.phase1, cfg.phase2, cfg.eval, n_train))
-    programs = _PROGRAMS.pop(key, None) or {}
-    _PROGRAMS[key] = programs  # most recent last
-    while len(_PROGRAMS) > PROGRAM_SETS:
-        del _PROGRAMS[next(iter(_PROGRAMS))]
-    return programs
+    return recent(_PROGRAMS, key, dict, PROGRAM_SETS)
 
 
 def run_experiment(

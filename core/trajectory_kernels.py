@@ -25,6 +25,7 @@ from core.kernel_store import KernelRecord, KernelTrajectory
 from core.kernels import cross_distance, per_kernel, summary, trajectory_distances
 from core.models import init_model, make_model
 from core.ntk import NtkEngine
+from core.recent import recent
 from core.train import TrainState, init_state
 from core.trajectory_store import Trajectory
 
@@ -86,12 +87,7 @@ def kernel_engine(model: Any, spec: KernelSpec,
 
     if input_shape is None:
         return build()
-    key = repr((model, spec, tuple(input_shape)))
-    engine = _ENGINES.pop(key, None) or build()
-    _ENGINES[key] = engine  # most recent last
-    while len(_ENGINES) > ENGINE_SETS:
-        del _ENGINES[next(iter(_ENGINES))]
-    return engine
+    return recent(_ENGINES, repr((model, spec, tuple(input_shape))), build, ENGINE_SETS)
 
 
 class KernelRecorder:
