@@ -88,6 +88,14 @@ def load_meta(path: str | Path) -> dict[str, Any]:
 # is read once while it fits, and the least recently read go first.
 CACHE_BYTES = 1 << 30
 _CACHE: OrderedDict[Path, tuple[tuple[int, int, int], KernelRecord]] = OrderedDict()
+_held = 0  # bytes of the kernels in _CACHE (kept, not summed: a sweep's end reads thousands)
+
+
+def clear_cache() -> None:
+    """Forgets every kernel record read (tests that count reads start from here)."""
+    global _held
+    _CACHE.clear()
+    _held = 0
 
 
 def _cached_load(path: Path) -> KernelRecord:
@@ -95,21 +103,24 @@ def _cached_load(path: Path) -> KernelRecord:
     size and modification time (files are replaced, never rewritten, so a new file is a new
     inode even where the file system keeps times in whole seconds). Cached records are
     read-only: every reader shares them."""
+    global _held
     stat = path.stat() if path.is_file() else None
     version = (stat.st_ino, stat.st_size, stat.st_mtime_ns) if stat else (-1, -1, -1)
     cached = _CACHE.pop(path, None)
     if cached is not None and cached[0] == version:
         _CACHE[path] = cached
         return cached[1]
+    if cached is not None:  # the file was replaced
+        _held -= cached[1].kernel.nbytes
     record = load_kernel(path)
     if record.kernel.nbytes <= CACHE_BYTES:
         for array in (record.kernel, record.probe_indices, record.labels):
             array.flags.writeable = False
         _CACHE[path] = (version, record)
-        held = sum(r.kernel.nbytes for _, r in _CACHE.values())
-        while held > CACHE_BYTES:
+        _held += record.kernel.nbytes
+        while _held > CACHE_BYTES:
             _, (_, old) = _CACHE.popitem(last=False)
-            held -= old.kernel.nbytes
+            _held -= old.kernel.nbytes
     return record
 
 

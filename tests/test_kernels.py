@@ -120,7 +120,7 @@ def test_a_trajectory_reads_each_kernel_file_once_until_it_is_written_again(tmp_
     written again is read again, and past the cache's bytes the least recently read go."""
     import core.kernel_store as ks
 
-    monkeypatch.setattr(ks, "_CACHE", type(ks._CACHE)())
+    ks.clear_cache()
     reads = []
     real = ks.load_kernel
     monkeypatch.setattr(ks, "load_kernel", lambda path: reads.append(path) or real(path))
@@ -144,7 +144,7 @@ def test_a_trajectory_reads_each_kernel_file_once_until_it_is_written_again(tmp_
     assert KernelTrajectory(tmp_path / "k").stack()[1].shape == (3, 4, 4)  # another reader
     assert len(reads) == 4
     monkeypatch.setattr(ks, "CACHE_BYTES", 2 * 4 * 4 * 4)  # two kernels: the oldest goes
-    ks._CACHE.clear()
+    ks.clear_cache()
     traj.stack(), traj.stack()
     assert len(reads) == 4 + 3 + 3
 
