@@ -42,6 +42,14 @@ from core.evaluate import (
     make_evaluator,
     make_transfer_evaluator,
 )
+from core.evaluation_store import (
+    NETWORK_FIELDS,
+    REFERENCE_FIELDS,
+    NetworkEvaluations,
+    evaluation_key,
+    load_reference,
+    save_reference,
+)
 from core.models import init_model, make_model
 from core.preflight import preflight
 from core.recent import recent
@@ -372,16 +380,23 @@ def reference_examples(ctx: _Context, seed: int, init: tuple[Any, Any],
                         key: jax.Array) -> np.ndarray:
     """x_adv [n_test, ...]: ``eval.linf`` PGD crafted on the phase-1 network of mode
     ``eval.reference`` (seed ``seed``) at its last checkpoint within this run's phase 1
-    (``phase1.epochs``, or the largest switch point)."""
+    (``phase1.epochs``, or the largest switch point); crafted once, stored with the
+    trajectory (``core/evaluation_store.py``)."""
     mode = ctx.cfg.eval.reference
     phase1 = train_phase1(ctx, mode, seed, init)
     end = epoch_to_step(ctx.cfg.phase1_epochs, phase1.steps_per_epoch)
     last = max(s for s in phase1.store.steps() if s <= end)  # not a longer earlier run's
+    path = phase1.trajectory.reference_path(_eval_key(ctx, REFERENCE_FIELDS), last)
+    if (x := load_reference(path)) is not None:
+        phase1.store.close()
+        return x
     phase1, state, meta = _restore(ctx, phase1, mode, seed, init, last)
     phase1.store.close()
     ctx.hooks.log(f"seed {seed}: reference examples from the {mode} network at epoch "
                   f"{meta['epoch']:g}")
-    return craft(ctx, None, state, key)
+    x = craft(ctx, None, state, key)
+    save_reference(path, x)
+    return x
 
 
 def craft(ctx: _Context, anchor: Anchor | None, state: TrainState, key: jax.Array) -> np.ndarray:
@@ -418,14 +433,32 @@ def eval_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, 3), jax.random.fold_in(root, 4)
 
 
+def _eval_key(ctx: _Context, fields: tuple[str, ...]) -> str:
+    return evaluation_key(ctx.cfg.eval, fields, f"jax {jax.__version__} {jax.default_backend()}")
+
+
+def _network_correct(ctx: _Context, trajectory: Trajectory, step: int, state: TrainState,
+                    key: jax.Array) -> dict[str, np.ndarray]:
+    """The white-box members' per-example correctness of the phase-1 network at ``step``
+    (``state``): stored with the trajectory by whichever process evaluated it first."""
+    stored = NetworkEvaluations(trajectory.evaluations_path(_eval_key(ctx, NETWORK_FIELDS)))
+    if (correct := stored.get(step)) is None:
+        correct = _evaluate(ctx, "phase1", None, state.params, state.batch_stats, key)
+        stored.put(step, correct)
+    return correct
+
+
 def evaluate_model(ctx: _Context, key: jax.Array, switch: TrainState, anchor: Anchor | None,
-                   state: TrainState, x_ref: np.ndarray | None) -> dict[str, np.ndarray]:
+                   state: TrainState, x_ref: np.ndarray | None,
+                   white_box: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per-example correctness (bool [n]) of one model under the ensemble: a phase-1 network
     (``anchor`` None, ``state`` the network) or a phase-2 model around ``anchor``, whose
     transfer attack is crafted on the switch-point network ``switch``; ``x_ref``: the
-    reference network's examples, if the config names one."""
+    reference network's examples, if the config names one; ``white_box``: the white-box
+    members' results, if known (``_network_correct``)."""
     phase = "phase1" if anchor is None else "phase2"
-    correct = _evaluate(ctx, phase, anchor, state.params, state.batch_stats, key)
+    correct = dict(white_box) if white_box is not None else _evaluate(
+        ctx, phase, anchor, state.params, state.batch_stats, key)
     if anchor is not None and ctx.cfg.eval.transfer:
         correct["transfer_linf"] = _transfer(ctx)(
             (None, switch.params, switch.batch_stats), (anchor, state.params, state.batch_stats),
@@ -465,19 +498,112 @@ class _InitialRuns:
                 "seconds": round(time.perf_counter() - t0, 2)}
 
 
+class _Reference:
+    """The reference network's examples of one seed (``eval.reference``), crafted when first
+    asked for. A run whose own phase-1 data modes include the reference's asks at once. One
+    that does not (a sweep's CC trial, whose reference A another trial trains) does its own
+    work first: ``get(wait=False)`` answers None until the reference trajectory is stored to
+    this config's end and no process holds it, and its models wait for their reference column
+    instead of the run for the trajectory (which idled a core through all of phase-1 A)."""
+
+    def __init__(self, ctx: _Context, seed: int, init: tuple[Any, Any], key: jax.Array):
+        self.ctx, self.seed, self.init, self.key = ctx, seed, init, key
+        self.x: np.ndarray | None = None
+
+    def get(self, wait: bool) -> np.ndarray | None:
+        """x_adv [n_test, ...]; None if ``wait`` is False and the trajectory is not ready."""
+        if self.x is None and (wait or self._stored()):
+            self.x = reference_examples(self.ctx, self.seed, self.init, self.key)
+        return self.x
+
+    def _stored(self) -> bool:
+        cfg = self.ctx.cfg
+        trajectory = self.ctx.store.get(cfg, cfg.eval.reference, self.seed)
+        if not trajectory.exists() or trajectory.busy():
+            return False
+        store = trajectory.checkpoints()
+        try:
+            spe = len(self.ctx.y_train) // cfg.phase1.batch_size
+            return set(checkpoint_steps(cfg, spe)) <= set(store.steps())
+        finally:
+            store.close()
+
+
+@dataclass
+class _Evaluated:
+    """A model evaluated but for its reference column: ``correct`` (per-example correctness
+    under the ensemble), ``model`` (phase, anchor, state: what ``_score`` needs), ``fields``
+    (``result_row``'s seed, code, dynamics, switch epoch and training metrics), its switch
+    ``step`` and phase-2 ``epochs`` (for ``_InitialRuns.keep``), ``seconds`` spent so far."""
+
+    correct: dict[str, np.ndarray]
+    model: tuple[str, Anchor | None, TrainState]
+    fields: tuple[int, str, str, float, dict[str, float]]
+    step: int
+    epochs: list[tuple[int, dict[str, float]]] | None
+    seconds: float
+
+    def finish(self, ctx: _Context, at_init: _InitialRuns,
+               x_ref: np.ndarray | None) -> dict[str, Any]:
+        """The result row, with the reference column scored on ``x_ref`` if given."""
+        t0 = time.perf_counter() - self.seconds
+        if x_ref is not None:
+            self.correct["reference_linf"] = _score(ctx, *self.model, x_ref)
+        seed, code, dynamics, switch, train = self.fields
+        metrics = result_metrics(self.correct, ctx.cfg.eval.masking_threshold)
+        return at_init.keep(self.step, result_row(seed, code, dynamics, switch, metrics, train,
+                                                  t0), self.epochs)
+
+
 def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
     """Every trajectory and switch run of one seed; one result row per evaluated model."""
     cfg = ctx.cfg
     init = initial_params(ctx, seed)
     eval_key, ref_key = eval_keys(seed)
-    x_ref = None if cfg.eval.reference is None else reference_examples(ctx, seed, init, ref_key)
+    reference = None if cfg.eval.reference is None else _Reference(ctx, seed, init, ref_key)
+    if reference is not None and cfg.eval.reference in cfg.phase1_modes:
+        reference.get(wait=True)
     rows: list[dict[str, Any]] = []
-    threshold = cfg.eval.masking_threshold
     # At switch step 0 every data mode's network is the initial one (same key): the network
     # and each loader's phase 2 from it are computed once, for the first data mode, and the
     # other modes' rows are copies (A-@0 = C-@0, AC@0 = CC@0, AA@0 = CA@0 bit for bit), their
     # phase-2 epoch curves replayed through the hooks.
     at_init = _InitialRuns(ctx, seed)
+    # Switch points done but not yet reported, in order: their rows (or models waiting for
+    # the reference's examples) and the labels of their rows.
+    waiting: list[tuple[list[dict[str, Any] | _Evaluated], list[str]]] = []
+
+    def evaluate(trajectory: Trajectory, switch: TrainState, anchor: Anchor | None,
+                 state: TrainState, fields: tuple[int, str, str, float, dict[str, float]],
+                 step: int, epochs: list[tuple[int, dict[str, float]]] | None,
+                 t0: float) -> dict[str, Any] | _Evaluated:
+        x_ref = None if reference is None else reference.get(wait=False)
+        known = None if anchor is not None else _network_correct(ctx, trajectory, step, state,
+                                                                eval_key)
+        correct = evaluate_model(ctx, eval_key, switch, anchor, state, x_ref, known)
+        model = _Evaluated(correct, ("phase1" if anchor is None else "phase2", anchor, state),
+                           fields, step, epochs, time.perf_counter() - t0)
+        return model if reference is not None and x_ref is None else model.finish(
+            ctx, at_init, None)
+
+    def settle(wait: bool) -> None:
+        """Reports the waiting switch points' rows, once the reference's examples are there
+        (``wait``: trains or waits for the reference trajectory if need be)."""
+        pending = any(isinstance(m, _Evaluated) for made, _ in waiting for m in made)
+        x_ref = reference.get(wait) if pending and reference is not None else None
+        if pending and x_ref is None:
+            return
+        for made, labels in waiting:
+            done = [m.finish(ctx, at_init, x_ref) if isinstance(m, _Evaluated) else m
+                    for m in made]
+            for r in done:
+                r["switch_rule"] = labels[0]
+            done += [{**r, "switch_rule": label} for label in labels[1:] for r in done]
+            rows.extend(done)
+            for r in done if ctx.hooks.on_result else ():
+                ctx.hooks.on_result(r)
+        waiting.clear()
+
     for mode1 in cfg.phase1_modes:
         phase1 = train_phase1(ctx, mode1, seed, init)
         spe = phase1.steps_per_epoch
@@ -487,18 +613,17 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
         if phase1.rule_epoch is not None:
             switches.setdefault(phase1.rule_epoch, []).append(cfg.switch_rule.label())
         for switch in sorted(switches):
-            first = len(rows)
             t0 = time.perf_counter()
             step = epoch_to_step(switch, spe)
             phase1, state, meta = _restore(ctx, phase1, mode1, seed, init, step)
             hist = meta["history"]
+            made: list[dict[str, Any] | _Evaluated] = []
             if (row := at_init.copy(step, switch, mode1 + NETWORK, t0)) is None:
                 ctx.hooks.log(f"seed {seed} {mode1}: evaluating the network at epoch {switch}")
-                net = evaluate_model(ctx, eval_key, state, None, state, x_ref)
-                row = at_init.keep(step, result_row(
-                    seed, mode1 + NETWORK, "network", switch, result_metrics(net, threshold),
-                    hist[-1] if hist else {}, t0))
-            rows.append(row)
+                row = evaluate(phase1.trajectory, state, None, state, (
+                    seed, mode1 + NETWORK, "network", switch, hist[-1] if hist else {}),
+                    step, None, t0)
+            made.append(row)
             anchor = Anchor(state.params, state.batch_stats)
             for code in [c for c in cfg.codes if c[0] == mode1]:
                 t0 = time.perf_counter()
@@ -506,18 +631,12 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
                     ctx.hooks.log(f"seed {seed} {code}: phase 2 from epoch {switch}")
                     epochs: list[tuple[int, dict[str, float]]] = []
                     final, train = run_phase2(ctx, code, seed, step, anchor, epochs)
-                    correct = evaluate_model(ctx, eval_key, state, anchor, final, x_ref)
-                    row = at_init.keep(step, result_row(
-                        seed, code, cfg.phase2.dynamics, switch,
-                        result_metrics(correct, threshold), train, t0), epochs)
-                rows.append(row)
-            labels = switches[switch]
-            made = rows[first:]
-            for r in made:
-                r["switch_rule"] = labels[0]
-            rows += [{**r, "switch_rule": label} for label in labels[1:] for r in made]
-            for r in rows[first:] if ctx.hooks.on_result else ():
-                ctx.hooks.on_result(r)
+                    row = evaluate(phase1.trajectory, state, anchor, final, (
+                        seed, code, cfg.phase2.dynamics, switch, train), step, epochs, t0)
+                made.append(row)
+            waiting.append((made, switches[switch]))
+            settle(wait=False)
+        settle(wait=True)  # complete before the next data mode copies its rows at step 0
         if ctx.hooks.on_trajectory:
             end = epoch_to_step(cfg.phase1_epochs, spe)
             last = max((s for s in phase1.store.steps() if s <= end), default=None)

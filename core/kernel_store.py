@@ -15,11 +15,14 @@ import json
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,51 +38,60 @@ def kernel_filename(epoch: float) -> str:
     return f"epoch_{epoch:09.4f}.npz"
 
 
-def save_kernel(path: str | Path, record: KernelRecord) -> None:
-    """Writes a kernel file atomically."""
+def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes named arrays to an ``.npz`` atomically (a temporary name, then renamed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(  # stored, not deflated: 60x faster to write for ~10 % more bytes
-                f, kernel=record.kernel, probe_indices=record.probe_indices,
-                labels=record.labels, meta=np.array(json.dumps(record.meta)),
-            )
+            np.savez(f, **arrays)  # stored, not deflated: 60x faster to write, ~10 % larger
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-class DamagedKernel(ValueError):
-    """A kernel file that cannot be read as written (the zip's CRC-32 of every member catches
+def save_kernel(path: str | Path, record: KernelRecord) -> None:
+    """Writes a kernel file atomically."""
+    save_arrays(path, {"kernel": record.kernel, "probe_indices": record.probe_indices,
+                       "labels": record.labels, "meta": np.array(json.dumps(record.meta))})
+
+
+class DamagedFile(ValueError):
+    """An ``.npz`` that cannot be read as written (the zip's CRC-32 of every member catches
     nearly every flipped bit); the message names the file."""
 
 
-def load_kernel(path: str | Path) -> KernelRecord:
-    """Reads a kernel file (``allow_pickle=False``); DamagedKernel if it is not readable."""
+def load_arrays(path: str | Path, parse: Callable[[Any], T], what: str,
+                error: type[DamagedFile] = DamagedFile) -> T:
+    """``parse`` of the opened ``.npz`` (``allow_pickle=False``); ``error`` naming the file
+    and ``what`` it is if it cannot be read (FileNotFoundError passes)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return KernelRecord(z["kernel"], z["probe_indices"], z["labels"],
-                                json.loads(str(z["meta"])))
+            return parse(z)
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - zipfile, zlib, npy-header and JSON errors alike
-        raise DamagedKernel(f"{path}: damaged kernel file ({type(e).__name__}: "
-                            f"{str(e)[:200]}); delete it to have it computed again") from e
+        raise error(f"{path}: damaged {what} ({type(e).__name__}: {str(e)[:200]}); delete "
+                    "it to have it computed again") from e
+
+
+class DamagedKernel(DamagedFile):
+    """A kernel file that cannot be read as written."""
+
+
+def load_kernel(path: str | Path) -> KernelRecord:
+    """Reads a kernel file; DamagedKernel if it is not readable."""
+    return load_arrays(path, lambda z: KernelRecord(
+        z["kernel"], z["probe_indices"], z["labels"], json.loads(str(z["meta"]))),
+        "kernel file", DamagedKernel)
 
 
 def load_meta(path: str | Path) -> dict[str, Any]:
-    """Only the JSON record of a kernel file (the kernel itself is not decompressed)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return json.loads(str(z["meta"]))
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise DamagedKernel(f"{path}: damaged kernel file ({type(e).__name__}: "
-                            f"{str(e)[:200]}); delete it to have it computed again") from e
+    """Only the JSON record of a kernel file (the kernel itself is not read)."""
+    return load_arrays(path, lambda z: json.loads(str(z["meta"])), "kernel file",
+                       DamagedKernel)
 
 
 # Kernel records read in this process, most recent last, by file: at most CACHE_BYTES of

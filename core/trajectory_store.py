@@ -7,13 +7,16 @@ one store, and so do later sweeps and experiments given the same root)::
     trajectories/<id>/trajectory.json                 id, mode, seed, config (the record)
     trajectories/<id>/checkpoints/<step>.ckpt         one file per checkpoint
     trajectories/<id>/kernels/<output>-<hash>/epoch_*.npz
+    trajectories/<id>/evaluations-<key>.jsonl         its networks' per-example evaluations
+    trajectories/<id>/reference-<key>-<step>.npz      reference examples crafted on it
     trajectories/<id>.lock                            flock: one writer at a time
 
 ``<id>`` hashes what determines the trajectory (dataset, model, phase-1 optimisation and
 attack, data mode, seed; not its length), so two configs that differ only in phase 2 or in
 their switch points share it, and a trajectory found stored is continued, never retrained.
 ``<hash>`` hashes the kernel settings that change the numbers (probe set, output, logit,
-dtype), so kernels of other settings never mix.
+dtype), so kernels of other settings never mix; ``<key>`` the evaluation settings and the
+stack (``core/evaluation_store.py``).
 
 This module imports no JAX (the checkpoint store is opened lazily): the CLI
 uses it to estimate storage and resolve ids without loading JAX.
@@ -164,11 +167,34 @@ class Trajectory:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def busy(self) -> bool:
+        """Whether another process holds the lock now (training the trajectory or computing
+        its kernels); takes and drops it if free, so it is an answer for this instant."""
+        path = self.directory.with_name(self.directory.name + ".lock")
+        try:
+            with open(path) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(f, fcntl.LOCK_UN)
+        except FileNotFoundError:
+            pass
+        return False
+
     def checkpoints(self) -> CheckpointStore:
         """The checkpoint store (``core/checkpoints.py``; the caller closes it)."""
         from core.checkpoints import CheckpointStore
 
         return CheckpointStore(self.directory / CHECKPOINTS)
+
+    def evaluations_path(self, key: str) -> Path:
+        """Its networks' per-example evaluations under settings ``key``."""
+        return self.directory / f"evaluations-{key}.jsonl"
+
+    def reference_path(self, key: str, step: int) -> Path:
+        """The reference examples crafted on its network at ``step`` under ``key``."""
+        return self.directory / f"reference-{key}-{int(step)}.npz"
 
     def kernel_directory(self, spec: KernelSpec) -> Path:
         return self.directory / KERNELS / kernel_key(spec)

@@ -142,3 +142,52 @@ def test_a_named_reference_network_scores_every_model(tmp_path):
     for a, b in zip(rows, plain, strict=True):
         assert math.isnan(b["reference_linf"])
         assert (a["accuracy"], a["robust_linf"]) == (b["accuracy"], b["robust_linf"])
+
+
+@pytest.mark.slow
+def test_a_run_does_its_own_work_while_another_process_trains_its_reference(tmp_path):
+    """A run that does not train the reference itself (a sweep's CC trial; reference A)
+    while another process holds the reference trajectory: it trains and evaluates its own
+    models first and waits only when nothing else is left, and its rows are those of a run
+    that never waited (the digits grid as a sweep idled a core through all of phase-1 A)."""
+    import json
+    import threading
+
+    from core.experiment import Hooks
+    from core.trajectory_store import TrajectoryStore
+    from tests.helpers import BASE
+    from tests.helpers import tiny_cfg as _cfg
+
+    cfg = _cfg(codes=["CC"], switch_points=[0, 1, 2], eval={**BASE["eval"], "reference": "A"})
+    alone = run_experiment(cfg, tmp_path / "alone")
+    held, release = threading.Event(), threading.Event()
+
+    def other_process() -> None:  # flock: another open file is another holder
+        with TrajectoryStore(tmp_path / "busy").get(cfg, "A", 0).lock():
+            held.set()
+            release.wait(600)
+
+    holder = threading.Thread(target=other_process)
+    holder.start()
+    held.wait(60)
+    events: list[tuple] = []
+
+    def on_wait(trajectory) -> None:
+        events.append(("wait", trajectory.mode))
+        release.set()
+
+    hooks = Hooks(on_stage=lambda s: events.append(("stage", s.phase, s.code)),
+                  on_wait=on_wait, on_result=lambda r: events.append(("row", r["code"])))
+    try:
+        rows = run_experiment(cfg, tmp_path / "busy", hooks)
+    finally:
+        release.set()
+        holder.join()
+    waited = events.index(("wait", "A"))
+    assert events[:waited].count(("stage", 2, "CC")) == 3  # every phase 2 before waiting
+    assert ("row", "CC") in events[waited:] and ("row", "CC") not in events[:waited]
+
+    def same(rs):
+        return [json.dumps({k: v for k, v in r.items() if k != "seconds"}) for r in rs]
+    assert same(rows) == same(alone)  # bit for bit, the reference column included
+    assert all(0 <= r["reference_linf"] <= 1 for r in rows)
