@@ -26,8 +26,11 @@ Goals:
   MLflow's tables) returns every one;
 * ``digits_grid_sweep_vs_one_process``: the digits CNN grid (``digits-switch-point``, seed 0)
   as a sweep of one trial per code against the same grid and its kernels in one process, wall
-  time: <= 0.55 (``--grid-only`` runs just this: about 20 minutes; ``--quick`` a shorter grid,
-  still about 8, the evaluation's APGD-100 and transfer attacks being most of it).
+  time: <= 0.55 (``--grid-only`` runs just this: about 25 minutes; ``--quick`` a shorter grid,
+  still about 8, the evaluation's APGD-100 and transfer attacks being most of it). The one
+  process's XLA threads keep both cores busy (1.8 cores on average), so the floor, its
+  CPU-seconds over the cores, is near 0.9 here, not 0.5: ``digits_grid_sweep_vs_two_core_floor``
+  (the ratio over the floor measured in the same run) <= 1.1 says the sweep wastes little.
 
 Also MLflow's write throughput against a real ``mlflow server`` on PostgreSQL (both started
 here on loopback) with 1, 2 and 8 concurrent writers (the trials a node runs at once) and 1 or
@@ -290,11 +293,11 @@ from core.experiment import run_experiment
 from core.trajectory_kernels import compute_trajectory_kernels
 from core.trajectory_store import TrajectoryStore
 cfg = config_from_dict(json.loads(sys.argv[1]))
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 run_experiment(cfg, sys.argv[2])
 for trajectory in TrajectoryStore(sys.argv[2]).of(cfg):
     compute_trajectory_kernels(trajectory, cfg.kernel)
-print(json.dumps({"wall_s": time.perf_counter() - start}))
+print(json.dumps({"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}))
 """
 
 
@@ -320,7 +323,8 @@ def grid_ratio(tmp: Path, quick: bool) -> dict:
     if done.returncode != 0:
         sys.exit(f"digits grid experiment failed:\n{done.stderr[-3000:]}")
     one_process = time.perf_counter() - start
-    log(f"digits grid in one process: {one_process:.1f} s")
+    cpu = json.loads(done.stdout.strip().splitlines()[-1])["cpu_s"]
+    log(f"digits grid in one process: {one_process:.1f} s, {cpu:.0f} CPU-s")
     space = {**base, "name": "grid", "codes": {"grid": [[c] for c in base["codes"]]},
              "sweep": {"resources": {"cpus": 1}}}
     path = tmp / "grid.yaml"
@@ -333,7 +337,11 @@ def grid_ratio(tmp: Path, quick: bool) -> dict:
         sys.exit(f"digits grid sweep failed:\n{done.stderr[-3000:]}")
     sweep = time.perf_counter() - start
     log(f"digits grid as a sweep: {sweep:.1f} s")
-    return {"one_process_s": one_process, "sweep_s": sweep, "ratio": sweep / one_process}
+    # The sweep cannot end before the one process's CPU-seconds spread over every core: where
+    # XLA's intra-op threads already keep both cores busy, that floor is near 1, not 0.5.
+    floor = cpu / (os.cpu_count() or 1) / one_process
+    return {"one_process_s": one_process, "one_process_cpu_s": cpu, "sweep_s": sweep,
+            "ratio": sweep / one_process, "floor": floor}
 
 
 def main() -> None:
@@ -349,7 +357,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="ntk-scale-") as name:
             grid = grid_ratio(Path(name), args.quick)
         print(json.dumps({"benchmark": "scale", "quick": args.quick, "cpus": os.cpu_count(),
-                          "grid": grid, "goals": [_grid_goal(grid)]}, indent=1))
+                          "grid": grid, "goals": _grid_goals(grid)}, indent=1))
         return
     with tempfile.TemporaryDirectory(prefix="ntk-scale-") as name:
         tmp = Path(name)
@@ -389,14 +397,19 @@ def main() -> None:
              "target": 0.03, "met": compiled["share"] <= 0.03},
             {"name": "report_reads_all_runs", "value": report["all"], "target": True,
              "met": report["all"]},
-            _grid_goal(grid),
+            *_grid_goals(grid),
         ],
     }, indent=1))
 
 
-def _grid_goal(grid: dict) -> dict:
-    return {"name": "digits_grid_sweep_vs_one_process", "value": round(grid["ratio"], 3),
-            "target": 0.55, "met": grid["ratio"] <= 0.55}
+def _grid_goals(grid: dict) -> list[dict]:
+    """The issue's goal (0.55, set when 0.5 was taken to be two cores' limit) and the sweep
+    against the floor measured in the same run (``grid_ratio``): within 10 %."""
+    ratio, floor = grid["ratio"], grid.get("floor", float("nan"))
+    return [{"name": "digits_grid_sweep_vs_one_process", "value": round(ratio, 3),
+             "target": 0.55, "met": ratio <= 0.55},
+            {"name": "digits_grid_sweep_vs_two_core_floor", "value": round(ratio / floor, 3),
+             "target": 1.1, "met": ratio / floor <= 1.1}]
 
 
 if __name__ == "__main__":
