@@ -76,50 +76,76 @@ def sweep_state(out: Path) -> dict[str, Any]:
     return load_sweep(out)[0]
 
 
+def _trial_files(trial_dir: Path, status: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(status, heartbeat, final metrics) as the trial's own files settle them, where they
+    do, else ``status``: ``finished`` (its ``final.json`` written, as ``resume`` counts it),
+    ``failed`` (it diverged) or ``damaged: ...`` (a file of it is unreadable)."""
+    from sweep.layout import FAILED_STATE, FINAL_STATE, read_results
+
+    beat: dict[str, Any] = {}
+    final: dict[str, Any] = {}
+    try:
+        if (trial_dir / HEARTBEAT).is_file():
+            beat = read_record(trial_dir / HEARTBEAT, {"stage": str, "epoch": (int, float),
+                                                       "time": (int, float)})
+        if (trial_dir / FINAL_STATE).is_file():  # what resume counts as finished
+            read_results(trial_dir / "results.json")
+            final = read_record(trial_dir / FINAL_STATE, {"final": dict})["final"]
+            status = "finished"
+        elif (trial_dir / FAILED_STATE).is_file():
+            status = "failed"
+    except StateFileError as e:
+        status = f"damaged: {e}"
+    return status, beat, final
+
+
 def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per trial of the sweep's Tune experiment (``state``: its ``load_sweep``):
     id, status, failures, values of the swept paths, its last heartbeat, progress and metrics
     (of its last report to Tune).
 
-    The status is what the trial's own files say where they settle it (``finished``: its
-    ``final.json`` written, as ``resume`` counts it; results written without it, by a trial
-    killed while it computed kernels or wrote MLflow, is not finished; ``failed``: it
-    diverged; ``damaged``: a file of it is unreadable), else Tune's
-    as it last saved it: after a driver kill a trial Tune left RUNNING or PENDING shows the
-    stage and age of its heartbeat, if it has one."""
+    The status is what the trial's own files say where they settle it (``_trial_files``;
+    results written without ``final.json``, by a trial killed while it computed kernels or
+    wrote MLflow, is not finished), else Tune's as it last saved it: after a driver kill a
+    trial Tune left RUNNING or PENDING shows the stage and age of its heartbeat, if it has
+    one. Trials that started after Tune last saved its state (a driver killed within a
+    second of starting them: a reused worker runs a tiny trial in that time) are found by
+    their directories, named with the experiment's trial-id prefix, and counted as their
+    files say (``started`` if they do not settle it)."""
     from ray.tune import ExperimentAnalysis
 
-    from sweep.layout import CONTEXT_KEY, FAILED_STATE, FINAL_STATE, read_results
+    from sweep.layout import CONTEXT_KEY, VARIANT_FILE, read_json
 
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     try:
         analysis = ExperimentAnalysis(path)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{path}: no Tune experiment state ({e})") from None
-    records = []
-    for t in analysis.trials:
-        last = t.last_result or {}
-        values = {k: v for k, v in t.config.items() if k != CONTEXT_KEY}
-        trial_dir = out / "trials" / t.trial_id
-        status, beat = t.status, {}
-        try:
-            if (trial_dir / HEARTBEAT).is_file():
-                beat = read_record(trial_dir / HEARTBEAT, {"stage": str, "epoch": (int, float),
-                                                           "time": (int, float)})
-            if (trial_dir / FINAL_STATE).is_file():  # what resume counts as finished
-                read_results(trial_dir / "results.json")
-                status = "finished"
-            elif (trial_dir / FAILED_STATE).is_file():
-                status = "failed"
-        except StateFileError as e:
-            status = f"damaged: {e}"
+
+    def record(trial_id: str, status: str, failures: Any, values: dict[str, Any],
+               last: dict[str, Any]) -> dict[str, Any]:
+        status, beat, final = _trial_files(out / "trials" / trial_id, status)
+        last = final or last
         age = f", {time.time() - beat['time']:.0f} s ago" if beat else ""
-        records.append({"trial": t.trial_id, "status": status, "failures": t.num_failures,
-                        "last heartbeat": f"{beat['stage']} {beat['epoch']}{age}" if beat
-                        else "-", "unsent mlflow writes": beat.get("pending_writes", 0),
-                        **values,
-                        "models_evaluated": last.get("models_evaluated", 0),
-                        **{k: last[k] for k in RESULT_METRICS if k in last}})
+        return {"trial": trial_id, "status": status, "failures": failures,
+                "last heartbeat": f"{beat['stage']} {beat['epoch']}{age}" if beat else "-",
+                "unsent mlflow writes": beat.get("pending_writes", 0), **values,
+                "models_evaluated": last.get("models_evaluated", 0),
+                **{k: last[k] for k in RESULT_METRICS if k in last}}
+
+    records = [record(t.trial_id, t.status, t.num_failures,
+                      {k: v for k, v in t.config.items() if k != CONTEXT_KEY},
+                      t.last_result or {}) for t in analysis.trials]
+    known = {r["trial"] for r in records}
+    prefixes = {trial.rpartition("_")[0] for trial in known}
+    for directory in sorted((out / "trials").glob("*_*")) if prefixes else ():
+        if directory.name in known or directory.name.rpartition("_")[0] not in prefixes:
+            continue
+        try:
+            values = read_json(directory / VARIANT_FILE)
+        except StateFileError:
+            values = {}
+        records.append(record(directory.name, "started", "-", values, {}))
     return records
 
 

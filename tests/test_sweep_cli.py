@@ -142,6 +142,17 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     assert [round(float(r["distance"]), 5) for r in rows] == \
         [round(m.value, 5) for m in sorted(history, key=lambda m: m.step)]
 
+    # Tune's state as a driver killed within a second of starting the next trials saved it
+    # (it happened: a reused worker finished a tiny trial in that second): the one trial it
+    # knew of. Status counts the others from their files, named by the experiment's prefix.
+    for state_file in (out / "ray" / "cli-sweep").glob("experiment_state-*.json"):
+        saved = json.loads(state_file.read_text())
+        saved["trial_data"] = saved["trial_data"][:1]
+        state_file.write_text(json.dumps(saved))
+    (out / "trials" / "other_00000").mkdir()  # another experiment's prefix: not this sweep's
+    status = ntk_sweep("status", str(out))
+    assert status.returncode == 0 and "3 trials: 3 finished" in status.stdout, status.stdout
+
 
 @pytest.mark.slow
 def test_sweep_commands_name_what_is_missing(tmp_path):
