@@ -20,10 +20,16 @@ from typing import Any
 from core.config import MODES, RESULT_METRICS, ConfigError
 from core.trajectory_store import TrajectoryStore, is_trajectory
 from sweep.layout import (
+    CONTEXT_KEY,
+    FAILED_STATE,
+    FINAL_STATE,
     HEARTBEAT,
     SWEEP_STATE,
+    VARIANT_FILE,
     StateFileError,
+    read_json,
     read_record,
+    read_results,
     resolved,
 )
 from sweep.mlflow_runs import KIND, MODEL_KINDS, PARENT_TAG, SWEEP, TRAJECTORY, TRIAL, VARIANT_TAG
@@ -80,8 +86,6 @@ def _trial_files(trial_dir: Path, status: str) -> tuple[str, dict[str, Any], dic
     """(status, heartbeat, final metrics) as the trial's own files settle them, where they
     do, else ``status``: ``finished`` (its ``final.json`` written, as ``resume`` counts it),
     ``failed`` (it diverged) or ``damaged: ...`` (a file of it is unreadable)."""
-    from sweep.layout import FAILED_STATE, FINAL_STATE, read_results
-
     beat: dict[str, Any] = {}
     final: dict[str, Any] = {}
     try:
@@ -113,8 +117,6 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     their directories, named with the experiment's trial-id prefix, and counted as their
     files say (``started`` if they do not settle it)."""
     from ray.tune import ExperimentAnalysis
-
-    from sweep.layout import CONTEXT_KEY, VARIANT_FILE, read_json
 
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     try:
