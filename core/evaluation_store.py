@@ -41,6 +41,9 @@ NETWORK_FIELDS = ("linf", "l2", "margin_restarts", "batch_size", "max_test")
 """The ``EvalSpec`` fields a network's white-box evaluation depends on."""
 REFERENCE_FIELDS = ("linf", "batch_size", "max_test")
 """The fields the reference examples depend on."""
+MAX_EVALUATIONS_BYTES = 64 << 20
+"""An evaluations file is read whole: a line is about 7 KB for 10,000 test images and four
+attacks, so this holds thousands of checkpoints; a larger file is refused unread."""
 
 
 def evaluation_key(spec: EvalSpec, fields: tuple[str, ...], stack: str) -> str:
@@ -61,11 +64,17 @@ class NetworkEvaluations:
         self.path = Path(path)
 
     def get(self, step: int) -> dict[str, np.ndarray] | None:
-        """{member: bool [n]} of the network at ``step``, or None if not stored intact."""
+        """{member: bool [n]} of the network at ``step``, or None if not stored intact;
+        DamagedFile if the file is over ``MAX_EVALUATIONS_BYTES``."""
         try:
-            text = self.path.read_text()
+            size = self.path.stat().st_size
         except FileNotFoundError:
             return None
+        if size > MAX_EVALUATIONS_BYTES:
+            raise DamagedFile(f"{self.path}: {size} bytes, over the {MAX_EVALUATIONS_BYTES} an "
+                              "evaluations file may hold; delete it to have its networks "
+                              "evaluated again")
+        text = self.path.read_text(errors="replace")  # a damaged byte fails its line's hash
         found = None
         for number, line in enumerate(text.splitlines(), 1):
             if not line:

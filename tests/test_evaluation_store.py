@@ -131,3 +131,25 @@ def test_runs_sharing_a_trajectory_evaluate_its_networks_once(tmp_path):
                            store_root=tmp_path)
     assert len(sorted((tmp_path / "trajectories").glob("*/evaluations-*.jsonl"))) == 2
     assert networks(other) != networks(first)
+
+
+def test_an_evaluations_file_over_its_bound_is_refused_unread(tmp_path):
+    from core.evaluation_store import MAX_EVALUATIONS_BYTES
+    from core.kernel_store import DamagedFile
+
+    path = tmp_path / "e.jsonl"
+    with open(path, "wb") as f:  # sparse: no bytes written
+        f.truncate(MAX_EVALUATIONS_BYTES + 1)
+    with pytest.raises(DamagedFile, match=f"{path}: {MAX_EVALUATIONS_BYTES + 1} bytes"):
+        NetworkEvaluations(path).get(0)
+
+
+def test_a_line_with_bytes_that_are_not_text_is_skipped(tmp_path, caplog):
+    stored = NetworkEvaluations(tmp_path / "e.jsonl")
+    stored.put(0, {"linf": np.ones(5, bool)})
+    data = bytearray(stored.path.read_bytes())
+    data[20] = 0xFF  # not UTF-8
+    stored.path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="ntk_sweep"):
+        assert stored.get(0) is None
+    assert "damaged evaluation record" in caplog.text
