@@ -1,52 +1,47 @@
-"""Checkpoints of a training state, one file per minibatch step: ``<directory>/<step>.ckpt``.
+"""Checkpoints of a training state: a trajectory's checkpoints are records of one pack file
+(``core/pack.py``), keyed by their minibatch step.
 
 Each checkpoint holds the whole ``TrainState`` (params, BatchNorm statistics, optimizer state,
-step and key) plus a small JSON record (epoch, phase, ...). A file is laid out as (integers
-little-endian)::
+step and key) plus a small JSON record (epoch, phase, ...). Its record's magic line is
+``b"ntk-sweep checkpoint 1\\n"`` and its header::
 
-    0        b"ntk-sweep checkpoint 1\\n"   magic line, 23 bytes (the format's version)
-    23       uint64 H                      length of the header
-    31       32 bytes                      SHA-256 of the header's H bytes
-    63       H bytes of UTF-8 JSON         the header:
-               {"step": int, "meta": {...}, "digest": state_digest(step, state),
-                "leaves": [{"path": jax keystr, "dtype": numpy name, "shape": [...],
-                            "offset": int, "nbytes": int}, ...]}   (tree order)
-    63 + H   the data                      every leaf's raw bytes, C order, little-endian,
-                                           at ``offset`` from here, packed; the file ends there
+    {"step": int, "meta": {...}, "digest": state_digest(step, state),
+     "leaves": [{"path": jax keystr, "dtype": numpy name, "shape": [...],
+                 "offset": int, "nbytes": int}, ...]}   (tree order)
 
 A typed PRNG key leaf is stored as its ``key_data`` and wrapped again at restore. No pickle:
 restoring reads only JSON and raw numbers.
 
-A file is written under a temporary name (``.<step>.ckpt.tmp-<pid>``, never one of
-``steps()``), flushed to disk and renamed, so a file under its final name was whole when
-written. Whole is not intact: every byte is covered by a check at restore. A flip in the
-prefix or the header fails its SHA-256 (or the magic, the length bounds); a flip in the data
-fails ``digest``, the SHA-256 of the step and of every array of the state; a file of another
-step holds that step in its header. Each is a ``DamagedCheckpoint``, which the experiment sets
-aside and remakes; so is a file whose arrays (paths, dtypes, shapes) are not those of the
-template state given to ``restore``, the message naming the first that differs.
+Every byte is covered by a check. A flip in a record's prefix or header fails its SHA-256 (or
+the magic, the length bounds): the pack's scan skips it with a warning, and the step is
+missing, so it is trained again; a flip in the data fails ``digest``, the SHA-256 of the step
+and of every array of the state, at restore: a ``DamagedCheckpoint``, which the experiment
+sets aside (``quarantine``) and remakes; so is a record whose arrays (paths, dtypes, shapes)
+are not those of the template state given to ``restore``, the message naming the first that
+differs.
 
-Checkpoints of earlier versions (orbax directories ``<step>/``) are not read: they are not
-steps, a warning names their directory, and the trajectory is retrained (identical results).
-One file per checkpoint replaced orbax's 16 (issue 15: fewer small files, about 1 ms a save
-instead of 100).
+The previous format, one file per checkpoint (``<legacy>/<step>.ckpt``: the same bytes as a
+record), is read as a pack of one record each; new checkpoints go to the pack. Orbax
+directories ``<step>/`` of still earlier versions are not read: they are not steps, a warning
+names their directory, and the trajectory is retrained (identical results). One pack per
+trajectory replaced a file per checkpoint, which replaced orbax's 16 (issue 15: fewer small
+files; about 1 ms a save instead of 100).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import struct
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
+from core.pack import Entry, Pack, scan
 from core.timing import timed
 
 State = TypeVar("State")
@@ -54,9 +49,6 @@ State = TypeVar("State")
 LOG = logging.getLogger(__name__)
 
 MAGIC = b"ntk-sweep checkpoint 1\n"
-_LENGTH = struct.Struct("<Q")
-_PREFIX = len(MAGIC) + _LENGTH.size + 32  # magic, header length, header SHA-256
-MAX_HEADER = 64 * 2**20
 SUFFIX = ".ckpt"
 _NAME = re.compile(r"(0|[1-9][0-9]*)\.ckpt")
 _WARNED: set[Path] = set()  # directories whose older-format checkpoints were reported
@@ -97,42 +89,6 @@ def _host_leaves(state: Any) -> list[tuple[str, np.ndarray]]:
 def state_digest(step: int, state: Any) -> str:
     """SHA-256 over the step and, in tree order, every leaf's path, dtype, shape and bytes."""
     return _digest(step, _host_leaves(state))
-
-
-def _little(a: np.ndarray) -> np.ndarray:
-    return a.astype(a.dtype.newbyteorder("<"), copy=False) if a.dtype.byteorder == ">" else a
-
-
-def _encode(step: int, state: Any, meta: dict[str, Any]) -> tuple[bytes, list[np.ndarray]]:
-    """The prefix + header of a checkpoint file and the arrays that follow it."""
-    leaves, specs, offset = _host_leaves(state), [], 0
-    for path, a in leaves:
-        specs.append({"path": path, "dtype": a.dtype.name, "shape": list(a.shape),
-                      "offset": offset, "nbytes": a.nbytes})
-        offset += a.nbytes
-    header = json.dumps({"step": int(step), "meta": meta, "digest": _digest(step, leaves),
-                         "leaves": specs}, separators=(",", ":")).encode()
-    prefix = MAGIC + _LENGTH.pack(len(header)) + hashlib.sha256(header).digest()
-    return prefix + header, [_little(a) for _, a in leaves]
-
-
-def _read_header(f: BinaryIO, size: int) -> tuple[dict[str, Any], int]:
-    """The header of an open checkpoint file of ``size`` bytes and where its data starts;
-    ValueError if the prefix or the header is not what was written."""
-    prefix = f.read(_PREFIX)
-    if len(prefix) < _PREFIX or not prefix.startswith(MAGIC):
-        raise ValueError("not a checkpoint file of this format (magic line)")
-    (length,) = _LENGTH.unpack_from(prefix, len(MAGIC))
-    if length > min(MAX_HEADER, size - _PREFIX):
-        raise ValueError(f"header length {length} exceeds the file ({size} bytes) or "
-                         f"{MAX_HEADER} bytes")
-    raw = f.read(length)
-    if hashlib.sha256(raw).digest() != prefix[-32:]:
-        raise ValueError("header checksum mismatch")
-    header = json.loads(raw)
-    if not isinstance(header, dict) or not {"step", "meta", "digest", "leaves"} <= header.keys():
-        raise ValueError("incomplete header")
-    return header, _PREFIX + length
 
 
 def _stored_as(leaf: Any) -> tuple[np.dtype, tuple[int, ...]]:
@@ -194,118 +150,114 @@ def _key_impl(leaf: Any) -> Any:
 
 
 class CheckpointStore:
-    """Saves and restores states of one trajectory as ``directory/<step>.ckpt``."""
+    """Saves and restores states of one trajectory as records of one pack file
+    (``core/pack.py``); reads the one-file-per-step checkpoints of the previous format
+    (``legacy/<step>.ckpt``) too, a pack of one record each."""
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory).absolute()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._known: set[int] = set()
+    def __init__(self, path: str | Path, legacy: str | Path | None = None):
+        self.path = Path(path).absolute()
+        self.legacy = Path(legacy).absolute() if legacy is not None else None
+        self.pack = Pack(self.path, MAGIC, "step")
 
-    def _path(self, step: int) -> Path:
-        return self.directory / f"{int(step)}{SUFFIX}"
+    def _entries(self) -> dict[int, Entry]:
+        """Every checkpoint's record by step: the pack's, else a previous-format file's."""
+        found: dict[int, Entry] = {}
+        if self.legacy is not None and self.legacy.is_dir():
+            with os.scandir(self.legacy) as entries:
+                names = [e.name for e in entries]
+            for name in names:
+                if _NAME.fullmatch(name):
+                    found.update(scan(self.legacy / name, MAGIC, "step")[0])
+            if any(n.isdigit() for n in names) and self.legacy not in _WARNED:
+                _WARNED.add(self.legacy)
+                LOG.warning("%s holds checkpoints of an earlier format (directories "
+                            "<step>/), which are not used: their steps are trained again "
+                            "(identical results); they are kept, delete them when no longer "
+                            "needed", self.legacy)
+        found.update(self.pack.entries())
+        return found
 
     def steps(self) -> list[int]:
-        """Steps with a complete checkpoint, ascending (the one call that lists the directory)."""
-        found, older = set(), False
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                if m := _NAME.fullmatch(entry.name):
-                    found.add(int(m.group(1)))
-                elif entry.name.isdigit() and entry.is_dir():
-                    older = True
-        if older and self.directory not in _WARNED:
-            _WARNED.add(self.directory)
-            LOG.warning("%s holds checkpoints of an earlier format (directories <step>/), which "
-                        "are not used: their steps are trained again (identical results); "
-                        "they are kept, delete them when no longer needed", self.directory)
-        self._known = found
-        return sorted(found)
+        """Steps with a complete checkpoint, ascending."""
+        return sorted(self._entries())
 
     def older_steps(self) -> list[int]:
-        """Steps held only in an earlier format (orbax directories ``<step>/``), not read."""
-        with os.scandir(self.directory) as entries:
+        """Steps held only in an orbax format (directories ``<step>/``), not read."""
+        if self.legacy is None or not self.legacy.is_dir():
+            return []
+        with os.scandir(self.legacy) as entries:
             return sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Writes ``state`` and JSON-serialisable ``meta`` as checkpoint ``step`` (idempotent)."""
+        """Appends ``state`` and JSON-serialisable ``meta`` as checkpoint ``step`` unless it is
+        stored (idempotent). The caller holds the trajectory's lock: one writer at a time."""
         with timed("checkpoint"):
-            path = self._path(step)
-            if step in self._known or path.exists():
-                self._known.add(step)
+            if int(step) in self._entries():
                 return
-            head, arrays = _encode(step, state, meta)
-            tmp = self.directory / f".{path.name}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(head)
-                for a in arrays:
-                    f.write(a.reshape(-1).view(np.uint8))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            self._known.add(step)
+            leaves = _host_leaves(state)
+            self.pack.append({"step": int(step), "meta": meta, "digest": _digest(step, leaves),
+                              "leaves": [path for path, _ in leaves]},
+                             [a for _, a in leaves])
+
+    def _entry(self, step: int) -> Entry:
+        entry = self._entries().get(int(step))
+        if entry is None:
+            raise DamagedCheckpoint(step, FileNotFoundError(f"no checkpoint of step {step} in "
+                                                            f"{self.path}"))
+        return entry
 
     def restore(self, step: int, like: State) -> tuple[State, dict[str, Any]]:
         """Restores checkpoint ``step`` into the structure of ``like`` (arrays or
         ``jax.ShapeDtypeStruct``s, NamedTuples kept), on like's devices.
 
         Raises:
-          DamagedCheckpoint: the file cannot be read back, holds another step or other arrays
-            than ``like`` has, or its arrays are not those saved (digest mismatch).
+          DamagedCheckpoint: it is not stored, cannot be read back, holds other arrays than
+            ``like`` has, or its arrays are not those saved (digest mismatch).
         """
         like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
         with timed("checkpoint"):
+            entry = self._entry(step)
             try:
-                with open(self._path(step), "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    header, start = _read_header(f, size)
-                    if header["step"] != step:
-                        raise ValueError(f"the file is the checkpoint of step {header['step']}")
-                    _check_structure(header["leaves"], like_leaves)
-                    data = bytearray(size - start)
-                    got = f.readinto(data)
-                if got != sum(spec["nbytes"] for spec in header["leaves"]):
-                    raise ValueError(f"{got} bytes of data, the header lists "
-                                     f"{sum(spec['nbytes'] for spec in header['leaves'])}")
-                arrays = _arrays(data, header["leaves"], like_leaves)
+                _check_structure(entry.header["leaves"], like_leaves)
+                arrays = _arrays(self.pack.read(entry), entry.header["leaves"], like_leaves)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise DamagedCheckpoint(step, e) from e
-            paths = [spec["path"] for spec in header["leaves"]]
-            if _digest(step, list(zip(paths, arrays, strict=True))) != header["digest"]:
+            paths = [spec["path"] for spec in entry.header["leaves"]]
+            if _digest(step, list(zip(paths, arrays, strict=True))) != entry.header["digest"]:
                 raise DamagedCheckpoint(step, ValueError(
                     "its arrays are not those saved at this step (digest mismatch)"))
             state = jax.tree_util.tree_unflatten(treedef, _place(arrays, like_leaves))
-        return state, header["meta"]
+        return state, entry.header["meta"]
 
     def meta(self, step: int) -> dict[str, Any]:
-        """The JSON record of checkpoint ``step``, read from its header alone
-        (DamagedCheckpoint if unreadable)."""
-        try:
-            with open(self._path(step), "rb") as f:
-                header, _ = _read_header(f, os.fstat(f.fileno()).st_size)
-            if header["step"] != step:
-                raise ValueError(f"the file is the checkpoint of step {header['step']}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DamagedCheckpoint(step, e) from e
-        return header["meta"]
+        """The JSON record of checkpoint ``step``, from its header (DamagedCheckpoint if it is
+        not stored)."""
+        return self._entry(step).header["meta"]
 
-    def quarantine(self, step: int) -> Path:
-        """Moves a damaged checkpoint aside (``damaged-<step>-<time>.ckpt``, kept for
-        inspection) so that it is no longer one of ``steps()``; returns where it went."""
+    def quarantine(self, step: int) -> str:
+        """Sets a damaged checkpoint aside so that it is no longer one of ``steps()``: a
+        record of the pack is voided (its bytes kept in place), a previous-format file moved
+        to ``damaged-<step>-<time>.ckpt``. Returns where it is, for messages."""
+        entry = self._entries().get(int(step))
+        if entry is None:  # another process set it aside first
+            return f"{self.path.name} (already set aside)"
+        if entry.path == self.path:
+            self.pack.void(entry)
+            return f"{self.path.name}, bytes {entry.offset}+ (voided, kept in place)"
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for n in range(1000):  # the same step set aside again within a second gets -1, -2, ...
-            target = self.directory / (f"damaged-{step}-{stamp}" + (f"-{n}" if n else "")
-                                       + SUFFIX)
+            target = entry.path.with_name(f"damaged-{step}-{stamp}" + (f"-{n}" if n else "")
+                                          + SUFFIX)
             if target.exists():
                 continue
             try:
-                self._path(step).rename(target)
+                entry.path.rename(target)
             except FileNotFoundError:  # another process set it aside first
                 break
             except OSError:  # another process took this name first: next one
                 continue
             break
-        self._known.discard(step)
-        return target
+        return target.name
 
     def close(self) -> None:
         """Nothing stays open between calls; kept so that callers need not know."""

@@ -225,9 +225,9 @@ class _RuleWatch:
 
 
 def _set_aside(ctx: _Context, store: CheckpointStore, tid: str, error: DamagedCheckpoint) -> None:
-    """Moves a damaged checkpoint aside and says so (progress log and a logging warning)."""
-    moved = store.quarantine(error.step)
-    message = (f"trajectory {tid}: {error}; moved to {moved.name}, continuing from the "
+    """Sets a damaged checkpoint aside and says so (progress log and a logging warning)."""
+    where = store.quarantine(error.step)
+    message = (f"trajectory {tid}: {error}; set aside ({where}), continuing from the "
                "checkpoint before it")
     LOG.warning(message)
     ctx.hooks.log(f"warning: {message}")

@@ -5,7 +5,7 @@ Layout under a store root (an experiment's output directory, or a sweep's: its t
 one store, and so do later sweeps and experiments given the same root)::
 
     trajectories/<id>/trajectory.json                 id, mode, seed, config (the record)
-    trajectories/<id>/checkpoints/<step>.ckpt         one file per checkpoint
+    trajectories/<id>/checkpoints.pack                its checkpoints (``core/checkpoints.py``)
     trajectories/<id>/kernels/<output>-<hash>/epoch_*.npz
     trajectories/<id>/evaluations-<key>.jsonl         its networks' per-example evaluations
     trajectories/<id>/reference-<key>-<step>.npz      reference examples crafted on it
@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     from core.checkpoints import CheckpointStore
 
 RECORD = "trajectory.json"
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints.pack"
+LEGACY_CHECKPOINTS = "checkpoints"  # <step>.ckpt, one file each: read, no longer written
 KERNELS = "kernels"
 
 LOCK_PROBE = ".lock-probe"
@@ -186,7 +187,8 @@ class Trajectory:
         """The checkpoint store (``core/checkpoints.py``; the caller closes it)."""
         from core.checkpoints import CheckpointStore
 
-        return CheckpointStore(self.directory / CHECKPOINTS)
+        return CheckpointStore(self.directory / CHECKPOINTS,
+                               legacy=self.directory / LEGACY_CHECKPOINTS)
 
     def evaluations_path(self, key: str) -> Path:
         """Its networks' per-example evaluations under settings ``key``."""

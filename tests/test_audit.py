@@ -9,6 +9,7 @@ import json
 import pytest
 
 from core.audit import AuditError, ModelRef
+from core.checkpoints import CheckpointStore
 from core.experiment import run_experiment
 from sweep.cli import main
 from tests.helpers import BASE
@@ -99,15 +100,13 @@ def test_a_checkpoint_of_the_earlier_format_is_named_not_missing(tmp_path, capsy
     """A run whose checkpoints are orbax directories (``<step>/``, before one-file
     checkpoints): the audit says the checkpoint is of an earlier format and how to remake it,
     rather than that none is stored."""
-    import shutil
-
     out = tmp_path / "run"
     run_experiment(_cfg(codes=["CC"], switch_points=[0, 1]), out)
-    (checkpoints,) = out.glob("trajectories/*/checkpoints")
-    for path in checkpoints.glob("*.ckpt"):  # as an earlier version left them
-        step = path.stem
-        (checkpoints / step / "state").mkdir(parents=True)
-        shutil.move(path, checkpoints / step / "state" / "d")
+    (pack,) = out.glob("trajectories/*/checkpoints.pack")
+    for step in CheckpointStore(pack).steps():  # orbax directories, as an earlier version
+        (pack.parent / "checkpoints" / str(step) / "state").mkdir(parents=True)
+        (pack.parent / "checkpoints" / str(step) / "state" / "d").write_bytes(b"x")
+    pack.unlink()
     assert main(["attack", str(out), "--model", "CC@1"]) == 2
     err = capsys.readouterr().err
     assert "was written by an earlier version (directory 4/)" in err

@@ -1,5 +1,6 @@
-"""The checkpoint file format (core/checkpoints.py): one file a checkpoint, exact round trips,
-bounded reads, clear errors. (Damage and its repair in experiments: test_reliability.py.)"""
+"""The checkpoint format (core/checkpoints.py, core/pack.py): one file a trajectory, exact round
+trips, bounded reads, torn and damaged records, clear errors. (Damage and its repair in
+experiments: test_reliability.py.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import core.checkpoints as ckpt
 from core.checkpoints import CheckpointStore, DamagedCheckpoint
 from core.models import init_model, make_model
+from core.pack import MAX_HEADER
 from core.train import TrainState, init_state
 
 
@@ -36,33 +38,35 @@ def _identical(a, b) -> None:
         assert (x.dtype, x.shape, x.tobytes()) == (y.dtype, y.shape, y.tobytes())
 
 
-def test_one_file_per_checkpoint_and_no_directory_listing_per_save(tmp_path, monkeypatch):
-    store = CheckpointStore(tmp_path / "ckpt")
+def test_one_pack_per_trajectory_and_no_directory_listing_per_save(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path / "c.pack")
     state = _state()
 
     def no_listing(*_):
-        raise AssertionError("save listed the directory")
+        raise AssertionError("save listed a directory")
 
     with monkeypatch.context() as m:
         m.setattr(ckpt.os, "scandir", no_listing)
         for step in (0, 4, 8):
             store.save(step, state, {"epoch": step / 4})
+        size = store.path.stat().st_size
         store.save(4, _state(seed=1), {"epoch": 99})  # idempotent: step 4 is kept as it was
-    assert sorted(p.name for p in store.directory.iterdir()) == ["0.ckpt", "4.ckpt", "8.ckpt"]
-    assert all(p.is_file() for p in store.directory.iterdir())  # no orbax directories
+    assert store.path.stat().st_size == size
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pack"]  # one file, nothing else
     assert store.steps() == [0, 4, 8]
     assert store.meta(4) == {"epoch": 1.0}
     # Another process's checkpoint is found by steps(), and not written again by save().
-    other = CheckpointStore(store.directory)
+    other = CheckpointStore(store.path)
     other.save(12, state, {"epoch": 3})
-    before = (store.directory / "12.ckpt").stat().st_mtime_ns
+    size = store.path.stat().st_size
     store.save(12, state, {"epoch": 3})
-    assert (store.directory / "12.ckpt").stat().st_mtime_ns == before
+    assert store.path.stat().st_size == size
     assert store.steps() == [0, 4, 8, 12]
+    _identical(other.restore(4, state)[0], state)
 
 
 def test_restore_is_bit_identical_and_keeps_named_tuples(tmp_path):
-    store = CheckpointStore(tmp_path)
+    store = CheckpointStore(tmp_path / "c.pack")
     state = _state()
     store.save(8, state, {"epoch": 2, "history": [{"epoch": 1, "loss": 0.1 + 0.2}]})
     template = _state(seed=5)  # other values, same structure
@@ -80,35 +84,49 @@ def test_typed_keys_scalars_bool_and_bfloat16_round_trip(tmp_path):
     state = {"key": jax.random.key(3), "keys": jax.random.split(jax.random.key(4), 3),
              "half": jnp.arange(5, dtype=jnp.bfloat16) / 3, "flags": jnp.array([True, False]),
              "scalar": jnp.float32(2.5), "empty": jnp.zeros((0, 4)), "ints": jnp.arange(3)}
-    store = CheckpointStore(tmp_path)
+    store = CheckpointStore(tmp_path / "c.pack")
     store.save(0, state, {})
     _identical(store.restore(0, state)[0], state)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     _identical(store.restore(0, abstract)[0], state)
 
 
-def _forge_length(path, length: int) -> None:
+def _forge_length(path, at: int, length: int) -> None:
     data = bytearray(path.read_bytes())
-    struct.pack_into("<Q", data, len(ckpt.MAGIC), length)
+    struct.pack_into("<Q", data, at + len(ckpt.MAGIC), length)
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("length", [2**63, 2**40, ckpt.MAX_HEADER + 1, 10**6])
-def test_a_header_length_beyond_the_file_or_the_bound_is_damage(tmp_path, length):
-    """A forged or flipped length field must not make restore allocate or read it."""
-    store = CheckpointStore(tmp_path)
+@pytest.mark.parametrize("length", [2**63, 2**40, MAX_HEADER + 1, 10**6])
+def test_a_header_length_beyond_the_file_or_the_bound_is_damage(tmp_path, length, caplog):
+    """A forged or flipped length field must not make a reader allocate or read it: the
+    record is skipped (with a warning naming the file and bytes where records follow it), and
+    its step is missing, to be made again."""
+    store = CheckpointStore(tmp_path / "c.pack")
     state = _state()
-    store.save(0, state, {})
-    _forge_length(tmp_path / "0.ckpt", length)
+    for step in (0, 4, 8):
+        store.save(step, state, {})
+    at = {s: store.pack.entries()[s].offset for s in (0, 4, 8)}
+    _forge_length(store.path, at[4], length)
     start = time.perf_counter()
-    for call in (lambda: store.restore(0, state), lambda: store.meta(0)):
-        with pytest.raises(DamagedCheckpoint, match="header length"):
-            call()
+    with caplog.at_level(logging.WARNING, logger="core.pack"):
+        reader = CheckpointStore(store.path)
+        assert reader.steps() == [0, 8]
     assert time.perf_counter() - start < 1.0
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"{store.path}: bytes {at[4]} to {at[8]} are damaged (header length" in warning
+    for call in (lambda: reader.restore(4, state), lambda: reader.meta(4)):
+        with pytest.raises(DamagedCheckpoint, match="no checkpoint of step 4"):
+            call()
+    _identical(reader.restore(8, state)[0], state)
+    # The last record's length forged: as a record cut short by a crash, not there yet.
+    _forge_length(store.path, at[8], length)
+    assert CheckpointStore(store.path).steps() == [0]
+    assert time.perf_counter() - start < 2.0
 
 
 def test_a_template_of_another_structure_is_a_clear_error(tmp_path):
-    store = CheckpointStore(tmp_path)
+    store = CheckpointStore(tmp_path / "c.pack")
     store.save(0, _state(widths=(16, 16)), {})
     with pytest.raises(DamagedCheckpoint, match=r"not the template's: array 0 is "
                        r"\.params\['Dense_0'\]\['bias'\] float32 \(16,\) in the file, "
@@ -122,20 +140,75 @@ def test_a_template_of_another_structure_is_a_clear_error(tmp_path):
         store.restore(1, {"x": jnp.zeros(3)})
 
 
-def test_meta_reads_the_header_alone_and_truncation_is_damage(tmp_path):
-    store = CheckpointStore(tmp_path)
+def test_a_torn_record_is_not_a_step_and_the_next_save_cuts_it_off(tmp_path):
+    """A crash in the middle of a save leaves the end of a record: readers do not list it,
+    and the next writer cuts it off before appending, so no record follows garbage."""
+    store = CheckpointStore(tmp_path / "c.pack")
     state = _state()
+    store.save(0, state, {"epoch": 0})
     store.save(4, state, {"epoch": 1})
-    path = tmp_path / "4.ckpt"
-    path.write_bytes(path.read_bytes()[:-1])
-    assert store.meta(4) == {"epoch": 1}
-    with pytest.raises(DamagedCheckpoint, match="bytes of data"):
-        store.restore(4, state)
-    path.write_bytes(path.read_bytes() + b"\0\0")  # one byte too many
-    with pytest.raises(DamagedCheckpoint, match="bytes of data"):
-        store.restore(4, state)
-    with pytest.raises(DamagedCheckpoint, match="FileNotFoundError"):
-        store.restore(8, state)
+    whole = store.path.read_bytes()
+    start = store.pack.entries()[4].offset
+    for cut in (start + 1, start + 40, len(whole) - 1):  # in the prefix, the header, the data
+        store.path.write_bytes(whole[:cut])
+        reader = CheckpointStore(store.path)
+        assert reader.steps() == [0]
+        with pytest.raises(DamagedCheckpoint, match="no checkpoint of step 4"):
+            reader.restore(4, state)
+        reader.save(4, state, {"epoch": 1})
+        assert store.path.read_bytes() == whole
+    # Bytes after the last record (a record of which only a little was written).
+    store.path.write_bytes(whole + b"\0\0")
+    assert CheckpointStore(store.path).steps() == [0, 4]
+    CheckpointStore(store.path).save(8, state, {})
+    assert CheckpointStore(store.path).steps() == [0, 4, 8]
+    assert store.path.read_bytes().startswith(whole + ckpt.MAGIC)
+
+
+def test_a_damaged_record_is_voided_kept_in_place_and_replaced(tmp_path):
+    store = CheckpointStore(tmp_path / "c.pack")
+    state = _state()
+    for step in (0, 4):
+        store.save(step, state, {"epoch": step / 4})
+    entry = store.pack.entries()[0]
+    data = bytearray(store.path.read_bytes())
+    data[entry.data + 5] ^= 0x01
+    store.path.write_bytes(bytes(data))
+    store = CheckpointStore(store.path)
+    with pytest.raises(DamagedCheckpoint, match="digest mismatch"):
+        store.restore(0, state)
+    where = store.quarantine(0)
+    assert where == f"c.pack, bytes {entry.offset}+ (voided, kept in place)"
+    assert store.steps() == [4]
+    assert CheckpointStore(store.path).steps() == [4]  # another reader sees the void too
+    store.save(0, state, {"epoch": 0})
+    assert store.steps() == [0, 4]
+    _identical(CheckpointStore(store.path).restore(0, state)[0], state)
+    assert store.path.read_bytes()[:len(data)] == bytes(data)  # the damaged bytes stay
+
+
+def test_previous_format_files_are_read_and_new_checkpoints_go_to_the_pack(tmp_path):
+    """Checkpoints of the previous version, ``<step>.ckpt`` one file each, hold the same
+    bytes as a record: they are read, and set aside by moving the file."""
+    legacy = tmp_path / "checkpoints"
+    legacy.mkdir()
+    state = _state()
+    writer = CheckpointStore(tmp_path / "one.pack")
+    for step in (0, 4):
+        writer.save(step, state, {"epoch": step / 4})
+    whole = writer.path.read_bytes()
+    at = writer.pack.entries()[4].offset
+    (legacy / "0.ckpt").write_bytes(whole[:at])
+    (legacy / "4.ckpt").write_bytes(whole[at:])
+    store = CheckpointStore(tmp_path / "checkpoints.pack", legacy=legacy)
+    assert store.steps() == [0, 4]
+    _identical(store.restore(4, state)[0], state)
+    store.save(8, state, {"epoch": 2})
+    assert store.steps() == [0, 4, 8] and store.path.is_file()
+    assert sorted(p.name for p in legacy.iterdir()) == ["0.ckpt", "4.ckpt"]
+    moved = store.quarantine(0)
+    assert moved.startswith("damaged-0-") and (legacy / moved).is_file()
+    assert store.steps() == [4, 8]
 
 
 def test_older_orbax_checkpoints_are_not_steps_and_are_kept(tmp_path, caplog):
@@ -143,7 +216,7 @@ def test_older_orbax_checkpoints_are_not_steps_and_are_kept(tmp_path, caplog):
         (tmp_path / step / "state").mkdir(parents=True)
         (tmp_path / step / "state" / "manifest.ocdbt").write_bytes(b"x")
     with caplog.at_level(logging.WARNING, logger="core.checkpoints"):
-        store = CheckpointStore(tmp_path)
+        store = CheckpointStore(tmp_path / "c.pack", legacy=tmp_path)
         assert store.steps() == []
         store.save(0, _state(), {})
         assert store.steps() == [0]

@@ -68,7 +68,9 @@ def test_experiment_smoke_all_four_codes(tmp_path, capsys):
     assert len(trajectories) == 2  # one per phase-1 data mode, shared by its two codes
     # 1437 images / 256 = 5 steps an epoch: checkpoints at 0, the reference fractions <= 1
     # (0.125 -> 1, 0.25 -> 1, 0.375 -> 2, 0.5 -> 2, 0.75 -> 4) and the last epoch.
-    steps = sorted(int(p.stem) for p in (trajectories[0] / "checkpoints").glob("*.ckpt"))
+    from core.checkpoints import CheckpointStore
+
+    steps = CheckpointStore(trajectories[0] / "checkpoints.pack").steps()
     assert steps == [0, 1, 2, 4, 5]
 
     # Same seed, same numbers; and a rerun over the same output reuses the trajectories.

@@ -25,8 +25,15 @@ def _strip(rows):  # NaN (no L2 attack, no transfer) compares unequal to itself
     return [{k: None if v != v else v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def _flip(store: CheckpointStore, step: int) -> None:
+    """Flips a bit in the data of checkpoint ``step``'s record, in place."""
+    data = bytearray(store.path.read_bytes())
+    data[store.pack.entries()[step].data + 3] ^= 0x01
+    store.path.write_bytes(bytes(data))
+
+
+def _checkpoints(out: Path) -> CheckpointStore:
+    return CheckpointStore(_trajectory(out) / "checkpoints.pack")
 
 
 def _trajectory(out: Path) -> Path:
@@ -39,33 +46,38 @@ def test_damaged_checkpoints_are_set_aside_and_remade(tmp_path):
     cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[])
     clean = run_experiment(cfg, tmp_path / "clean")
     run_experiment(cfg, tmp_path / "run")
-    checkpoints = _trajectory(tmp_path / "run") / "checkpoints"
-    assert CheckpointStore(checkpoints).steps() == [0, 4, 8]
+    store = _checkpoints(tmp_path / "run")
+    assert store.steps() == [0, 4, 8]
 
-    # The truncated checkpoint a switch point needs: set aside, retrained from the
-    # one before, and the results are those of the clean run.
-    _truncate(checkpoints / "8.ckpt")
+    # The damaged checkpoint a switch point needs: set aside, retrained from the one before,
+    # and the results are those of the clean run.
+    _flip(store, 8)
+    kept = store.path.read_bytes()
     messages: list[str] = []
     again = run_experiment(cfg, tmp_path / "run", Hooks(log=messages.append))
     assert _strip(again) == _strip(clean)
-    assert any("checkpoint at step 8 is damaged" in m and "moved to damaged-8-" in m
+    assert any("checkpoint at step 8 is damaged" in m and "voided, kept in place" in m
                for m in messages), messages
-    assert CheckpointStore(checkpoints).steps() == [0, 4, 8]
-    assert len(list(checkpoints.glob("damaged-8-*"))) == 1  # kept for inspection
+    store = CheckpointStore(store.path)
+    assert store.steps() == [0, 4, 8]
+    assert store.path.read_bytes()[:len(kept)] == kept  # kept for inspection
 
     # The latest checkpoint, where a longer phase 1 would continue, damaged: it continues from
     # the one before, and matches a longer run made from scratch.
     longer = _cfg(switch_points=[0, 3], fractional_checkpoints=[],
                   phase1={**BASE["phase1"], "epochs": 3})
-    _truncate(checkpoints / "8.ckpt")
+    _flip(store, 8)
     messages.clear()
     extended = run_experiment(longer, tmp_path / "run", Hooks(log=messages.append))
     assert any("continuing at step 4" in m for m in messages), messages
     assert _strip(extended) == _strip(run_experiment(longer, tmp_path / "clean-longer"))
 
-    # A half-written checkpoint (its temporary file, never renamed) is not a step.
-    shutil.copy(checkpoints / "12.ckpt", checkpoints / ".16.ckpt.tmp-123")
-    assert 16 not in CheckpointStore(checkpoints).steps()
+    # A half-written record at the end (a crash in a save) is not a step.
+    store = CheckpointStore(store.path)
+    entry = store.pack.entries()[12]
+    with open(store.path, "ab") as f:
+        f.write(store.path.read_bytes()[entry.offset:entry.data + 10])
+    assert CheckpointStore(store.path).steps() == [0, 4, 8, 12]
 
 
 def test_the_same_step_set_aside_twice_in_a_second_keeps_both(tmp_path):
@@ -74,12 +86,12 @@ def test_the_same_step_set_aside_twice_in_a_second_keeps_both(tmp_path):
     model = make_model("mlp", 3, widths=(8,))
     params, bs = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
     state = init_state(params, bs, momentum=0.9, key=jax.random.PRNGKey(1))
-    store = CheckpointStore(tmp_path / "checkpoints")
+    store = CheckpointStore(tmp_path / "checkpoints.pack")
     moved = []
     for _ in range(3):
         store.save(0, state, {"history": []})
         moved.append(store.quarantine(0))
-    assert len(set(moved)) == 3 and all(p.is_file() and p.suffix == ".ckpt" for p in moved)
+    assert len(set(moved)) == 3 and all("voided, kept in place" in m for m in moved)
     assert store.steps() == []
 
 
@@ -107,7 +119,7 @@ def test_two_experiments_sharing_a_trajectory_store(tmp_path):
     import json
 
     assert [json.loads(o.strip().splitlines()[-1]) for o in outputs] == [expected, expected]
-    assert CheckpointStore(_trajectory(store) / "checkpoints").steps() == [0, 4, 8]
+    assert _checkpoints(store).steps() == [0, 4, 8]
 
 
 DIGITS_TRAIN = len(load_digits().y_train)
@@ -210,28 +222,29 @@ def _equal_states(a, b) -> bool:
 def test_flipped_bytes_and_swapped_states_are_damage_not_other_parameters(tmp_path):
     """orbax's compressed array files carried no checksum: a flipped byte restored without
     error as different parameters, and another step's state/ restored too. Now every byte of
-    a checkpoint file is checked: a flip in the prefix or the header fails the header's
-    checksum (or its bounds), a flip in the raw array bytes fails the state's digest."""
+    a checkpoint record is checked: a flip in the prefix or the header fails the header's
+    checksum (or its bounds) and the record is not listed, a flip in the raw array bytes fails
+    the state's digest."""
     model = make_model("mlp", 10, widths=(32,))
     params, bs = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
     state = init_state(params, bs, 0.9, jax.random.PRNGKey(0))
     other = state._replace(params=jax.tree.map(lambda p: p + 1.0, params))
-    store = CheckpointStore(tmp_path)
+    store = CheckpointStore(tmp_path / "c.pack")
     store.save(0, state, {"epoch": 0})
     store.save(4, other, {"epoch": 1})
     assert _equal_states(store.restore(0, state)[0], state)
 
-    path = tmp_path / "0.ckpt"
+    path = store.path
     clean = path.read_bytes()
-    data = len(clean) - sum(np.asarray(x).nbytes for x in jax.tree.leaves(state))
-    offsets = [*range(data), *range(data, len(clean), (len(clean) - data) // 40), len(clean) - 1]
+    data, end = store.pack.entries()[0].data, store.pack.entries()[4].offset
+    offsets = [*range(data), *range(data, end, (end - data) // 40), end - 1]
     outcomes: dict[str, list[int]] = {"same": [], "digest": [], "unreadable": []}
     for offset in offsets:
         flipped = bytearray(clean)
         flipped[offset] ^= 0x10
         path.write_bytes(bytes(flipped))
         try:
-            restored = store.restore(0, state)[0]
+            restored = CheckpointStore(path).restore(0, state)[0]
         except DamagedCheckpoint as e:
             outcomes["digest" if "digest mismatch" in str(e) else "unreadable"].append(offset)
             continue
@@ -241,14 +254,10 @@ def test_flipped_bytes_and_swapped_states_are_damage_not_other_parameters(tmp_pa
     assert outcomes["digest"] == [o for o in offsets if o >= data]
     assert outcomes["unreadable"] == [o for o in offsets if o < data]
 
-    # Step 4's file in place of step 0's: its header says step 4.
-    path.write_bytes((tmp_path / "4.ckpt").read_bytes())
-    with pytest.raises(DamagedCheckpoint, match="checkpoint of step 4"):
-        store.restore(0, state)
     # Step 4's arrays under step 0's header (the state/ swap of orbax checkpoints).
-    path.write_bytes(clean[:data] + (tmp_path / "4.ckpt").read_bytes()[-(len(clean) - data):])
+    path.write_bytes(clean[:data] + clean[-(end - data):] + clean[end:])
     with pytest.raises(DamagedCheckpoint, match="digest mismatch"):
-        store.restore(0, state)
+        CheckpointStore(path).restore(0, state)
 
 
 @pytest.mark.slow
@@ -258,14 +267,17 @@ def test_a_swapped_switch_point_checkpoint_is_set_aside_and_remade(tmp_path):
     cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[])
     clean = run_experiment(cfg, tmp_path / "clean")
     run_experiment(cfg, tmp_path / "run")
-    checkpoints = _trajectory(tmp_path / "run") / "checkpoints"
-    shutil.copy(checkpoints / "4.ckpt", checkpoints / "8.ckpt")
+    store = _checkpoints(tmp_path / "run")
+    four, eight = store.pack.entries()[4], store.pack.entries()[8]
+    data = bytearray(store.path.read_bytes())
+    data[eight.data:eight.data + eight.nbytes] = data[four.data:four.data + four.nbytes]
+    store.path.write_bytes(bytes(data))
     messages: list[str] = []
     again = run_experiment(cfg, tmp_path / "run", Hooks(log=messages.append))
     assert _strip(again) == _strip(clean)
-    assert any("checkpoint at step 8 is damaged" in m and "checkpoint of step 4" in m
-               for m in messages), messages
-    assert len(list(checkpoints.glob("damaged-8-*"))) == 1
+    assert any("checkpoint at step 8 is damaged" in m and "digest mismatch" in m
+               and f"bytes {eight.offset}+" in m for m in messages), messages
+    assert CheckpointStore(store.path).steps() == [0, 4, 8]
 
 
 @pytest.mark.slow
@@ -275,14 +287,15 @@ def test_resume_from_a_fractional_checkpoint_reports_whole_epochs(tmp_path):
     those after the resume (which is what was logged before checkpoints kept them)."""
     cfg = _cfg(switch_points=[0, 2], fractional_checkpoints=[0.25, 1.5])
     run_experiment(cfg, tmp_path / "clean")
-    clean = CheckpointStore(_trajectory(tmp_path / "clean") / "checkpoints")
+    clean = _checkpoints(tmp_path / "clean")
     assert clean.steps() == [0, 1, 4, 6, 8]  # 4 minibatches an epoch
     # The kill: everything after the checkpoint at epoch 1.5 is lost.
     run = tmp_path / "run"
     shutil.copytree(tmp_path / "clean", run)
-    store = CheckpointStore(_trajectory(run) / "checkpoints")
-    (store.directory / "8.ckpt").unlink()
+    store = _checkpoints(run)
+    with open(store.path, "r+b") as f:
+        f.truncate(store.pack.entries()[8].offset)
     messages: list[str] = []
     run_experiment(cfg, run, Hooks(log=messages.append))
     assert any("continuing at step 6" in m for m in messages), messages
-    assert CheckpointStore(store.directory).meta(8)["history"] == clean.meta(8)["history"]
+    assert CheckpointStore(store.path).meta(8)["history"] == clean.meta(8)["history"]

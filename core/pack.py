@@ -1,0 +1,215 @@
+"""Append-only files of checksummed records: a trajectory's checkpoints in one file, its
+kernels of one setting in another (issue 15: a file per checkpoint and per kernel made a
+trial of the digits grid about a hundred small files).
+
+A record is laid out as (integers little-endian)::
+
+    0        magic line (``MAGIC``s below)   the kind of record and the format's version
+    M        uint64 H                        length of the header
+    M + 8    32 bytes                        SHA-256 of the header's H bytes
+    M + 40   H bytes of UTF-8 JSON           the header: the record's key (``"step"`` of a
+                                             checkpoint, ``"epoch"`` of a kernel), ``"meta"``,
+                                             ``"digest"`` (of the data, checked by the caller)
+                                             and ``"leaves"``: [{"path", "dtype", "shape",
+                                             "offset", "nbytes"}, ...]
+    M+40+H   the data                        every leaf's raw bytes, C order, little-endian,
+                                             at ``offset`` from here, packed
+
+and a pack is records one after another. Records are only appended, by one writer at a time
+(the caller holds the trajectory's lock), each with a single ``write`` then ``fsync``; a record
+once written never changes, so readers need no lock and read a record by its offset.
+
+What can go wrong, and what a reader does about it:
+
+- a record being written, or torn by a crash, at the end of the file: not a record yet (a
+  header that fails its checks, or data past the end); ignored, and cut off by the next writer
+  before it appends;
+- damaged bytes in the middle (a flipped bit in a header or a prefix): the scan warns, naming
+  the file and the byte range, and goes on at the next magic line; the records there are
+  missing, to be made again;
+- a flipped bit in the data: the record is listed, and the caller's digest check fails when it
+  is read (a ``DamagedRecord``-style error of its own); the caller then ``void``s it: a
+  tombstone record (``"void": offset``) is appended, the damaged bytes stay where they were for
+  inspection, and a record of the same key appended later replaces it.
+
+The last intact record of a key wins. A file of one record is a pack: checkpoints of the
+previous format (``<step>.ckpt``, one file each) are read this way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+LOG = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("<Q")
+MAX_HEADER = 64 * 2**20
+_CHUNK = 1 << 20  # bytes read at a time while looking for the next magic line
+_WARNED: set[tuple[Path, int]] = set()  # (file, offset) of damage already reported
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One intact-looking record: in ``path``, starting at ``offset``, its data at ``data``."""
+
+    path: Path
+    offset: int
+    data: int
+    header: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(spec["nbytes"]) for spec in self.header["leaves"])
+
+
+def encode(magic: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> bytes:
+    """The bytes of a record: prefix, ``header`` with ``leaves`` filled in from ``arrays``
+    (``header["leaves"]`` given as a list of paths), and the data."""
+    specs, offset, data = [], 0, []
+    for path, a in zip(header["leaves"], arrays, strict=True):
+        a = np.asarray(a)  # (np.ascontiguousarray would make a scalar [1])
+        a = a if a.flags.c_contiguous else a.copy("C")
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        specs.append({"path": path, "dtype": a.dtype.name, "shape": list(a.shape),
+                      "offset": offset, "nbytes": a.nbytes})
+        offset += a.nbytes
+        data.append(a.reshape(-1).view(np.uint8).tobytes())
+    raw = json.dumps({**header, "leaves": specs}, separators=(",", ":")).encode()
+    return b"".join([magic, _LENGTH.pack(len(raw)), hashlib.sha256(raw).digest(), raw, *data])
+
+
+def read_header(f: BinaryIO, at: int, size: int, magic: bytes) -> tuple[dict[str, Any], int]:
+    """The header of the record at byte ``at`` of an open file of ``size`` bytes and where its
+    data starts; ValueError if the prefix or the header is not what was written."""
+    prefix_len = len(magic) + _LENGTH.size + 32
+    f.seek(at)
+    prefix = f.read(prefix_len)
+    if len(prefix) < prefix_len or not prefix.startswith(magic):
+        raise ValueError("not a record of this format (magic line)")
+    (length,) = _LENGTH.unpack_from(prefix, len(magic))
+    if length > min(MAX_HEADER, size - at - prefix_len):
+        raise ValueError(f"header length {length} exceeds the file ({size} bytes) or "
+                         f"{MAX_HEADER} bytes")
+    raw = f.read(length)
+    if hashlib.sha256(raw).digest() != prefix[-32:]:
+        raise ValueError("header checksum mismatch")
+    header = json.loads(raw)
+    if not isinstance(header, dict) or not {"meta", "digest", "leaves"} <= header.keys():
+        raise ValueError("incomplete header")
+    return header, at + prefix_len + length
+
+
+def _next_magic(f: BinaryIO, start: int, size: int, magic: bytes) -> int | None:
+    """The offset of the first ``magic`` at or after ``start``, or None."""
+    at = start
+    while at < size:
+        f.seek(at)
+        chunk = f.read(min(_CHUNK + len(magic), size - at))
+        if (i := chunk.find(magic)) >= 0:
+            return at + i
+        at += _CHUNK
+    return None
+
+
+def scan(path: Path, magic: bytes, key: str) -> tuple[dict[Any, Entry], int]:
+    """The intact-looking records of ``path`` by their ``key`` (last one wins, voided ones
+    removed) and where the last complete record ends (the file's size unless a torn record
+    follows). A missing file is empty."""
+    entries: dict[Any, Entry] = {}
+    by_offset: dict[int, Any] = {}
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return entries, 0
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        at = end = 0
+        while at < size:
+            try:
+                header, data = read_header(f, at, size, magic)
+                entry = Entry(path, at, data, header)
+                stop = data + entry.nbytes
+                if stop > size:
+                    raise ValueError(f"its data runs {stop - size} bytes past the end")
+            except (ValueError, KeyError, TypeError) as e:
+                nxt = _next_magic(f, at + 1, size, magic)
+                if nxt is None:  # a record being written or torn: not there yet
+                    break
+                if (path, at) not in _WARNED:
+                    _WARNED.add((path, at))
+                    LOG.warning("%s: bytes %d to %d are damaged (%s) and skipped; what they "
+                                "held is made again", path, at, nxt, e)
+                at = nxt
+                continue
+            if "void" in header:
+                if (k := by_offset.pop(int(header["void"]), None)) is not None:
+                    entries.pop(k, None)
+            else:
+                entries[header[key]] = entry
+                by_offset[at] = header[key]
+            at = end = stop
+    return entries, end
+
+
+class Pack:
+    """One pack file: ``entries()`` read lazily and again only when the file has changed."""
+
+    def __init__(self, path: str | Path, magic: bytes, key: str):
+        self.path = Path(path)
+        self.magic, self.key = magic, key
+        self._seen: tuple[int, int, int] | None = None
+        self._entries: dict[Any, Entry] = {}
+        self._end = 0
+
+    def _version(self) -> tuple[int, int, int] | None:
+        try:
+            s = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (s.st_ino, s.st_size, s.st_mtime_ns)
+
+    def entries(self) -> dict[Any, Entry]:
+        """The records by key (see ``scan``)."""
+        version = self._version()
+        if version != self._seen:
+            self._entries, self._end = scan(self.path, self.magic, self.key)
+            self._seen = version
+        return self._entries
+
+    def append(self, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        """Appends a record (``encode``), first cutting off a torn record at the end. The
+        caller is the only writer (it holds the trajectory's lock)."""
+        record = encode(self.magic, header, arrays)
+        self.entries()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            if f.tell() > self._end:
+                f.truncate(self._end)
+            f.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self, entry: Entry) -> bytearray:
+        """The data bytes of ``entry``; ValueError if fewer are there than its header lists."""
+        data = bytearray(entry.nbytes)
+        with open(entry.path, "rb") as f:
+            f.seek(entry.data)
+            got = f.readinto(data)
+        if got != len(data):
+            raise ValueError(f"{got} bytes of data, the header lists {len(data)}")
+        return data
+
+    def void(self, entry: Entry) -> None:
+        """Sets a damaged record aside: a tombstone is appended, its bytes stay in place."""
+        self.append({self.key: entry.header[self.key], "void": entry.offset, "meta": {},
+                     "digest": "", "leaves": []}, [])
