@@ -257,7 +257,7 @@ def kernel_evidence(trajectories: Mapping[tuple[str, int], KernelTrajectory]
     Trajectories without stored kernels are left out."""
     curves, finals = [], {}
     for (mode, seed), store in sorted(trajectories.items()):
-        epochs = store.epochs() if store.directory.is_dir() else []
+        epochs = store.epochs() if store.exists() else []
         if len(epochs) < 2:
             continue
         last = store.load(epochs[-1])

@@ -1,16 +1,18 @@
-"""Kernel trajectories on disk: one ``.npz`` per checkpoint, read without pickle. Members are
-stored, not deflated (deflate cost 60x the write time of a 10 x 500 x 500 kernel for 10 % less
-space); the zip's CRC-32 of every member still catches damaged files, and files written
-compressed by earlier versions read the same.
+"""Kernel trajectories on disk: the kernels of one trajectory and kernel setting are records
+of one pack file (``core/pack.py``), keyed by epoch, read without pickle. A record's magic line
+is ``b"ntk-sweep kernel 1\\n"``, its leaves ``kernel`` (the array), ``probe_indices`` [N] (into
+the training set) and ``labels`` [N], its ``meta`` at least ``model``, ``epoch``, ``output``
+and ``dtype``, its ``digest`` the SHA-256 of its data, checked at every read from disk.
 
-A kernel file holds ``kernel`` (the array), ``probe_indices`` [N] (into the training set),
-``labels`` [N] and ``meta``, a JSON string with at least ``model``, ``epoch``, ``output`` and
-``dtype``. Files are written to a temporary name and renamed, so a reader never sees half a
-file.
+Kernels of the previous format, an ``.npz`` per checkpoint (members stored, not deflated; the
+zip's CRC-32 of every member catches damaged files), are still read from the directory named
+like the pack without its suffix; new kernels go to the pack. ``save_arrays``/``load_arrays``
+are that ``.npz`` format, still used for the reference examples (``core/evaluation_store.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,7 +24,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from core.pack import Entry, Pack
+
 T = TypeVar("T")
+MAGIC = b"ntk-sweep kernel 1\n"
+LEAVES = ("kernel", "probe_indices", "labels")
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,6 @@ class KernelRecord:
     probe_indices: np.ndarray
     labels: np.ndarray
     meta: dict[str, Any]
-
-
-def kernel_filename(epoch: float) -> str:
-    """``epoch_0002.5000.npz`` for epoch 2.5: names sort in epoch order."""
-    return f"epoch_{epoch:09.4f}.npz"
 
 
 def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
@@ -53,7 +54,7 @@ def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def save_kernel(path: str | Path, record: KernelRecord) -> None:
-    """Writes a kernel file atomically."""
+    """Writes a kernel ``.npz`` of the previous format atomically (tests of reading it)."""
     save_arrays(path, {"kernel": record.kernel, "probe_indices": record.probe_indices,
                        "labels": record.labels, "meta": np.array(json.dumps(record.meta))})
 
@@ -78,7 +79,7 @@ def load_arrays(path: str | Path, parse: Callable[[Any], T], what: str,
 
 
 class DamagedKernel(DamagedFile):
-    """A kernel file that cannot be read as written."""
+    """A kernel that cannot be read as written."""
 
 
 def load_kernel(path: str | Path) -> KernelRecord:
@@ -94,12 +95,13 @@ def load_meta(path: str | Path) -> dict[str, Any]:
                        DamagedKernel)
 
 
-# Kernel records read in this process, most recent last, by file: at most CACHE_BYTES of
-# kernels. A trial's end reads its trajectories' kernels for the measures, the figures and the
-# distances between trajectories, and a sweep's end every pair of its trajectories: each file
-# is read once while it fits, and the least recently read go first.
+# Kernel records read in this process, most recent last, by where they are (pack file, inode and
+# offset of the record; or a previous-format file with its inode, size and time): at most
+# CACHE_BYTES of kernels. A trial's end reads its trajectories' kernels for the measures, the
+# figures and the distances between trajectories, and a sweep's end every pair of its
+# trajectories: each record is read once while it fits, and the least recently read go first.
 CACHE_BYTES = 1 << 30
-_CACHE: OrderedDict[Path, tuple[tuple[int, int, int], KernelRecord]] = OrderedDict()
+_CACHE: OrderedDict[tuple[Any, ...], KernelRecord] = OrderedDict()
 _held = 0  # bytes of the kernels in _CACHE (kept, not summed: a sweep's end reads thousands)
 
 
@@ -110,54 +112,131 @@ def clear_cache() -> None:
     _held = 0
 
 
-def _cached_load(path: Path) -> KernelRecord:
-    """``load_kernel(path)``, from the cache while the file is the one read: same inode,
-    size and modification time (files are replaced, never rewritten, so a new file is a new
-    inode even where the file system keeps times in whole seconds). Cached records are
-    read-only: every reader shares them."""
+def _cached(key: tuple[Any, ...], load: Callable[[], KernelRecord]) -> KernelRecord:
+    """``load()``, or the record cached under ``key`` (read-only: every reader shares it)."""
     global _held
-    stat = path.stat() if path.is_file() else None
-    version = (stat.st_ino, stat.st_size, stat.st_mtime_ns) if stat else (-1, -1, -1)
-    cached = _CACHE.pop(path, None)
-    if cached is not None and cached[0] == version:
-        _CACHE[path] = cached
-        return cached[1]
-    if cached is not None:  # the file was replaced
-        _held -= cached[1].kernel.nbytes
-    record = load_kernel(path)
+    if (record := _CACHE.pop(key, None)) is not None:
+        _CACHE[key] = record
+        return record
+    record = load()
     if record.kernel.nbytes <= CACHE_BYTES:
         for array in (record.kernel, record.probe_indices, record.labels):
             array.flags.writeable = False
-        _CACHE[path] = (version, record)
+        _CACHE[key] = record
         _held += record.kernel.nbytes
         while _held > CACHE_BYTES:
-            _, (_, old) = _CACHE.popitem(last=False)
+            _, old = _CACHE.popitem(last=False)
             _held -= old.kernel.nbytes
     return record
 
 
+def _data_digest(arrays: list[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
+
+
 class KernelTrajectory:
-    """The kernels of one trajectory and output mode, stored under ``directory`` (records
-    read through the process's cache, ``_cached_load``)."""
+    """The kernels of one trajectory and kernel setting: records of the pack ``path``, and
+    ``.npz`` files of the previous format in ``legacy`` (records read through the process's
+    cache). Saving (and ``verify``) is for the holder of the trajectory's lock."""
 
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    def __init__(self, path: str | Path, legacy: str | Path | None = None):
+        self.path = Path(path)
+        self.legacy = Path(legacy) if legacy is not None else None
+        self.pack = Pack(self.path, MAGIC, "epoch")
+        self._legacy: dict[float, Path] | None = None
 
-    def path(self, epoch: float) -> Path:
-        return self.directory / kernel_filename(epoch)
+    def _old(self) -> dict[float, Path]:
+        """{epoch: file} of the previous format (listed once: nothing writes there now)."""
+        if self._legacy is None:
+            files = sorted(self.legacy.glob("epoch_*.npz")) if self.legacy is not None else []
+            self._legacy = {load_meta(p)["epoch"]: p for p in files}
+        return self._legacy
+
+    def exists(self) -> bool:
+        """Whether any kernel of this setting is stored."""
+        return self.path.is_file() or bool(self._old())
 
     def epochs(self) -> list[float]:
         """Epochs with a stored kernel, ascending."""
-        return sorted(load_meta(p)["epoch"] for p in self.directory.glob("epoch_*.npz"))
+        return sorted({*self._old(), *self.pack.entries()})
 
     def has(self, epoch: float) -> bool:
-        return self.path(epoch).is_file()
+        return epoch in self.pack.entries() or epoch in self._old()
 
     def save(self, record: KernelRecord) -> None:
-        save_kernel(self.path(record.meta["epoch"]), record)
+        """Appends ``record`` (keyed by ``meta["epoch"]``) unless its epoch is stored."""
+        epoch = float(record.meta["epoch"])
+        if epoch in self.pack.entries():
+            return
+        arrays = [np.asarray(record.kernel), np.asarray(record.probe_indices),
+                  np.asarray(record.labels)]
+        self.pack.append({"epoch": epoch, "meta": record.meta, "digest": _data_digest(arrays),
+                          "leaves": list(LEAVES)}, arrays)
+
+    def _read(self, entry: Entry) -> KernelRecord:
+        epoch = entry.header["epoch"]
+        where = f"{self.path}: the kernel of epoch {epoch:g} (bytes {entry.offset}+)"
+        try:
+            data = self.pack.read(entry)
+            arrays = []
+            for spec in entry.header["leaves"]:
+                dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+                count = int(np.prod(spec["shape"]))
+                if count * dtype.itemsize != spec["nbytes"]:
+                    raise ValueError(f"{spec['path']}: {spec['nbytes']} bytes for "
+                                     f"{spec['shape']} {spec['dtype']}")
+                arrays.append(np.frombuffer(data, dtype, count, spec["offset"])
+                              .reshape(spec["shape"]).astype(dtype.newbyteorder("="),
+                                                             copy=False))
+            if [spec["path"] for spec in entry.header["leaves"]] != list(LEAVES):
+                raise ValueError(f"its arrays are {[s['path'] for s in entry.header['leaves']]}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DamagedKernel(f"{where} cannot be read ({type(e).__name__}: {str(e)[:200]})"
+                                "; the next kernel computation of this trajectory makes it "
+                                "again") from e
+        if _data_digest(arrays) != entry.header["digest"]:
+            raise DamagedKernel(f"{where} is damaged (digest mismatch); the next kernel "
+                                "computation of this trajectory makes it again")
+        return KernelRecord(*arrays, entry.header["meta"])
 
     def load(self, epoch: float) -> KernelRecord:
-        return _cached_load(self.path(epoch))
+        """The kernel at ``epoch`` (DamagedKernel if it does not read back as written,
+        FileNotFoundError if none is stored)."""
+        entry = self.pack.entries().get(epoch)
+        if entry is not None:
+            ino = self.path.stat().st_ino
+            return _cached((self.path, ino, entry.offset), lambda: self._read(entry))
+        path = self._old().get(epoch)
+        if path is None:
+            raise FileNotFoundError(f"{self.path}: no kernel of epoch {epoch:g}")
+        stat = path.stat()
+        return _cached((path, stat.st_ino, stat.st_size, stat.st_mtime_ns),
+                       lambda: load_kernel(path))
+
+    def verify(self) -> list[float]:
+        """Voids every record of the pack that does not read back as written, so that it is
+        computed again; returns their epochs. For the holder of the trajectory's lock."""
+        damaged = []
+        for epoch, entry in list(self.pack.entries().items()):
+            try:
+                self.load(epoch)
+            except DamagedKernel:
+                self.pack.void(entry)
+                damaged.append(epoch)
+        return damaged
+
+    def export(self, epochs: list[float]) -> dict[str, np.ndarray]:
+        """The kernels at ``epochs`` as arrays for an ``.npz``: ``epochs`` [T], ``kernels``
+        [T, ...], ``probe_indices`` [N], ``labels`` [N] (of the first; one probe set per
+        setting) and ``meta``, a JSON list of the T records' meta."""
+        records = [self.load(e) for e in epochs]
+        return {"epochs": np.asarray(epochs, np.float64),
+                "kernels": np.stack([r.kernel for r in records]),
+                "probe_indices": records[0].probe_indices, "labels": records[0].labels,
+                "meta": np.array(json.dumps([r.meta for r in records]))}
 
     def stack(self, epochs: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(epochs [T], kernels [T, ...]) for the given or all stored epochs."""

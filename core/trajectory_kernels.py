@@ -10,6 +10,7 @@ different seeds and data modes are computed on the same images and can be compar
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from core.ntk import NtkEngine
 from core.recent import recent
 from core.train import TrainState, init_state
 from core.trajectory_store import Trajectory
+
+LOG = logging.getLogger(__name__)
 
 
 def probe_set(data: Dataset, spec: KernelSpec) -> np.ndarray:
@@ -135,6 +138,9 @@ def _compute_kernels(trajectory: Trajectory, spec: KernelSpec,
                      on_kernel: Callable[[float], None] | None) -> KernelTrajectory:
     traj = open_trajectory(trajectory)
     recorder = KernelRecorder(trajectory, spec, traj.data, traj.model)
+    for epoch in recorder.trajectory.verify():
+        LOG.warning("trajectory %s: the kernel of epoch %g in %s was damaged; set aside, "
+                    "computed again", trajectory.id, epoch, recorder.trajectory.path)
     wanted = None if spec.epochs is None else set(spec.epochs)
     for step in traj.store.steps():
         record = traj.store.meta(step)

@@ -6,7 +6,7 @@ one store, and so do later sweeps and experiments given the same root)::
 
     trajectories/<id>/trajectory.json                 id, mode, seed, config (the record)
     trajectories/<id>/checkpoints.pack                its checkpoints (``core/checkpoints.py``)
-    trajectories/<id>/kernels/<output>-<hash>/epoch_*.npz
+    trajectories/<id>/kernels/<output>-<hash>.pack    its kernels of one setting (kernel_store)
     trajectories/<id>/evaluations-<key>.jsonl         its networks' per-example evaluations
     trajectories/<id>/reference-<key>-<step>.npz      reference examples crafted on it
     trajectories/<id>.lock                            flock: one writer at a time
@@ -52,6 +52,7 @@ RECORD = "trajectory.json"
 CHECKPOINTS = "checkpoints.pack"
 LEGACY_CHECKPOINTS = "checkpoints"  # <step>.ckpt, one file each: read, no longer written
 KERNELS = "kernels"
+PACK = ".pack"
 
 LOCK_PROBE = ".lock-probe"
 NFS_LOCAL_LOCKS = ("nolock", "local_lock=flock", "local_lock=all")
@@ -198,17 +199,22 @@ class Trajectory:
         """The reference examples crafted on its network at ``step`` under ``key``."""
         return self.directory / f"reference-{key}-{int(step)}.npz"
 
-    def kernel_directory(self, spec: KernelSpec) -> Path:
-        return self.directory / KERNELS / kernel_key(spec)
+    def _kernels_at(self, key: str) -> KernelTrajectory:
+        """Kernels of settings ``key``: ``kernels/<key>.pack``, and the previous format's
+        ``.npz`` files in ``kernels/<key>/``."""
+        return KernelTrajectory(self.directory / KERNELS / f"{key}{PACK}",
+                                legacy=self.directory / KERNELS / key)
 
     def kernels(self, spec: KernelSpec, any_of_output: bool = False) -> KernelTrajectory:
         """The stored kernels of settings ``spec``. ``any_of_output``: if none are, the only
         kernels of the same output mode computed with other settings (``kernel --set``)."""
-        directory = self.kernel_directory(spec)
-        if any_of_output and not directory.is_dir():
-            others = list((self.directory / KERNELS).glob(f"{spec.output}-*"))
-            directory = others[0] if len(others) == 1 else directory
-        return KernelTrajectory(directory)
+        kernels = self._kernels_at(kernel_key(spec))
+        if any_of_output and not kernels.exists():
+            others = {p.name.removesuffix(PACK)
+                      for p in (self.directory / KERNELS).glob(f"{spec.output}-*")}
+            if len(others) == 1:
+                return self._kernels_at(others.pop())
+        return kernels
 
 
 class TrajectoryStore:

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 
 from core.config import ConfigError, stored_config
-from core.kernel_store import KernelTrajectory
+from core.kernel_store import KernelTrajectory, save_arrays
 from core.kernels import MEASURES
 from core.trajectory_store import Trajectory, TrajectoryStore
 from sweep.layout import StateFileError, read_results, trial_files, variant_label
 from sweep.tracking import Tracker
+
+KERNELS_ARTIFACT = "kernels.npz"
 
 
 def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg: Any,
@@ -27,10 +29,12 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     """Kernels of ``trajectories`` (the trial's) at every checkpoint (computed once per
     trajectory, under its lock, and stored with it), their measures as metrics of each
     trajectory's run (``trajectory_runs`` by data mode) and the distances between them on the
-    trial run ``run`` (``kernel/cross/<modes>/distance``). The kernel files at the switch
-    points and the last checkpoint (the kernels phase 2 trains with) become artifacts
-    ``kernels/`` of the trajectory runs. ``seen``: (metric, step) already logged, by run;
-    ``on_wait(trajectory)`` when another process holds a trajectory's lock. Returns the plot
+    trial run ``run`` (``kernel/cross/<modes>/distance``). The kernels at the switch points
+    and the last checkpoint (the kernels phase 2 trains with) become one artifact of the trial
+    run, ``kernels.npz``: ``<mode>/epochs``, ``<mode>/kernels``, ... per data mode
+    (``KernelTrajectory.export``; written beside the trial until MLflow has it). ``seen``:
+    (metric, step) already logged, by run; ``on_wait(trajectory)`` when another process holds
+    a trajectory's lock. Returns the plot
     written under ``trial_dir``: ``kernels.png``, the overview of distance, alignment and
     spectrum curves, the polar view and one epoch-by-epoch heatmap per trajectory."""
     from core.trajectory_kernels import (
@@ -40,7 +44,7 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     )
     from sweep.plots import kernel_overview
 
-    rows_of, stores = {}, {}
+    rows_of, stores, exported = {}, {}, {}
     for t in trajectories:
         stores[t.mode] = store = compute_trajectory_kernels(
             t, cfg.kernel, on_wait=on_wait and (lambda t=t: on_wait(t)))
@@ -51,8 +55,11 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
         for r in rows:
             tracker.log(own, {**{k: r[k] for k in MEASURES}, "epoch": r["epoch"]},
                         step=r["step"], skip=seen.setdefault(own, set()))
-        for epoch in sorted({*cfg.switch_points, epochs[-1]} & set(epochs)):
-            tracker.artifact(own, store.path(epoch), "kernels")
+        chosen = sorted({*cfg.switch_points, epochs[-1]} & set(epochs))
+        exported |= {f"{t.mode}/{k}": v for k, v in store.export(chosen).items()}
+    if exported:
+        save_arrays(trial_dir / KERNELS_ARTIFACT, exported)
+        tracker.artifact(run, trial_dir / KERNELS_ARTIFACT, move=True)
     modes = sorted(stores)
     for i, a in enumerate(modes):
         for b in modes[i + 1:]:

@@ -175,6 +175,8 @@ class Tracker:
             self._deliver(op, ("params", "tags", "metrics"))
         elif kind == "artifact":
             c.log_artifact(op["run"], op["path"], op["artifact_path"])
+            if op.get("move"):
+                Path(op["path"]).unlink(missing_ok=True)
         elif kind == "end":
             c.set_terminated(op["run"], op["status"])
         elif kind == "child":  # create, log, end; a retry goes on from where it failed
@@ -338,9 +340,13 @@ class Tracker:
         self._submit({"kind": "batch", "run": run_id,
                       "tags": [[k, str(v)] for k, v in tags.items()]})
 
-    def artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    def artifact(self, run_id: str, path: Path, artifact_path: str | None = None,
+                 move: bool = False) -> None:
+        """Logs the file ``path``; ``move``: deletes it once MLflow has it (a file made only
+        for MLflow: it stays on disk while the write is queued, and a resumed trial's queue
+        still finds it)."""
         self._submit({"kind": "artifact", "run": run_id, "path": str(path),
-                      "artifact_path": artifact_path})
+                      "artifact_path": artifact_path, "move": move})
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self._submit({"kind": "end", "run": run_id, "status": status})

@@ -99,60 +99,112 @@ def test_polar_dynamics():
     assert top["radius"][-1] == pytest.approx(1.0)
 
 
-def test_kernel_files_round_trip_without_pickle(tmp_path):
-    traj = KernelTrajectory(tmp_path / "k")
+def _record(epoch: float, seed: int, n: int = 4) -> KernelRecord:
+    return KernelRecord(_psd(seed, n).astype(np.float32), np.arange(n), np.arange(n) % 2,
+                        {"epoch": epoch, "output": "trace", "model": "cnn", "dtype": "float32"})
+
+
+def test_kernels_round_trip_without_pickle_in_one_file(tmp_path):
+    traj = KernelTrajectory(tmp_path / "k.pack")
     for epoch in (0.125, 2.0, 1.0):
-        traj.save(KernelRecord(_psd(int(epoch * 8), 4).astype(np.float32), np.arange(4),
-                               np.array([0, 0, 1, 1]), {"epoch": epoch, "output": "trace",
-                                                        "model": "cnn", "dtype": "float32"}))
+        traj.save(_record(epoch, int(epoch * 8)))
+    assert [p.name for p in tmp_path.iterdir()] == ["k.pack"]
     assert traj.epochs() == [0.125, 1.0, 2.0]
     epochs, stack = traj.stack()
     assert stack.shape == (3, 4, 4) and stack.dtype == np.float32
-    rec = load_kernel(traj.path(1.0))
-    assert rec.meta["model"] == "cnn" and rec.labels.tolist() == [0, 0, 1, 1]
-    assert not list((tmp_path / "k").glob("*.tmp"))
+    import core.kernel_store as ks
+
+    ks.clear_cache()
+    rec = KernelTrajectory(tmp_path / "k.pack").load(1.0)  # another process: from disk
+    assert rec.meta["model"] == "cnn" and rec.labels.tolist() == [0, 1, 0, 1]
+    np.testing.assert_array_equal(rec.kernel, _record(1.0, 8).kernel)
+    with pytest.raises(FileNotFoundError, match="no kernel of epoch 3"):
+        traj.load(3.0)
 
 
-def test_a_trajectory_reads_each_kernel_file_once_until_it_is_written_again(tmp_path,
-                                                                           monkeypatch):
+def test_previous_format_kernel_files_are_read_beside_the_pack(tmp_path):
+    from core.kernel_store import save_kernel
+
+    save_kernel(tmp_path / "k" / "epoch_0001.0000.npz", _record(1.0, 3))
+    traj = KernelTrajectory(tmp_path / "k.pack", legacy=tmp_path / "k")
+    assert traj.exists() and traj.epochs() == [1.0] and traj.has(1.0)
+    traj.save(_record(2.0, 4))
+    assert traj.epochs() == [1.0, 2.0]
+    np.testing.assert_array_equal(traj.load(1.0).kernel, _record(1.0, 3).kernel)
+    assert not KernelTrajectory(tmp_path / "none.pack", legacy=tmp_path / "none").exists()
+
+
+def test_a_trajectory_reads_each_kernel_once(tmp_path, monkeypatch):
     """A trial's end reads its trajectories' kernels for the measures, the figures and the
-    distances: each file is read once in a process (the records shared, read-only), a file
-    written again is read again, and past the cache's bytes the least recently read go."""
+    distances: each record is read once in a process (shared, read-only, also with other
+    readers of the same file), and past the cache's bytes the least recently read go."""
     import core.kernel_store as ks
 
     ks.clear_cache()
     reads = []
-    real = ks.load_kernel
-    monkeypatch.setattr(ks, "load_kernel", lambda path: reads.append(path) or real(path))
-    traj = KernelTrajectory(tmp_path / "k")
-
-    def save(epoch, seed):
-        traj.save(KernelRecord(_psd(seed, 4).astype(np.float32), np.arange(4),
-                               np.array([0, 0, 1, 1]), {"epoch": epoch, "output": "trace",
-                                                        "model": "mlp", "dtype": "float32"}))
-
+    real = ks.KernelTrajectory._read
+    monkeypatch.setattr(ks.KernelTrajectory, "_read",
+                        lambda self, entry: reads.append(entry.offset) or real(self, entry))
+    traj = KernelTrajectory(tmp_path / "k.pack")
     for epoch in (0.0, 1.0, 2.0):
-        save(epoch, int(epoch))
+        traj.save(_record(epoch, int(epoch)))
     _, first = traj.stack()
     again = np.stack([traj.load(e).kernel for e in (0.0, 1.0, 2.0)])
     assert len(reads) == 3 and np.array_equal(first, again)
     with pytest.raises(ValueError):
         traj.load(1.0).kernel[0, 0] = 1.0  # shared: read-only
-    save(1.0, 7)  # written again: read again, the new kernel
-    np.testing.assert_array_equal(traj.load(1.0).kernel, _psd(7, 4).astype(np.float32))
-    assert len(reads) == 4
-    assert KernelTrajectory(tmp_path / "k").stack()[1].shape == (3, 4, 4)  # another reader
+    traj.save(_record(1.0, 7))  # stored: never written twice
+    np.testing.assert_array_equal(traj.load(1.0).kernel, _record(1.0, 1).kernel)
+    assert KernelTrajectory(tmp_path / "k.pack").stack()[1].shape == (3, 4, 4)  # another reader
+    assert len(reads) == 3
+    traj.save(_record(3.0, 3))
+    traj.stack()
     assert len(reads) == 4
     monkeypatch.setattr(ks, "CACHE_BYTES", 2 * 4 * 4 * 4)  # two kernels: the oldest goes
     ks.clear_cache()
     traj.stack(), traj.stack()
-    assert len(reads) == 4 + 3 + 3
+    assert len(reads) == 4 + 4 + 4
+
+
+def test_flipped_bits_in_a_kernel_pack_are_never_read_as_a_kernel(tmp_path):
+    """Every flipped byte of a kernel record either leaves it unlisted (prefix or header:
+    computed again) or raises DamagedKernel naming the file and epoch (data), which
+    ``verify`` (the lock holder's check) voids; never other numbers."""
+    import core.kernel_store as ks
+    from core.kernel_store import DamagedKernel
+
+    path = tmp_path / "k.pack"
+    KernelTrajectory(path).save(_record(1.0, 5, n=12))
+    clean = path.read_bytes()
+    data = KernelTrajectory(path).pack.entries()[1.0].data
+    outcomes = {"unlisted": [], "refused": [], "same": []}
+    for offset in range(0, len(clean), 5):
+        flipped = bytearray(clean)
+        flipped[offset] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        ks.clear_cache()
+        traj = KernelTrajectory(path)
+        if not traj.has(1.0):
+            outcomes["unlisted"].append(offset)
+            continue
+        try:
+            record = traj.load(1.0)
+        except DamagedKernel as e:
+            assert str(e).startswith(f"{path}: the kernel of epoch 1 (bytes 0+)")
+            outcomes["refused"].append(offset)
+            assert traj.verify() == [1.0] and not KernelTrajectory(path).has(1.0)
+            continue
+        assert np.array_equal(record.kernel, _record(1.0, 5, n=12).kernel)
+        outcomes["same"].append(offset)
+    assert outcomes["same"] == []
+    assert outcomes["unlisted"] == [o for o in range(0, len(clean), 5) if o < data]
+    assert outcomes["refused"] == [o for o in range(0, len(clean), 5) if o >= data]
 
 
 def test_flipped_bits_in_a_kernel_file_are_a_clear_error_naming_it(tmp_path):
     """Every flipped byte of a kernel file either reads back the same record or raises
     DamagedKernel naming the file (never zipfile's, zlib's or numpy's own errors)."""
-    from core.kernel_store import DamagedKernel, KernelRecord, load_kernel, save_kernel
+    from core.kernel_store import DamagedKernel, KernelRecord, save_kernel
 
     path = tmp_path / "k.npz"
     kernel = np.random.default_rng(0).random((20, 20))
@@ -208,7 +260,7 @@ def test_kernel_files_are_stored_not_deflated_and_old_ones_still_read(tmp_path):
     import json
     import zipfile
 
-    from core.kernel_store import KernelRecord, load_kernel, save_kernel
+    from core.kernel_store import KernelRecord, save_kernel
 
     kernel = np.random.default_rng(0).random((3, 20, 20)).astype(np.float32)
     record = KernelRecord(kernel, np.arange(20), np.arange(20) % 3, {"epoch": 2.0})

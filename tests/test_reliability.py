@@ -299,3 +299,36 @@ def test_resume_from_a_fractional_checkpoint_reports_whole_epochs(tmp_path):
     run_experiment(cfg, run, Hooks(log=messages.append))
     assert any("continuing at step 6" in m for m in messages), messages
     assert CheckpointStore(store.path).meta(8)["history"] == clean.meta(8)["history"]
+
+
+@pytest.mark.slow
+def test_a_damaged_kernel_record_is_voided_and_computed_again(tmp_path, caplog):
+    """A flipped bit in a stored kernel: the next kernel computation of the trajectory (under
+    its lock) voids the record and computes it again, bit for bit the kernel it was."""
+    import logging
+
+    import core.kernel_store as ks
+    from core.trajectory_kernels import compute_trajectory_kernels
+    from core.trajectory_store import TrajectoryStore
+
+    cfg = _cfg(codes=["CC"], switch_points=[0, 1], fractional_checkpoints=[])
+    run_experiment(cfg, tmp_path)
+    (trajectory,) = TrajectoryStore(tmp_path).stored()
+    spec = cfg.kernel.model_copy(update={"probe_size": 12})
+    kernels = compute_trajectory_kernels(trajectory, spec)
+    clean = kernels.stack()
+    entry = kernels.pack.entries()[1.0]
+    data = bytearray(kernels.path.read_bytes())
+    data[entry.data + 2] ^= 0x01
+    kernels.path.write_bytes(bytes(data))
+    ks.clear_cache()
+    with pytest.raises(ks.DamagedKernel,
+                       match=r"kernel of epoch 1 \(bytes .*damaged \(digest mismatch"):
+        ks.KernelTrajectory(kernels.path).load(1.0)
+    with caplog.at_level(logging.WARNING, logger="core.trajectory_kernels"):
+        again = compute_trajectory_kernels(trajectory, spec)
+    assert any("kernel of epoch 1 " in r.getMessage() and "computed again" in r.getMessage()
+               for r in caplog.records)
+    ks.clear_cache()
+    epochs, stack = ks.KernelTrajectory(again.path).stack()
+    assert epochs.tolist() == clean[0].tolist() and np.array_equal(stack, clean[1])

@@ -100,13 +100,16 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     assert a0.data.metrics["switch_rule_epoch"] == 1
     to_prev = client.get_metric_history(a0.info.run_id, "to_previous")
     assert [m.step for m in to_prev if m.value < 10][1] == 4
-    # Kernels (switch points and last checkpoint) as artifacts of the trajectory run.
-    kernels = {a.path for a in client.list_artifacts(a0.info.run_id, "kernels")}
-    assert kernels == {f"kernels/epoch_{e:09.4f}.npz" for e in (0, 1, 2)}
-    local = client.download_artifacts(a0.info.run_id, "kernels/epoch_0002.0000.npz",
-                                      str(tmp_path / "download"))
+    # Kernels (switch points and last checkpoint) as one artifact of the trial run, removed
+    # from beside the trial once MLflow has it.
+    trial_of_a0 = a0.data.tags["mlflow.parentRunId"]
+    assert "kernels.npz" in {a.path for a in client.list_artifacts(trial_of_a0)}
+    local = client.download_artifacts(trial_of_a0, "kernels.npz", str(tmp_path / "download"))
     with np.load(local, allow_pickle=False) as z:
-        assert z["kernel"].shape == (3, 12, 12)  # class-wise kernels on the probe set
+        assert z["A/epochs"].tolist() == [0, 1, 2] and z["C/epochs"].tolist() == [0, 1, 2]
+        assert z["A/kernels"].shape == (3, 3, 12, 12)  # class-wise kernels on the probe set
+        assert [m["epoch"] for m in json.loads(str(z["A/meta"]))] == [0, 1, 2]
+    assert not list(tmp_path.glob("trials/*/kernels.npz"))
     # The sweep's definition on the parent: the file as given, the resolved config.
     assert {"sweep/sweep.yaml", "sweep/resolved-config.yaml"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
