@@ -9,7 +9,10 @@ Layout under ``<out>`` (the sweep's output directory)::
     trials/<trial id>/final.json     written once the trial has finished
     trials/<trial id>/failed.json    written when it diverged (the error)
     trials/<trial id>/heartbeat.json the worker's last stage (``ntk-sweep status``)
-    trials/<trial id>/pending_mlflow_writes.json   writes an attempt could not deliver
+    trials/<trial id>/kernels.png    its kernel figure (also in its MLflow run)
+    trials/<trial id>/pending_mlflow_writes.json   writes an attempt could not deliver, and
+                                     the files they upload (results.csv, summary.md,
+                                     kernels.npz: removed once MLflow has them)
     ray/                             Ray Tune's experiment (``NTK_SWEEP_STORAGE`` moves it)
     mlflow.db, mlartifacts/          the local MLflow store (``MLFLOW_TRACKING_URI`` moves it)
 

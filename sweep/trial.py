@@ -243,8 +243,11 @@ class TrialReporter:
         """After the experiment: tables, kernels and plots as artifacts, the trial's summary
         metrics and timings; ends the runs. TrialFailed if MLflow stays unreachable."""
         tracker, run = self.tracker, self.run
+        # The trial's tables go to MLflow, and stay beside the trial only while queued for it:
+        # results.json holds the rows for status, resume and report (issue 15: fewer files).
         for name in ("results.csv", "summary.md"):
-            tracker.artifact(run, self.directory / name)
+            tracker.artifact(run, self.directory / name, move=True)
+        (self.directory / "summary.csv").unlink(missing_ok=True)
         if self.cfg.kernel.enabled:
             self.heartbeat("kernels", 0)
             _report({"stage": "kernels", "computing_kernels": 1, **self.standing()})

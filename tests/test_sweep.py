@@ -109,7 +109,10 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
         assert z["A/epochs"].tolist() == [0, 1, 2] and z["C/epochs"].tolist() == [0, 1, 2]
         assert z["A/kernels"].shape == (3, 3, 12, 12)  # class-wise kernels on the probe set
         assert [m["epoch"] for m in json.loads(str(z["A/meta"]))] == [0, 1, 2]
-    assert not list(tmp_path.glob("trials/*/kernels.npz"))
+    # Beside each trial: its rows, state and figure; the tables went to MLflow.
+    for trial in tmp_path.glob("trials/*"):
+        assert sorted(p.name for p in trial.iterdir()) == [
+            "final.json", "heartbeat.json", "kernels.png", "results.json", "variant.json"]
     # The sweep's definition on the parent: the file as given, the resolved config.
     assert {"sweep/sweep.yaml", "sweep/resolved-config.yaml"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
