@@ -23,6 +23,7 @@ a sweep through it without loading the runner.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -221,3 +222,15 @@ def trial_outcomes(out: Path, trials: Collection[str]
         except StateFileError as e:
             failed.append({"trial": trial_id, "variant": "", "error": f"damaged file: {e}"})
     return rows, failed
+
+
+def _no_result_files(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Failed to fetch metrics")
+
+
+def quiet_tune_analysis() -> None:
+    """Tune's CSV/JSON loggers are off (issue 15), so its experiment analysis finds no
+    per-trial result files and warns, once per trial, that it "failed to fetch metrics": read
+    as a failure, it is none (nothing here uses those metrics). Drops only that message, for
+    the runner's result grid and for ``status`` (idempotent)."""
+    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_no_result_files)

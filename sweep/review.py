@@ -27,6 +27,7 @@ from sweep.layout import (
     SWEEP_STATE,
     VARIANT_FILE,
     StateFileError,
+    quiet_tune_analysis,
     read_json,
     read_record,
     read_results,
@@ -118,6 +119,7 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     files say (``started`` if they do not settle it)."""
     from ray.tune import ExperimentAnalysis
 
+    quiet_tune_analysis()
     path = f"{state['storage'].rstrip('/')}/{state['name']}"
     try:
         analysis = ExperimentAnalysis(path)

@@ -34,6 +34,7 @@ from sweep.layout import (
     TRIAL_STATE,
     VARIANT_FILE,
     portable,
+    quiet_tune_analysis,
     ray_storage,
     tracking_uri,
     trial_dir,
@@ -59,10 +60,6 @@ TRIAL_ENV = {
 }
 
 
-def _no_result_files(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Failed to fetch metrics")
-
-
 def _init_ray(settings: SweepSettings | None = None) -> None:
     """``RAY_ADDRESS`` when set, else a new local instance: never Ray's own fallback of
     attaching to whatever cluster ``ray start`` last left running on this machine. A local
@@ -82,10 +79,7 @@ def _init_ray(settings: SweepSettings | None = None) -> None:
     # report, read by nothing (the trial files and MLflow hold the results; issue 15).
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
-    # Without them the result grid finds no per-trial result files and warns, once per trial,
-    # that it "failed to fetch metrics": read as a failure, it is none (the sweep does not use
-    # the grid's metrics). Only that message is dropped.
-    logging.getLogger("ray.tune.analysis.experiment_analysis").addFilter(_no_result_files)
+    quiet_tune_analysis()  # without them the result grid warns of missing result files
     if settings is not None and not os.environ.get("RAY_ADDRESS"):  # a cluster we start
         os.environ["RAY_worker_niceness"] = str(settings.worker_niceness)
     if not ray.is_initialized():

@@ -67,6 +67,8 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
 
     status = ntk_sweep("status", str(out))
     assert status.returncode == 0, status.stderr
+    for noise in QUIET:  # Tune's warning that its (disabled) result files are missing
+        assert noise not in status.stdout + status.stderr, noise
     # What the trial files say, not Tune's state as the killed driver last saved it.
     assert f"cli-sweep: 3 trials: {len(finished_before)} finished" in status.stdout or \
         re.search(rf"cli-sweep: 3 trials: .*\b{len(finished_before)} finished", status.stdout), \
