@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,7 @@ from core.trajectory_store import (
 )
 from core.workload import experiment_work
 
+T = TypeVar("T")
 LOG = logging.getLogger("ntk_sweep")
 
 
@@ -121,22 +122,28 @@ class _Context:
 
 
 def phase_steps(ctx: _Context, phase: str) -> dict[bool, Any]:
-    """Jitted clean and adversarial steps of a phase (built once per experiment)."""
-    if phase in ctx.fns:
-        return ctx.fns[phase]
+    """Jitted clean and adversarial steps of a phase (built once per process for its
+    settings: ``_program``)."""
     spec = ctx.cfg.phase1 if phase == "phase1" else ctx.cfg.phase2
     spe = len(ctx.y_train) // spec.batch_size
-    apply = _apply(ctx, phase)
 
-    def lr_fn(step):
-        return learning_rate(step, spe, spec.lr, spec.lr_decay_epochs, spec.lr_decay_factor)
+    def build() -> dict[bool, Any]:
+        apply = _apply(ctx, phase)
 
-    common = dict(momentum=spec.momentum, lr_fn=lr_fn, scheme=spec.adv_scheme)
-    ctx.fns[phase] = {
-        False: make_step(apply, **common),
-        True: make_step(apply, attack=attack_config(spec.attack), **common),
-    }
-    return ctx.fns[phase]
+        def lr_fn(step):
+            return learning_rate(step, spe, spec.lr, spec.lr_decay_epochs, spec.lr_decay_factor)
+
+        common = dict(momentum=spec.momentum, lr_fn=lr_fn, scheme=spec.adv_scheme)
+        return {False: make_step(apply, **common),
+                True: make_step(apply, attack=attack_config(spec.attack), **common)}
+
+    return _program(ctx, phase, (_apply_key(ctx, phase), spec, spe), build)
+
+
+def _apply_key(ctx: _Context, phase: str) -> tuple[Any, ...]:
+    """What ``_apply(ctx, phase)`` is built from."""
+    base = (ctx.cfg.dataset, ctx.cfg.model)
+    return base if phase == "phase1" else (*base, ctx.cfg.phase2.dynamics, ctx.cfg.phase2.bn)
 
 
 def _apply(ctx: _Context, phase: str):
@@ -149,9 +156,9 @@ def _apply(ctx: _Context, phase: str):
 def _evaluator(ctx: _Context, phase: str):
     """The white-box members of the ensemble (attack index, hence key, in this order: linf,
     l2, margin, so that adding the margin attack left the other two's numbers unchanged)."""
-    name = f"eval-{phase}"
-    if name not in ctx.fns:
-        spec = ctx.cfg.eval
+    spec = ctx.cfg.eval
+
+    def build():
         linf = attack_config(spec.linf, keep_best=True)
         attacks = {"linf": linf}
         if spec.l2 is not None:
@@ -159,17 +166,16 @@ def _evaluator(ctx: _Context, phase: str):
         if spec.margin_restarts:
             attacks["margin"] = dataclasses.replace(
                 linf, loss=AttackLoss.MARGIN, restarts=spec.margin_restarts)
-        ctx.fns[name] = make_evaluator(_apply(ctx, phase), attacks)
-    return ctx.fns[name]
+        return make_evaluator(_apply(ctx, phase), attacks)
+
+    return _program(ctx, f"eval-{phase}",
+                    (_apply_key(ctx, phase), spec.linf, spec.l2, spec.margin_restarts), build)
 
 
 def _transfer(ctx: _Context):
-    if "transfer" not in ctx.fns:
-        attack = attack_config(ctx.cfg.eval.linf)
-        ctx.fns["transfer"] = make_transfer_evaluator(
-            _apply(ctx, "phase1"), _apply(ctx, "phase2"), attack
-        )
-    return ctx.fns["transfer"]
+    return _program(ctx, "transfer", (_apply_key(ctx, "phase2"), ctx.cfg.eval.linf),
+                    lambda: make_transfer_evaluator(_apply(ctx, "phase1"), _apply(ctx, "phase2"),
+                                                    attack_config(ctx.cfg.eval.linf)))
 
 
 def _evaluate(ctx: _Context, phase: str, anchor, params, batch_stats,
@@ -403,21 +409,19 @@ def craft(ctx: _Context, anchor: Anchor | None, state: TrainState, key: jax.Arra
     """x_adv [n_test, ...]: ``eval.linf`` crafted on a phase-1 network (``anchor`` None) or a
     phase-2 model around ``anchor``; one compiled crafter per phase."""
     phase = "phase1" if anchor is None else "phase2"
-    name = f"craft-{phase}"
-    if name not in ctx.fns:
-        ctx.fns[name] = make_crafter(_apply(ctx, phase), attack_config(ctx.cfg.eval.linf))
-    return ctx.fns[name]((anchor, state.params, state.batch_stats), ctx.x_test, ctx.y_test,
-                         key, ctx.cfg.eval.batch_size)
+    crafter = _program(ctx, f"craft-{phase}", (_apply_key(ctx, phase), ctx.cfg.eval.linf),
+                       lambda: make_crafter(_apply(ctx, phase), attack_config(ctx.cfg.eval.linf)))
+    return crafter((anchor, state.params, state.batch_stats), ctx.x_test, ctx.y_test, key,
+                   ctx.cfg.eval.batch_size)
 
 
 def _score(ctx: _Context, phase: str, anchor, state: TrainState, x: np.ndarray) -> np.ndarray:
     """bool [n]: the model's correctness on inputs ``x`` (e.g. adversarial examples crafted
     on another model) with the test labels."""
-    name = f"clean-{phase}"
-    if name not in ctx.fns:
-        ctx.fns[name] = make_evaluator(_apply(ctx, phase), {})
-    return ctx.fns[name](anchor, state.params, state.batch_stats, x, ctx.y_test,
-                         jax.random.PRNGKey(0), ctx.cfg.eval.batch_size)["accuracy"]
+    evaluator = _program(ctx, f"clean-{phase}", _apply_key(ctx, phase),
+                         lambda: make_evaluator(_apply(ctx, phase), {}))
+    return evaluator(anchor, state.params, state.batch_stats, x, ctx.y_test,
+                     jax.random.PRNGKey(0), ctx.cfg.eval.batch_size)["accuracy"]
 
 
 def initial_params(ctx: _Context, seed: int) -> tuple[Any, Any]:
@@ -662,23 +666,23 @@ def make_context(cfg: ExperimentConfig, out: Path, hooks: Hooks | None = None,
         data.x_test[:n_test], data.y_test[:n_test],
         make_model(cfg.model.name, data.num_classes, **cfg.model.kwargs()), out,
         hooks or Hooks(), TrajectoryStore(store_root if store_root is not None else out),
-        _programs(cfg, len(data.y_train)),
     )
 
 
 # Jitted programs by what they are built from, kept across the experiments of a process (the
-# trials a reused Ray worker runs, switch points and seeds of one config): a program is traced
-# and compiled once per process instead of once per experiment. The last PROGRAM_SETS configs.
-PROGRAM_SETS = 4
-_PROGRAMS: dict[str, dict[str, Any]] = {}
+# trials a reused Ray worker runs, switch points and seeds of one config, configs that differ
+# elsewhere: another phase-2 learning rate rebuilds only the phase-2 steps): a program is traced
+# and compiled once per process instead of once per experiment. The last PROGRAMS programs.
+PROGRAMS = 48
+_PROGRAMS: dict[str, Any] = {}
 
 
-def _programs(cfg: ExperimentConfig, n_train: int) -> dict[str, Any]:
-    """The programs of experiments whose programs are those of ``cfg``: every input of the
-    closures ``phase_steps``, ``_evaluator``, ``_transfer``, ``craft`` and ``_score`` build
-    (dataset, model, phase and evaluation settings, steps per epoch through ``n_train``)."""
-    key = repr((cfg.dataset, cfg.model, cfg.phase1, cfg.phase2, cfg.eval, n_train))
-    return recent(_PROGRAMS, key, dict, PROGRAM_SETS)
+def _program(ctx: _Context, name: str, deps: Any, build: Callable[[], T]) -> T:
+    """Program ``name`` of this experiment: the process's, if one was built from ``deps``
+    (everything its closure reads: ``repr`` of settings and sizes), else ``build()``."""
+    if name not in ctx.fns:
+        ctx.fns[name] = recent(_PROGRAMS, repr((name, deps)), build, PROGRAMS)
+    return ctx.fns[name]
 
 
 def run_experiment(

@@ -95,8 +95,8 @@ def load_meta(path: str | Path) -> dict[str, Any]:
                        DamagedKernel)
 
 
-# Kernel records read in this process, most recent last, by where they are (pack file, inode and
-# offset of the record; or a previous-format file with its inode, size and time): at most
+# Kernel records read in this process, most recent last, by where they are (pack file, offset
+# and digest of the record; or a previous-format file with its inode, size and time): at most
 # CACHE_BYTES of kernels. A trial's end reads its trajectories' kernels for the measures, the
 # figures and the distances between trajectories, and a sweep's end every pair of its
 # trajectories: each record is read once while it fits, and the least recently read go first.
@@ -206,9 +206,9 @@ class KernelTrajectory:
         """The kernel at ``epoch`` (DamagedKernel if it does not read back as written,
         FileNotFoundError if none is stored)."""
         entry = self.pack.entries().get(epoch)
-        if entry is not None:
-            ino = self.path.stat().st_ino
-            return _cached((self.path, ino, entry.offset), lambda: self._read(entry))
+        if entry is not None:  # a record never changes: where it is and its digest name it
+            return _cached((self.path, entry.offset, entry.header["digest"]),
+                           lambda: self._read(entry))
         path = self._old().get(epoch)
         if path is None:
             raise FileNotFoundError(f"{self.path}: no kernel of epoch {epoch:g}")
@@ -222,7 +222,7 @@ class KernelTrajectory:
         damaged = []
         for epoch, entry in list(self.pack.entries().items()):
             try:
-                self.load(epoch)
+                self.load(epoch)  # from disk, once a process: the cache holds checked records
             except DamagedKernel:
                 self.pack.void(entry)
                 damaged.append(epoch)
