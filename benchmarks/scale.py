@@ -17,7 +17,9 @@ time in one process (``trial_work_cpu_s``: compute plus checkpoints, files and P
 Goals:
 
 * ``overhead_cpu_s_per_trial``: per-trial CPU seconds less the JAX compute: <= 1.5;
-* ``files_per_trial``: <= 12;
+* ``files_per_trial``: <= 12 (trials of their own seeds: nothing shared, the most files);
+  ``files_per_trial_sharing_trajectories``, the same for trials that differ in phase 2 only
+  and share two trajectories (a sweep over phase-2 settings, switch points or codes);
 * ``compile_share_digits_experiment``: compilation (tracing, lowering, compiling or loading
   from the persistent cache; ``jax.monitoring`` events) over the wall time of
   ``digits-demo`` (``--quick``: 2 phase-1 epochs), in a fresh process whose compilation cache
@@ -89,13 +91,19 @@ def tree(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def run_sweep(n: int, tmp: Path) -> dict:
-    """One sweep of ``n`` tiny trials: its costs."""
-    space = {**TINY, "name": f"scale-{n}", "seeds": {"grid": [[s] for s in range(n)]},
+def run_sweep(n: int, tmp: Path, shared: bool = False) -> dict:
+    """One sweep of ``n`` tiny trials: its costs. ``shared``: all of seed 0, a phase-2
+    learning rate each, so that every trial uses the same two trajectories (a sweep over
+    phase-2 settings) instead of its own."""
+    name = f"scale-{'shared-' if shared else ''}{n}"
+    space = {**TINY, "name": name, "seeds": {"grid": [[s] for s in range(n)]},
              "sweep": {"resources": {"cpus": 1}}}
-    path = tmp / f"scale-{n}.yaml"
+    if shared:
+        lrs = [round(0.01 * (1 + i), 4) for i in range(n)]
+        space |= {"seeds": [0], "phase2": {**TINY["phase2"], "lr": {"grid": lrs}}}
+    path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(space))
-    out = tmp / f"out-{n}"
+    out = tmp / f"out-{name}"
     start = time.perf_counter()
     driver = subprocess.Popen([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
@@ -363,10 +371,13 @@ def main() -> None:
         tmp = Path(name)
         log("a tiny trial's own work, warm")
         work, compute = trial_work_cpu_s(tmp), trial_compute_s()
-        rows = []
+        rows, shared = [], []
         for n in sizes:
             log(f"sweep of {n} trials")
             rows.append(run_sweep(n, tmp))
+        for n in sizes:
+            log(f"sweep of {n} trials sharing their trajectories")
+            shared.append(run_sweep(n, tmp, shared=True))
         compiled, report, writes = {"share": float("nan")}, {"all": None}, []
         grid = {"ratio": float("nan")}
         if not args.sweeps_only:
@@ -381,10 +392,12 @@ def main() -> None:
     keys = ["wall_s", "cpu_s", "files", "driver_peak_rss_bytes",
             *(f"files/{p}" for p in (*PARTS, "other")), *(f"bytes/{p}" for p in PARTS)]
     per_trial = {k: round(fit(rows, k)[1], 4) for k in keys}
+    per_shared_trial = {k: round(fit(shared, k)[1], 4) for k in keys}
     overhead = per_trial["cpu_s"] - compute
     print(json.dumps({
         "benchmark": "scale", "quick": args.quick, "machine": platform.machine(),
         "cpus": os.cpu_count(), "sweeps": rows, "per_trial": per_trial,
+        "sweeps_sharing_trajectories": shared, "per_trial_sharing_trajectories": per_shared_trial,
         "trial_work_cpu_s": round(work, 3),
         "trial_compute_s": round(compute, 3), "compile": compiled, "report": report,
         "mlflow_writes_postgres": writes, "grid": grid,
@@ -393,6 +406,9 @@ def main() -> None:
              "met": overhead <= 1.5},
             {"name": "files_per_trial", "value": per_trial["files"], "target": 12,
              "met": per_trial["files"] <= 12},
+            {"name": "files_per_trial_sharing_trajectories",
+             "value": per_shared_trial["files"], "target": 12,
+             "met": per_shared_trial["files"] <= 12},
             {"name": "compile_share_digits_experiment", "value": round(compiled["share"], 4),
              "target": 0.03, "met": compiled["share"] <= 0.03},
             {"name": "report_reads_all_runs", "value": report["all"], "target": True,
