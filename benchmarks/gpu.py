@@ -249,7 +249,6 @@ def training(width: int, batch: int, steps: int, pgd_iters: int) -> list[dict[st
     params, bs = init_model(model, jax.random.PRNGKey(0), (32, 32, 3))
     anchor = Anchor(params, bs)
     attack = AttackConfig.reference("linf", iters=pgd_iters)
-    lr = lambda s: 0.01  # noqa: E731
     cases = [("phase1 C (standard)", "standard", "update", None, None),
              (f"phase1 A (standard, PGD-{pgd_iters})", "standard", "update", attack, None),
              ("phase2 C (centered)", "centered", "frozen", None, anchor),
@@ -257,7 +256,7 @@ def training(width: int, batch: int, steps: int, pgd_iters: int) -> list[dict[st
              ("phase2 C (linearized)", "linearized", "frozen", None, anchor)]
     rows = []
     for label, dynamics, bn, atk, anc in cases:
-        step = make_step(make_apply_fn(model, dynamics, bn), momentum=0.9, lr_fn=lr, attack=atk)
+        step = make_step(make_apply_fn(model, dynamics, bn), momentum=0.9, lr=0.01, attack=atk)
         state = init_state(params, bs, 0.9, jax.random.PRNGKey(1))
         idx = [jnp.arange(i * batch, (i + 1) * batch, dtype=jnp.int32) for i in range(4)]
         t0 = time.perf_counter()

@@ -56,6 +56,7 @@ from core.recent import recent
 from core.results import result_metrics, result_row, write_results
 from core.train import (
     Divergence,
+    Step,
     TrainState,
     init_state,
     learning_rate,
@@ -121,23 +122,26 @@ class _Context:
     fns: dict[str, Any] = field(default_factory=dict)
 
 
-def phase_steps(ctx: _Context, phase: str) -> dict[bool, Any]:
-    """Jitted clean and adversarial steps of a phase (built once per process for its
-    settings: ``_program``)."""
+def phase_steps(ctx: _Context, phase: str) -> dict[bool, Step]:
+    """Jitted clean and adversarial steps of a phase at its learning rate (programs built once
+    per process for its other settings, ``_program``: the rate is an argument)."""
     spec = ctx.cfg.phase1 if phase == "phase1" else ctx.cfg.phase2
     spe = len(ctx.y_train) // spec.batch_size
 
-    def build() -> dict[bool, Any]:
+    def build() -> dict[bool, Step]:
         apply = _apply(ctx, phase)
 
-        def lr_fn(step):
-            return learning_rate(step, spe, spec.lr, spec.lr_decay_epochs, spec.lr_decay_factor)
+        def schedule(step, lr):
+            return learning_rate(step, spe, lr, spec.lr_decay_epochs, spec.lr_decay_factor)
 
-        common = dict(momentum=spec.momentum, lr_fn=lr_fn, scheme=spec.adv_scheme)
+        common = dict(momentum=spec.momentum, lr=spec.lr, schedule=schedule,
+                      scheme=spec.adv_scheme)
         return {False: make_step(apply, **common),
                 True: make_step(apply, attack=attack_config(spec.attack), **common)}
 
-    return _program(ctx, phase, (_apply_key(ctx, phase), spec, spe), build)
+    steps = _program(ctx, phase, (_apply_key(ctx, phase), spec.model_dump(exclude={"lr"}), spe),
+                     build)
+    return {adversarial: step.with_lr(spec.lr) for adversarial, step in steps.items()}
 
 
 def _apply_key(ctx: _Context, phase: str) -> tuple[Any, ...]:

@@ -71,17 +71,30 @@ StepFn = Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
 
 class Step:
-    """A jitted training step (``make_step``): calling it leaves the state passed in intact;
-    ``donating`` is the same step compiled to donate that state's buffers to the state it
-    returns (the old one is unusable afterwards), for loops that drop each old state, as
-    ``run_phase`` does. Each is traced and compiled on its first call only."""
+    """A jitted training step (``make_step``) at base learning rate ``lr``: calling it (or
+    ``plain``) leaves the state passed in intact; ``donating`` is the same step compiled to
+    donate that state's buffers to the state it returns (the old one is unusable afterwards),
+    for loops that drop each old state, as ``run_phase`` does. Each is traced and compiled on
+    its first call only. The learning rate is an argument of the compiled programs, not a
+    constant in them: ``with_lr`` gives the step at another rate sharing the programs (a sweep
+    over learning rates compiles its steps once)."""
 
-    def __init__(self, step: StepFn):
-        self.plain = jax.jit(step)
-        self.donating = jax.jit(step, donate_argnums=0)
+    def __init__(self, step: StepFn | None, lr: float,
+                 programs: tuple[Callable[..., Any], Callable[..., Any]] | None = None):
+        assert step is not None or programs is not None
+        self.programs = programs or (jax.jit(step), jax.jit(step, donate_argnums=0))
+        self.lr = float(lr)
 
-    def __call__(self, state: TrainState, anchor: Anchor | None, x_all, y_all, idx):
-        return self.plain(state, anchor, x_all, y_all, idx)
+    def with_lr(self, lr: float) -> Step:
+        return Step(None, lr, self.programs)
+
+    def plain(self, state: TrainState, anchor: Anchor | None, x_all, y_all, idx):
+        return self.programs[0](state, anchor, x_all, y_all, idx, self.lr)
+
+    def donating(self, state: TrainState, anchor: Anchor | None, x_all, y_all, idx):
+        return self.programs[1](state, anchor, x_all, y_all, idx, self.lr)
+
+    __call__ = plain
 
 
 def init_state(params: Any, batch_stats: Any, momentum: float, key: jax.Array) -> TrainState:
@@ -103,16 +116,19 @@ def make_step(
     apply: ApplyFn,
     *,
     momentum: float,
-    lr_fn: Callable[[jax.Array], jax.Array],
+    lr: float,
+    schedule: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     attack: AttackConfig | None = None,
     scheme: str = "reference",
 ) -> Step:
-    """A jitted training step; adversarial when ``attack`` is given.
+    """A jitted training step at base learning rate ``lr``; adversarial when ``attack`` is
+    given. ``schedule(step, lr)``: the rate at a step (``learning_rate``; default ``lr``).
 
     Returns:
       ``step(state, anchor, x_all [N, ...], y_all [N], idx [B]) -> (state, metrics)`` with
       metrics ``loss`` (mean cross-entropy of the last SGD step's batch) and ``accuracy``;
-      ``step.donating`` the same step donating ``state`` (see ``Step``).
+      ``step.donating`` the same step donating ``state``, ``step.with_lr`` the same programs
+      at another rate (see ``Step``).
     """
     tx = optax.trace(decay=momentum)
 
@@ -133,9 +149,9 @@ def make_step(
             "accuracy": acc,
         }
 
-    def step(state: TrainState, anchor: Anchor | None, x_all, y_all, idx):
+    def step(state: TrainState, anchor: Anchor | None, x_all, y_all, idx, base_lr):
         x, y = x_all[idx], y_all[idx]
-        lr = lr_fn(state.step)
+        lr = base_lr if schedule is None else schedule(state.step, base_lr)
         if attack is None:
             new, metrics = sgd(state, anchor, x, y, lr)
         else:
@@ -147,7 +163,7 @@ def make_step(
             new, metrics = sgd(new, anchor, x_adv, y, lr)
         return new._replace(step=state.step + 1), metrics
 
-    return Step(step)
+    return Step(step, lr)
 
 
 def epoch_batches(key: jax.Array, epoch: int, n: int, batch_size: int) -> jax.Array:

@@ -124,7 +124,7 @@ def test_attack_is_one_compiled_loop():
 def _trained_mlp(synthetic):
     model, params, bs = tiny_model("mlp")
     apply = make_apply_fn(model, "standard", "update")
-    step = make_step(apply, momentum=0.9, lr_fn=lambda s: 0.05)
+    step = make_step(apply, momentum=0.9, lr=0.05)
     state = init_state(params, bs, 0.9, jax.random.PRNGKey(0))
     state = run_phase(state, None, {False: step}, jnp.asarray(synthetic.x_train),
                       jnp.asarray(synthetic.y_train), mode="C", flip_epoch=0, batch_size=16,

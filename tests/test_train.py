@@ -31,10 +31,11 @@ def _setup(synthetic, dynamics="standard", scheme="reference"):
     model, params, bs = tiny_model("cnn")
     bn = "update" if dynamics == "standard" else "frozen"
     apply = make_apply_fn(model, dynamics, bn)
-    lr_fn = lambda s: learning_rate(s, 4, 0.05, (2,), 0.1)  # noqa: E731
+    schedule = lambda s, lr: learning_rate(s, 4, lr, (2,), 0.1)  # noqa: E731
     steps = {
-        False: make_step(apply, momentum=0.9, lr_fn=lr_fn),
-        True: make_step(apply, momentum=0.9, lr_fn=lr_fn, attack=ATTACK, scheme=scheme),
+        False: make_step(apply, momentum=0.9, lr=0.05, schedule=schedule),
+        True: make_step(apply, momentum=0.9, lr=0.05, schedule=schedule, attack=ATTACK,
+                        scheme=scheme),
     }
     state = init_state(params, bs, 0.9, jax.random.PRNGKey(7))
     anchor = None if dynamics == "standard" else Anchor(params, bs)
@@ -120,7 +121,7 @@ def test_adversarial_schemes_differ_and_reference_takes_two_sgd_steps(synthetic)
 def test_divergence_names_epoch_and_step(synthetic):
     model, params, bs = tiny_model("mlp")
     apply = make_apply_fn(model, "standard", "update")
-    step = make_step(apply, momentum=0.9, lr_fn=lambda s: 1e6)
+    step = make_step(apply, momentum=0.9, lr=1e6)
     state = init_state(params, bs, 0.9, jax.random.PRNGKey(0))
     data = (jnp.asarray(synthetic.x_train), jnp.asarray(synthetic.y_train))
     with pytest.raises(Divergence, match=r"epoch \d+ \(step \d+\)"):
@@ -153,11 +154,11 @@ def test_run_phase_donates_its_own_states_only_and_compiles_each_step_once(synth
                         total_steps=8, checkpoint_steps=frozenset({4}), on_checkpoint=keep)
         return state, seen[4], out
 
-    step = make_step(apply, momentum=0.9, lr_fn=lambda s: 0.05)
+    step = make_step(apply, momentum=0.9, lr=0.05)
     caller, at4, donated = phase({False: step})
     assert not any(a.is_deleted() for a in jax.tree.leaves((caller, anchor)))
     assert all(a.is_deleted() for a in jax.tree.leaves(at4))  # went to the step after it
     _, at4_plain, plain = phase({False: step.plain})  # plain functions: nothing donated
     assert not any(a.is_deleted() for a in jax.tree.leaves(at4_plain))
     assert _equal(donated, plain)
-    assert step.donating._cache_size() == 1
+    assert step.programs[1]._cache_size() == 1
