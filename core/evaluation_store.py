@@ -29,11 +29,13 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from core.config import EvalSpec
 from core.kernel_store import DamagedFile, load_arrays, save_arrays
+from core.recent import recent
 
 LOG = logging.getLogger("ntk_sweep")
 
@@ -62,20 +64,26 @@ class NetworkEvaluations:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime) parsed
+        self._records: dict[int, dict[str, Any]] = {}
 
-    def get(self, step: int) -> dict[str, np.ndarray] | None:
-        """{member: bool [n]} of the network at ``step``, or None if not stored intact;
-        DamagedFile if the file is over ``MAX_EVALUATIONS_BYTES``."""
+    def _parse(self) -> dict[int, dict[str, Any]]:
+        """The intact records by step (the last of a step wins), parsed again only when the
+        file has changed (a damaged line is reported once per file version); DamagedFile if
+        the file is over ``MAX_EVALUATIONS_BYTES``."""
         try:
-            size = self.path.stat().st_size
+            stat = self.path.stat()
         except FileNotFoundError:
-            return None
-        if size > MAX_EVALUATIONS_BYTES:
-            raise DamagedFile(f"{self.path}: {size} bytes, over the {MAX_EVALUATIONS_BYTES} an "
-                              "evaluations file may hold; delete it to have its networks "
-                              "evaluated again")
+            return {}
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if version == self._seen:
+            return self._records
+        if stat.st_size > MAX_EVALUATIONS_BYTES:
+            raise DamagedFile(f"{self.path}: {stat.st_size} bytes, over the "
+                              f"{MAX_EVALUATIONS_BYTES} an evaluations file may hold; delete it "
+                              "to have its networks evaluated again")
         text = self.path.read_text(errors="replace")  # a damaged byte fails its line's hash
-        found = None
+        records = {}
         for number, line in enumerate(text.splitlines(), 1):
             if not line:
                 continue
@@ -83,17 +91,30 @@ class NetworkEvaluations:
                 record = json.loads(line)
                 if record.pop("sha256") != _line_hash(record):
                     raise ValueError("its checksum does not match")
-                if record["step"] != step:
-                    continue
-                n = record["n"]
-                found = {name: np.unpackbits(np.frombuffer(base64.b64decode(data), np.uint8),
-                                             count=n).astype(bool)
-                         for name, data in record["correct"].items()}
-            except Exception as e:  # noqa: BLE001 - JSON, key, base64 errors alike
+                records[int(record["step"])] = record
+            except Exception as e:  # noqa: BLE001 - JSON, key, type errors alike
                 LOG.warning("%s:%d: damaged evaluation record skipped (%s: %s); the network "
                             "is evaluated again", self.path, number, type(e).__name__,
                             str(e)[:200])
-        return found
+        self._seen, self._records = version, records
+        return records
+
+    def get(self, step: int) -> dict[str, np.ndarray] | None:
+        """{member: bool [n]} of the network at ``step``, or None if not stored intact;
+        DamagedFile if the file is over ``MAX_EVALUATIONS_BYTES``."""
+        record = self._parse().get(int(step))
+        if record is None:
+            return None
+        try:
+            n = record["n"]
+            return {name: np.unpackbits(np.frombuffer(base64.b64decode(data), np.uint8),
+                                        count=n).astype(bool)
+                    for name, data in record["correct"].items()}
+        except Exception as e:  # noqa: BLE001 - key and base64 errors of an intact-looking line
+            LOG.warning("%s: damaged evaluation record of step %d skipped (%s: %s); the "
+                        "network is evaluated again", self.path, step, type(e).__name__,
+                        str(e)[:200])
+            return None
 
     def put(self, step: int, correct: dict[str, np.ndarray]) -> None:
         """Appends the evaluation of the network at ``step`` (one ``write``; after a torn
@@ -114,6 +135,15 @@ class NetworkEvaluations:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+
+
+_OPEN: dict[Path, NetworkEvaluations] = {}
+
+
+def network_evaluations(path: str | Path) -> NetworkEvaluations:
+    """The process's reader of the evaluations file ``path`` (one per file, the last 64
+    files: each is parsed once per version, however many lookups a run makes)."""
+    return recent(_OPEN, Path(path).absolute(), lambda: NetworkEvaluations(path), 64)
 
 
 def load_reference(path: str | Path) -> np.ndarray | None:

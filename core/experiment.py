@@ -45,9 +45,9 @@ from core.evaluate import (
 from core.evaluation_store import (
     NETWORK_FIELDS,
     REFERENCE_FIELDS,
-    NetworkEvaluations,
     evaluation_key,
     load_reference,
+    network_evaluations,
     save_reference,
 )
 from core.models import init_model, make_model
@@ -449,7 +449,7 @@ def _network_correct(ctx: _Context, trajectory: Trajectory, step: int, state: Tr
                     key: jax.Array) -> dict[str, np.ndarray]:
     """The white-box members' per-example correctness of the phase-1 network at ``step``
     (``state``): stored with the trajectory by whichever process evaluated it first."""
-    stored = NetworkEvaluations(trajectory.evaluations_path(_eval_key(ctx, NETWORK_FIELDS)))
+    stored = network_evaluations(trajectory.evaluations_path(_eval_key(ctx, NETWORK_FIELDS)))
     if (correct := stored.get(step)) is None:
         correct = _evaluate(ctx, "phase1", None, state.params, state.batch_stats, key)
         stored.put(step, correct)

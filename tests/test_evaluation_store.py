@@ -17,6 +17,7 @@ from core.evaluation_store import (
     NetworkEvaluations,
     evaluation_key,
     load_reference,
+    network_evaluations,
     save_reference,
 )
 
@@ -153,3 +154,37 @@ def test_a_line_with_bytes_that_are_not_text_is_skipped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ntk_sweep"):
         assert stored.get(0) is None
     assert "damaged evaluation record" in caplog.text
+
+
+def test_the_file_is_parsed_once_per_version_and_damage_reported_once(tmp_path, caplog,
+                                                                      monkeypatch):
+    """A run looks up each of a trajectory's networks: the file is read once while it is
+    unchanged (it used to be read and parsed at every lookup, and a damaged line warned at
+    every lookup), and again once it grows."""
+    from pathlib import Path
+
+    rng = np.random.default_rng(2)
+    path = tmp_path / "e.jsonl"
+    made = {step: _correct(rng, 20) for step in (0, 4, 8)}
+    writer = NetworkEvaluations(path)
+    for step, correct in made.items():
+        writer.put(step, correct)
+    with open(path, "a") as f:
+        f.write('{"step": 12, "n": 1, "correct": {}, "sha256": "0"}\n')  # damaged
+    reads = []
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text",
+                        lambda self, *a, **k: reads.append(self) or real(self, *a, **k))
+    stored = NetworkEvaluations(path)
+    with caplog.at_level(logging.WARNING, logger="ntk_sweep"):
+        for _ in range(3):
+            for step, correct in made.items():
+                assert np.array_equal(stored.get(step)["linf"], correct["linf"])
+            assert stored.get(12) is None
+    assert reads == [path]
+    assert caplog.text.count("damaged evaluation record") == 1
+    writer.put(12, made[0])  # another process evaluated it: read again
+    assert np.array_equal(stored.get(12)["margin"], made[0]["margin"])
+    assert reads == [path, path]
+    # A run's lookups share the process's reader of each file.
+    assert network_evaluations(path) is network_evaluations(tmp_path / "." / "e.jsonl")
