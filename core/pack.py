@@ -141,22 +141,24 @@ def scan(path: Path, magic: bytes, key: str) -> tuple[dict[Any, Entry], int]:
                 stop = data + entry.nbytes
                 if stop > size:
                     raise ValueError(f"its data runs {stop - size} bytes past the end")
+                name = header[key]
+                void = int(header["void"]) if "void" in header else None
             except (ValueError, KeyError, TypeError) as e:
                 nxt = _next_magic(f, at + 1, size, magic)
                 if nxt is None:  # a record being written or torn: not there yet
                     break
                 if (path, at) not in _WARNED:
                     _WARNED.add((path, at))
-                    LOG.warning("%s: bytes %d to %d are damaged (%s) and skipped; what they "
-                                "held is made again", path, at, nxt, e)
+                    LOG.warning("%s: bytes %d to %d are damaged (%s: %s) and skipped; what "
+                                "they held is made again", path, at, nxt, type(e).__name__, e)
                 at = nxt
                 continue
-            if "void" in header:
-                if (k := by_offset.pop(int(header["void"]), None)) is not None:
+            if void is not None:
+                if (k := by_offset.pop(void, None)) is not None:
                     entries.pop(k, None)
             else:
-                entries[header[key]] = entry
-                by_offset[at] = header[key]
+                entries[name] = entry
+                by_offset[at] = name
             at = end = stop
     return entries, end
 

@@ -114,7 +114,8 @@ def test_a_header_length_beyond_the_file_or_the_bound_is_damage(tmp_path, length
         assert reader.steps() == [0, 8]
     assert time.perf_counter() - start < 1.0
     (warning,) = [r.getMessage() for r in caplog.records]
-    assert f"{store.path}: bytes {at[4]} to {at[8]} are damaged (header length" in warning
+    assert (f"{store.path}: bytes {at[4]} to {at[8]} are damaged (ValueError: header length"
+            in warning)
     for call in (lambda: reader.restore(4, state), lambda: reader.meta(4)):
         with pytest.raises(DamagedCheckpoint, match="no checkpoint of step 4"):
             call()
@@ -225,3 +226,22 @@ def test_older_orbax_checkpoints_are_not_steps_and_are_kept(tmp_path, caplog):
     assert "earlier format" in warnings[0]
     assert (tmp_path / "4" / "state" / "manifest.ocdbt").exists()
     _identical(store.restore(0, _state())[0], _state())
+
+
+def test_an_intact_record_without_its_key_is_skipped_not_a_crash(tmp_path, caplog):
+    """A record whose header checks out but names no step (another tool's record, a forged
+    one) is skipped with a warning; the records after it still read."""
+    from core.pack import encode
+
+    store = CheckpointStore(tmp_path / "c.pack")
+    state = _state()
+    store.save(0, state, {})
+    store.save(4, state, {})
+    whole, at = store.path.read_bytes(), store.pack.entries()[4].offset
+    keyless = encode(ckpt.MAGIC, {"meta": {}, "digest": "", "leaves": []}, [])
+    store.path.write_bytes(whole[:at] + keyless + whole[at:])
+    with caplog.at_level(logging.WARNING, logger="core.pack"):
+        reader = CheckpointStore(store.path)
+        assert reader.steps() == [0, 4]
+    assert "KeyError" in caplog.text and "'step'" in caplog.text
+    _identical(reader.restore(4, state)[0], state)
