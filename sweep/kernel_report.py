@@ -106,7 +106,7 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[Trajectory],
             run_dir / f"kernel_heatmap_{info.mode}_seed{info.seed}.png"))
     out.print("plots: " + ", ".join(str(p) for p in plots))
     write_csv(run_dir / "kernel_measures.csv", flat, list(flat[0]))
-    out.print(f"kernels: {run_dir}/trajectories/*/kernels/{spec.output}-*/; measures: "
+    out.print(f"kernels: {run_dir}/trajectories/*/kernels/{spec.output}-*.pack; measures: "
               f"{run_dir / 'kernel_measures.csv'}")
     return result
 

@@ -90,8 +90,11 @@ def test_experiment_smoke_all_four_codes(tmp_path, capsys):
     for plot in ("kernel_distances.png", "kernel_heatmap_A_seed0.png",
                  "kernel_heatmap_C_seed0.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG", plot
-    kernels = list(out.glob("trajectories/*/kernels/classwise-*/epoch_*.npz"))
-    assert len(kernels) == 2 * len(steps)
+    from core.kernel_store import KernelTrajectory
+
+    packs = list(out.glob("trajectories/*/kernels/classwise-*.pack"))
+    assert len(packs) == 2 and not list(out.glob("trajectories/*/kernels/*/"))
+    assert [len(KernelTrajectory(p).epochs()) for p in packs] == [len(steps)] * 2
     # The paper's claims: written by 'experiment' (claim 3 without data), completed by
     # 'kernel' (its kernels), and the numbers behind claim 1 are the rows' (one seed).
     claims = {c["key"]: c for c in json.loads((out / "claims.json").read_text())[0]["claims"]}
