@@ -91,6 +91,59 @@ def tree(path: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
+def process_kind(proc: psutil.Process) -> str:
+    """``driver``, ``trial`` (a Ray worker running trials), ``ray`` (Ray's daemons and idle
+    workers) or ``other``, from the process's name and command line."""
+    try:
+        line = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "other"
+    if "ntk-sweep" in line and " run " in f"{line} ":
+        return "driver"
+    if "ImplicitFunc" in line or "ray::trial" in line:
+        return "trial"
+    return "ray" if "ray" in line else "other"
+
+
+def watched(command: list[str]) -> tuple[int, str, dict[tuple[int, float, str], float], int]:
+    """Runs ``command`` (cwd ROOT, env ENV, stdout dropped) and samples, every 0.1 s, the CPU
+    seconds of it and every process under it (Ray's daemons and trial workers are not waited
+    for by the driver: RUSAGE_CHILDREN misses them; a process's last sample stands for its
+    total) and its peak resident memory. Returns (exit code, stderr, {(pid, start, kind):
+    CPU-s}, peak RSS bytes)."""
+    driver = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    peak, cpu, kinds = [0], {}, {}
+
+    def watch() -> None:
+        proc = psutil.Process(driver.pid)
+        while driver.poll() is None:
+            try:
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                for p in [proc, *proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        key = (p.pid, p.create_time())
+                        kind = kinds[key] = kinds.get(key) or process_kind(p)
+                        t = p.cpu_times()
+                        cpu[(*key, kind)] = t.user + t.system
+            except psutil.Error:
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    _, err = driver.communicate()
+    watcher.join()
+    return driver.returncode, err, cpu, peak[0]
+
+
+def cpu_by_kind(cpu: dict[tuple[int, float, str], float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (_, _, kind), seconds in cpu.items():
+        out[kind] = round(out.get(kind, 0.0) + seconds, 1)
+    return out
+
+
 def run_sweep(n: int, tmp: Path, shared: bool = False) -> dict:
     """One sweep of ``n`` tiny trials: its costs. ``shared``: all of seed 0, a phase-2
     learning rate each, so that every trial uses the same two trajectories (a sweep over
@@ -105,35 +158,12 @@ def run_sweep(n: int, tmp: Path, shared: bool = False) -> dict:
     path.write_text(yaml.safe_dump(space))
     out = tmp / f"out-{name}"
     start = time.perf_counter()
-    driver = subprocess.Popen([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)],
-                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    peak, cpu = [0], {}
-
-    def watch() -> None:
-        """The driver's peak RSS, and the CPU seconds of every process under it (Ray's
-        daemons and trial workers are not waited for by the driver: RUSAGE_CHILDREN misses
-        them), sampled every 0.1 s; a process's last sample stands for its total."""
-        proc = psutil.Process(driver.pid)
-        while driver.poll() is None:
-            try:
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                for p in [proc, *proc.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        t = p.cpu_times()
-                        cpu[(p.pid, p.create_time())] = t.user + t.system
-            except psutil.Error:
-                return
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    _, err = driver.communicate()
-    watcher.join()
-    if driver.returncode != 0:
-        sys.exit(f"ntk-sweep run failed ({driver.returncode}):\n{err[-3000:]}")
+    code, err, cpu, peak = watched([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(out)])
+    if code != 0:
+        sys.exit(f"ntk-sweep run failed ({code}):\n{err[-3000:]}")
     row = {"trials": n, "wall_s": time.perf_counter() - start, "cpu_s": sum(cpu.values()),
-           "driver_peak_rss_bytes": peak[0]}
+           **{f"cpu_s/{kind}": v for kind, v in cpu_by_kind(cpu).items()},
+           "driver_peak_rss_bytes": peak}
     total_files = 0
     for part in PARTS:
         files, size = tree(out / part)
@@ -338,17 +368,18 @@ def grid_ratio(tmp: Path, quick: bool) -> dict:
     path = tmp / "grid.yaml"
     path.write_text(yaml.safe_dump(space))
     start = time.perf_counter()
-    done = subprocess.run([str(BIN / "ntk-sweep"), "run", str(path), "--out", str(tmp / "gs")],
-                          cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"digits grid sweep failed:\n{done.stderr[-3000:]}")
+    code, err, cpu_sweep, _ = watched([str(BIN / "ntk-sweep"), "run", str(path), "--out",
+                                       str(tmp / "gs")])
+    if code != 0:
+        sys.exit(f"digits grid sweep failed:\n{err[-3000:]}")
     sweep = time.perf_counter() - start
-    log(f"digits grid as a sweep: {sweep:.1f} s")
+    by_kind = cpu_by_kind(cpu_sweep)
+    log(f"digits grid as a sweep: {sweep:.1f} s, CPU-s by process: {by_kind}")
     # The sweep cannot end before the one process's CPU-seconds spread over every core: where
     # XLA's intra-op threads already keep both cores busy, that floor is near 1, not 0.5.
     floor = cpu / (os.cpu_count() or 1) / one_process
     return {"one_process_s": one_process, "one_process_cpu_s": cpu, "sweep_s": sweep,
+            "sweep_cpu_s": sum(by_kind.values()), "sweep_cpu_s_by_process": by_kind,
             "ratio": sweep / one_process, "floor": floor}
 
 
