@@ -34,9 +34,9 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     run, ``kernels.npz``: ``<mode>/epochs``, ``<mode>/kernels``, ... per data mode
     (``KernelTrajectory.export``; written beside the trial until MLflow has it). ``seen``:
     (metric, step) already logged, by run; ``on_wait(trajectory)`` when another process holds
-    a trajectory's lock. Returns the plot
-    written under ``trial_dir``: ``kernels.png``, the overview of distance, alignment and
-    spectrum curves, the polar view and one epoch-by-epoch heatmap per trajectory."""
+    a trajectory's lock. Returns the plot written under ``trial_dir``: ``kernels.png``, the
+    overview of distance, alignment and spectrum curves, the polar view and one epoch-by-epoch
+    heatmap per trajectory."""
     from core.trajectory_kernels import (
         compute_trajectory_kernels,
         cross_trajectory_distances,
