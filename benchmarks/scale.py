@@ -123,8 +123,13 @@ def watched(command: list[str]) -> tuple[int, str, dict[tuple[int, float, str], 
                 for p in [proc, *proc.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
                         key = (p.pid, p.create_time())
-                        kind = kinds[key] = kinds.get(key) or process_kind(p)
+                        # An idle Ray worker becomes a trial worker: classify until it is one.
+                        if kinds.get(key) not in ("trial", "driver"):
+                            kinds[key] = process_kind(p)
+                        kind = kinds[key]
                         t = p.cpu_times()
+                        for other in ("ray", "other"):  # counted under its latest kind
+                            cpu.pop((*key, other), None)
                         cpu[(*key, kind)] = t.user + t.system
             except psutil.Error:
                 return
