@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-from core.pack import Entry, Pack, scan
+from core.pack import Entry, Pack, decode, scan
 from core.timing import timed
 
 State = TypeVar("State")
@@ -112,19 +112,6 @@ def _check_structure(specs: list[dict[str, Any]], like_leaves: list[Any]) -> Non
 
         raise ValueError(f"its arrays are not the template's: array {i} is {show(stored)} "
                          f"in the file, {show(wanted)} in the template")
-
-
-def _arrays(data: bytearray, specs: list[dict[str, Any]], like_leaves: list[Any]
-            ) -> list[np.ndarray]:
-    out = []
-    for spec, (_, leaf) in zip(specs, like_leaves, strict=True):
-        dtype, shape = _stored_as(leaf)
-        start, nbytes = spec["offset"], spec["nbytes"]
-        if nbytes != dtype.itemsize * int(np.prod(shape)) or not 0 <= start <= len(data) - nbytes:
-            raise ValueError(f"{spec['path']}: bytes {start}+{nbytes} outside the data")
-        a = np.frombuffer(data, dtype.newbyteorder("<"), count=int(np.prod(shape)), offset=start)
-        out.append(a.reshape(shape).astype(dtype, copy=False))
-    return out
 
 
 def _place(arrays: list[np.ndarray], like_leaves: list[Any]) -> list[Any]:
@@ -218,8 +205,8 @@ class CheckpointStore:
         with timed("checkpoint"):
             entry = self._entry(step)
             try:
-                _check_structure(entry.header["leaves"], like_leaves)
-                arrays = _arrays(self.pack.read(entry), entry.header["leaves"], like_leaves)
+                _check_structure(entry.header["leaves"], like_leaves)  # dtypes, shapes: like's
+                arrays = decode(self.pack.read(entry), entry.header["leaves"])
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise DamagedCheckpoint(step, e) from e
             paths = [spec["path"] for spec in entry.header["leaves"]]

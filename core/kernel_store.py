@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from core.pack import Entry, Pack
+from core.pack import Entry, Pack, decode
 
 T = TypeVar("T")
 MAGIC = b"ntk-sweep kernel 1\n"
@@ -131,6 +131,7 @@ def _cached(key: tuple[Any, ...], load: Callable[[], KernelRecord]) -> KernelRec
 
 
 def _data_digest(arrays: list[np.ndarray]) -> str:
+    """SHA-256 of the arrays as a record stores them (little-endian, packed): that of its data."""
     h = hashlib.sha256()
     for a in arrays:
         h.update(np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes())
@@ -181,23 +182,15 @@ class KernelTrajectory:
         where = f"{self.path}: the kernel of epoch {epoch:g} (bytes {entry.offset}+)"
         try:
             data = self.pack.read(entry)
-            arrays = []
-            for spec in entry.header["leaves"]:
-                dtype = np.dtype(spec["dtype"]).newbyteorder("<")
-                count = int(np.prod(spec["shape"]))
-                if count * dtype.itemsize != spec["nbytes"]:
-                    raise ValueError(f"{spec['path']}: {spec['nbytes']} bytes for "
-                                     f"{spec['shape']} {spec['dtype']}")
-                arrays.append(np.frombuffer(data, dtype, count, spec["offset"])
-                              .reshape(spec["shape"]).astype(dtype.newbyteorder("="),
-                                                             copy=False))
             if [spec["path"] for spec in entry.header["leaves"]] != list(LEAVES):
                 raise ValueError(f"its arrays are {[s['path'] for s in entry.header['leaves']]}")
+            digest = hashlib.sha256(data).hexdigest()
+            arrays = decode(data, entry.header["leaves"])
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DamagedKernel(f"{where} cannot be read ({type(e).__name__}: {str(e)[:200]})"
                                 "; the next kernel computation of this trajectory makes it "
                                 "again") from e
-        if _data_digest(arrays) != entry.header["digest"]:
+        if digest != entry.header["digest"]:
             raise DamagedKernel(f"{where} is damaged (digest mismatch); the next kernel "
                                 "computation of this trajectory makes it again")
         return KernelRecord(*arrays, entry.header["meta"])

@@ -88,6 +88,22 @@ def encode(magic: bytes, header: dict[str, Any], arrays: list[np.ndarray]) -> by
     return b"".join([magic, _LENGTH.pack(len(raw)), hashlib.sha256(raw).digest(), raw, *data])
 
 
+def decode(data: bytes | bytearray, specs: list[dict[str, Any]]) -> list[np.ndarray]:
+    """The arrays of a record's data (``Pack.read``) as its header's ``leaves`` describe them,
+    in native byte order; ValueError if a leaf's bytes do not fit its dtype and shape or lie
+    outside the data."""
+    out = []
+    for spec in specs:
+        dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+        count, start, nbytes = int(np.prod(spec["shape"])), spec["offset"], spec["nbytes"]
+        if nbytes != dtype.itemsize * count or not 0 <= start <= len(data) - nbytes:
+            raise ValueError(f"{spec['path']}: bytes {start}+{nbytes} outside the data or not "
+                             f"{spec['shape']} {spec['dtype']}")
+        a = np.frombuffer(data, dtype, count=count, offset=start).reshape(spec["shape"])
+        out.append(a.astype(dtype.newbyteorder("="), copy=False))
+    return out
+
+
 def read_header(f: BinaryIO, at: int, size: int, magic: bytes) -> tuple[dict[str, Any], int]:
     """The header of the record at byte ``at`` of an open file of ``size`` bytes and where its
     data starts; ValueError if the prefix or the header is not what was written."""
