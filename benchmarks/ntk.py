@@ -14,8 +14,10 @@ For each model and probe size N (digits images, 10 classes) it times, after a wa
   scaled to ten (every class costs the same).
 
 GFLOP/s count the contraction a full class-wise kernel needs, 2 * O * N^2 * P, divided by the
-time; a float32 matmul's GFLOP/s measured in the same run is the machine's ceiling. The engine's
-speed is measured with an 8 GiB budget (the most the neural-tangents calls are allowed); peak
+time; a float32 matmul's GFLOP/s measured in the same run is the machine's ceiling (times are
+the best of 3, the matmul's of 5). The engine's speed is measured with an 8 GiB budget (the
+most the neural-tangents calls are allowed), and for the CNN at N = 500 also with the default
+budget (``ntk_contraction_vs_matmul``: what a run gets); peak
 memory is measured separately, with a 256 MiB budget, as the resident-set growth of a fresh
 process while it computes the CNN kernel of N = 500 (sampled every 2 ms).
 Prints one JSON object with a ``goals`` list.
@@ -69,10 +71,22 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _best_time(fn, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls after a warm-up: the machine's rate with the
+    least interference (this host's timings vary by 20 % call to call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def matmul_gflops(size: int = 2048) -> float:
     a = jnp.ones((size, size), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    seconds = min(_time(lambda: f(a).block_until_ready()) for _ in range(3))
+    seconds = _best_time(lambda: f(a).block_until_ready(), repeats=5)
     return 2 * size**3 / seconds / 1e9
 
 
@@ -109,16 +123,23 @@ def _reference(apply, params, bs, x, classes: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench(name: str, n: int, reference_classes: int, run_nt: bool) -> dict:
+def bench(name: str, n: int, reference_classes: int, run_nt: bool,
+          default_budget: bool = False) -> dict:
     apply, params, bs, x, model = _setup(name, n)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     flops = 2 * 10 * n * n * n_params
     # The same memory as the neural-tangents calls may use (they are skipped above it).
     engine = NtkEngine(apply, "classwise", model=model, memory_budget=NT_MEMORY_LIMIT)
     row = {"model": name, "n": n, "params": n_params, "nominal_gflop": flops / 1e9}
-    row["engine_s"] = _time(lambda: engine(None, params, bs, x))
+    row["engine_s"] = _best_time(lambda: engine(None, params, bs, x))
     row["engine_gflops"] = flops / row["engine_s"] / 1e9
     row["engine_plan"] = engine.last_plan
+    if default_budget:  # what a run gets: the budget from the machine's free memory
+        engine = NtkEngine(apply, "classwise", model=model)
+        row["engine_default_budget_s"] = _best_time(lambda: engine(None, params, bs, x))
+        row["engine_default_budget_gflops"] = flops / row["engine_default_budget_s"] / 1e9
+        row["engine_default_budget_plan"] = {**engine.last_plan,
+                                             "budget_bytes": engine.memory_budget}
     jac_bytes = n * jacobian_bytes_per_input(params, 10, 4)
     for impl in ("jacobian_contraction", "ntk_vector_products"):
         if run_nt and jac_bytes <= NT_MEMORY_LIMIT:
@@ -191,12 +212,14 @@ def main() -> None:
     for name in ("mlp", "cnn"):
         for n in sizes:
             ref_classes = 1 if (name == "cnn" and n == 500) or not args.quick else 0
-            rows.append(bench(name, n, ref_classes, run_nt=True))
+            rows.append(bench(name, n, ref_classes, run_nt=True,
+                              default_budget=(name, n) == ("cnn", 500)))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     rows.append(bench("resnet18", 32 if args.quick else 64, 0, run_nt=not args.quick))
     memory = peak_memory(500, 256 * 2**20)
     cnn500 = next(r for r in rows if r["model"] == "cnn" and r["n"] == 500)
     best_nt = min((r["ratio_vs_best_nt"] for r in rows if "ratio_vs_best_nt" in r), default=None)
+    contraction = cnn500["engine_default_budget_gflops"] / ceiling
     within = memory["rss_growth_bytes"] <= memory["budget_bytes"] + memory["result_bytes"]
     print(json.dumps({
         "benchmark": "ntk", "backend": jax.default_backend(), "devices": jax.device_count(),
@@ -209,8 +232,7 @@ def main() -> None:
             {"name": "ntk_vs_best_nt_call", "value": None if best_nt is None else round(best_nt, 3),
              "target": 1.0, "met": best_nt is not None and best_nt >= 1.0},
             {"name": "ntk_contraction_vs_matmul",
-             "value": round(cnn500["engine_gflops"] / ceiling, 3), "target": 0.5,
-             "met": cnn500["engine_gflops"] / ceiling >= 0.5},
+             "value": round(contraction, 3), "target": 0.5, "met": contraction >= 0.5},
             {"name": "ntk_peak_memory_within_budget",
              "value": memory["rss_growth_bytes"], "target": memory["budget_bytes"],
              "met": within},

@@ -27,7 +27,9 @@ from flax import traverse_util
 
 Factors = dict[str, Any]
 """{"dense": {path: (a [..., d_in], delta [..., O', d_out])}, "jac": {path: [..., O', ...]}
-(the Jacobians of the non-dense parameters)}."""
+(the Jacobians of the non-dense parameters)}; ``output_major`` lays blocks of them out for
+``contract_factors`` ("jac" becomes one array [..., O', P, B], or None when every parameter is
+a dense layer's)."""
 
 
 def _intercept(next_fun, args, kwargs, context):
@@ -109,15 +111,29 @@ def make_factor_fn(
 
 
 def output_major(factors: Factors) -> Factors:
-    """Blocks of factors with leaves [D, B, O', ...] -> [D, O', B, ...] (a stays [D, B, d_in]),
-    so that every contraction is a batched matrix product over O' with no transposes."""
+    """Blocks of factors with leaves [D, B, O', ...] -> the layout the contraction wants.
+
+    The Jacobians of the non-dense parameters become ONE array [D, O', P, B] (P of them in
+    all, leaves flattened and concatenated in the tree's order, P-major): the kernel is then
+    one batched product over O' contracting the leading axis of both operands, which XLA's
+    CPU dot runs near the plain matmul's rate: for the digits CNN's [10, 55744, 250] blocks,
+    140 GFLOP/s against 105 for [O', B, P] operands and about 70 for one product per leaf
+    (2 cores; the transpose costs about a quarter of the Jacobian pass). Dense deltas
+    become [D, O', B, d_out]; the dense inputs a stay [D, B, d_in].
+    """
     swap = lambda t: jnp.swapaxes(t, 1, 2)  # noqa: E731
-    return {"jac": jax.tree.map(swap, factors["jac"]),
-            "dense": {k: (a, swap(d)) for k, (a, d) in factors["dense"].items()}}
+    leaves = jax.tree.leaves(factors["jac"])
+    jac = None
+    if leaves:
+        d, b, o = leaves[0].shape[:3]
+        jac = jnp.concatenate([jnp.transpose(t.reshape(d, b, o, -1), (0, 2, 3, 1))
+                               for t in leaves], axis=2)
+    return {"jac": jac, "dense": {k: (a, swap(d)) for k, (a, d) in factors["dense"].items()}}
 
 
 def contract_factors(fa: Factors, fb: Factors, output: str, biased: frozenset[str]) -> jax.Array:
-    """Kernel block of two blocks of output-major factors ([O', Ba, ...] and [O', Bb, ...]).
+    """Kernel block of two blocks of factors laid out by ``output_major`` (one block's
+    Jacobians [O', P, Ba], the other's [O', P, Bb]).
 
     Computes the class-wise blocks K[o, i, j] (or the full K[i, j, o, q]); output ``logit``
     keeps the only one, ``trace`` sums over o. A dense layer adds (a_i . a_j + 1) times the
@@ -125,13 +141,10 @@ def contract_factors(fa: Factors, fb: Factors, output: str, biased: frozenset[st
     ``jax.default_matmul_precision`` (``NtkEngine`` sets it; float32 by default).
     """
     spec = "oip,qjp->ijoq" if output == "full" else "oip,ojp->oij"
-
-    def generic(a, b):
-        a = a.reshape(a.shape[0], a.shape[1], -1)
-        b = b.reshape(b.shape[0], b.shape[1], -1)
-        return jnp.einsum(spec, a, b)
-
-    total = sum(jax.tree.leaves(jax.tree.map(generic, fa["jac"], fb["jac"])), start=0.0)
+    total = 0.0
+    if fa["jac"] is not None:  # [O', P, Ba] x [O', P, Bb]
+        total = jnp.einsum("opi,qpj->ijoq" if output == "full" else "opi,opj->oij",
+                           fa["jac"], fb["jac"])
     for path, (a_in, d_a) in fa["dense"].items():
         b_in, d_b = fb["dense"][path]
         gram = jnp.einsum("ik,jk->ij", a_in, b_in) + (path in biased)
