@@ -21,7 +21,8 @@ Goals:
   ``files_per_trial_sharing_trajectories``, the same for trials that differ in phase 2 only
   and share two trajectories (a sweep over phase-2 settings, switch points or codes);
 * ``compile_share_digits_experiment``: compilation (tracing, lowering, compiling or loading
-  from the persistent cache; ``jax.monitoring`` events) over the wall time of
+  from the persistent cache; ``jax.monitoring`` events, the cache's retrieval counted once:
+  it happens inside the backend compile event) over the wall time of
   ``digits-demo`` (``--quick``: 2 phase-1 epochs), in a fresh process whose compilation cache
   a first run filled: <= 0.03;
 * ``report_reads_all_runs``: a report over 60,000 evaluated-model runs (inserted straight into
@@ -218,9 +219,13 @@ from core.config import read_config_file, config_from_dict
 from core.experiment import run_experiment
 from search_spaces import resolve
 spent = []
+# Tracing, lowering, and compiling or loading from the persistent cache: the backend event
+# spans compile_or_get_cached, so the cache's own retrieval event (inside it) is not added.
+COMPILATION = ("/jax/core/compile/jaxpr_trace_duration",
+               "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration")
 def listen(event, seconds, **kw):
-    if any(w in event for w in ("compile", "trace", "mlir", "cache_retrieval")) \\
-            and "time_saved" not in event:
+    if event in COMPILATION:
         spent.append(seconds)
 jax.monitoring.register_event_duration_secs_listener(listen)
 use_compilation_cache(sys.argv[1])
@@ -395,8 +400,16 @@ def main() -> None:
                         help="only the per-trial costs (for a before/after comparison)")
     parser.add_argument("--grid-only", action="store_true",
                         help="only the digits grid, sweep against one process")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="only the compilation share of the digits experiment")
     args = parser.parse_args()
     sizes = [4, 8, 16] if args.quick else [8, 32, 128]
+    if args.compile_only:
+        with tempfile.TemporaryDirectory(prefix="ntk-scale-") as name:
+            compiled = compile_share(Path(name), args.quick)
+        print(json.dumps({"benchmark": "scale", "quick": args.quick, "cpus": os.cpu_count(),
+                          "compile": compiled, "goals": [_compile_goal(compiled)]}, indent=1))
+        return
     if args.grid_only:
         with tempfile.TemporaryDirectory(prefix="ntk-scale-") as name:
             grid = grid_ratio(Path(name), args.quick)
@@ -445,13 +458,17 @@ def main() -> None:
             {"name": "files_per_trial_sharing_trajectories",
              "value": per_shared_trial["files"], "target": 12,
              "met": per_shared_trial["files"] <= 12},
-            {"name": "compile_share_digits_experiment", "value": round(compiled["share"], 4),
-             "target": 0.03, "met": compiled["share"] <= 0.03},
+            _compile_goal(compiled),
             {"name": "report_reads_all_runs", "value": report["all"], "target": True,
              "met": report["all"]},
             *_grid_goals(grid),
         ],
     }, indent=1))
+
+
+def _compile_goal(compiled: dict) -> dict:
+    return {"name": "compile_share_digits_experiment", "value": round(compiled["share"], 4),
+            "target": 0.03, "met": compiled["share"] <= 0.03}
 
 
 def _grid_goals(grid: dict) -> list[dict]:

@@ -4,17 +4,21 @@ Layout under ``<out>`` (the sweep's output directory)::
 
     sweep.json                       the space, MLflow parent run, Tune experiment (resume)
     trajectories/                    the trajectory store (``core/trajectory_store.py``)
-    trials/<trial id>/variant.json   the trial's sampled values but the seed
+    trials/<trial id>/state.json     the trial's own record (``TrialState``): its sampled
+                                     values but the seed, the worker's last stage
+                                     (``ntk-sweep status``), and once it ends its final
+                                     metrics and MLflow run (finished) or its error (diverged)
     trials/<trial id>/results.json   its config and result rows (the experiment's tables)
-    trials/<trial id>/final.json     written once the trial has finished
-    trials/<trial id>/failed.json    written when it diverged (the error)
-    trials/<trial id>/heartbeat.json the worker's last stage (``ntk-sweep status``)
     trials/<trial id>/kernels.png    its kernel figure (also in its MLflow run)
     trials/<trial id>/pending_mlflow_writes.json   writes an attempt could not deliver, and
                                      the files they upload (results.csv, summary.md,
                                      kernels.npz: removed once MLflow has them)
     ray/                             Ray Tune's experiment (``NTK_SWEEP_STORAGE`` moves it)
     mlflow.db, mlartifacts/          the local MLflow store (``MLFLOW_TRACKING_URI`` moves it)
+
+Earlier versions kept the trial's record in four files (``variant.json``, ``heartbeat.json``,
+``final.json``, ``failed.json``); they are still read, so a sweep resumed across the upgrade
+keeps its finished trials.
 
 This module imports neither JAX nor Ray nor MLflow: ``status``, ``report`` and the CLI read
 a sweep through it without loading the runner.
@@ -26,6 +30,7 @@ import json
 import logging
 import os
 from collections.abc import Collection
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +82,21 @@ def read_record(path: Path, keys: dict[str, type | tuple[type, ...]]) -> dict[st
     """``read_json`` of a JSON object that must hold ``keys`` with values of those types;
     ``StateFileError`` naming the file and the first key missing or of another type."""
     data = read_json(path)
+    _check(path, "", data, keys)
+    return data
+
+
+def _check(path: Path, where: str, data: dict[str, Any],
+           keys: dict[str, type | tuple[type, ...]]) -> None:
     for key, kind in keys.items():
+        name = f"{where}.{key}" if where else key
         if key not in data:
-            raise StateFileError(f"{path}: {key}: missing")
+            raise StateFileError(f"{path}: {name}: missing")
         if not isinstance(data[key], kind):
             kinds = kind if isinstance(kind, tuple) else (kind,)
-            raise StateFileError(f"{path}: {key}: a {type(data[key]).__name__}, not a "
-                                 + " or ".join(k.__name__ for k in kinds))
-    return data
+            raise StateFileError(f"{path}: {name}: a {type(data[key]).__name__}, not a "
+                                 + " or ".join("null" if k is type(None) else k.__name__
+                                               for k in kinds))
 
 
 SWEEP_STATE = "sweep.json"
@@ -154,11 +166,72 @@ def trial_dir(out: Path, trial_id: str) -> Path:
 
 CONTEXT_KEY = "_ntk_sweep"  # the param-space entry holding what every trial shares
 TRIAL_STATE = "trial.json"  # in the trial's Tune checkpoint: its MLflow run id
-FINAL_STATE = "final.json"  # in <out>/trials/<trial id>/ once the trial has finished
-VARIANT_FILE = "variant.json"  # in <out>/trials/<trial id>/: its sampled values but the seed
-FAILED_STATE = "failed.json"  # in <out>/trials/<trial id>/ when it diverged
+STATE_FILE = "state.json"  # in <out>/trials/<trial id>/: its TrialState
 PENDING_WRITES = "pending_mlflow_writes.json"  # MLflow writes an attempt could not deliver
-HEARTBEAT = "heartbeat.json"
+# The record of earlier versions, a file per part: read, no longer written.
+LEGACY_VARIANT, LEGACY_HEARTBEAT = "variant.json", "heartbeat.json"
+LEGACY_FINAL, LEGACY_FAILED = "final.json", "failed.json"
+HEARTBEAT_KEYS = {"stage": str, "epoch": (int, float), "time": (int, float)}
+
+
+@dataclass
+class TrialState:
+    """A trial's own record (``<out>/trials/<trial id>/state.json``), written whole (atomically)
+    by the one worker running the trial, at its start, at every heartbeat and at its end.
+
+    Attributes:
+      variant: its sampled values but the seed (``format_variant``).
+      heartbeat: the worker's PID, node and niceness, the stage and epoch just finished, the
+        MLflow writes waiting for the server, and the time (``ntk-sweep status``).
+      final: its final metrics (what it reported to Tune last), once it has finished: what
+        ``resume`` counts as finished.
+      run_id: its MLflow run, once finished.
+      error: why it diverged (phase, epoch, step, cause), when it did.
+    """
+
+    variant: dict[str, Any] = field(default_factory=dict)
+    heartbeat: dict[str, Any] | None = None
+    final: dict[str, Any] | None = None
+    run_id: str | None = None
+    error: str | None = None
+
+    def write(self, directory: Path) -> None:
+        write_json(directory / STATE_FILE, asdict(self))
+
+
+_STATE_FIELDS = {"variant": dict, "heartbeat": (dict, type(None)), "final": (dict, type(None)),
+                 "run_id": (str, type(None)), "error": (str, type(None))}
+
+
+def read_trial_state(directory: Path) -> TrialState:
+    """The trial's ``TrialState`` (empty if it has none yet), from ``state.json`` or an earlier
+    version's files; ``StateFileError`` naming the file and what is wrong."""
+    path = directory / STATE_FILE
+    if path.is_file():
+        data = read_record(path, _STATE_FIELDS)
+        if data["heartbeat"] is not None:
+            _check(path, "heartbeat", data["heartbeat"], HEARTBEAT_KEYS)
+        return TrialState(**{k: data[k] for k in _STATE_FIELDS})
+    state = TrialState()
+    if (directory / LEGACY_VARIANT).is_file():
+        state.variant = read_json(directory / LEGACY_VARIANT)
+    if (directory / LEGACY_HEARTBEAT).is_file():
+        state.heartbeat = read_record(directory / LEGACY_HEARTBEAT, HEARTBEAT_KEYS)
+    if (directory / LEGACY_FINAL).is_file():
+        record = read_record(directory / LEGACY_FINAL, {"final": dict})
+        state.final, state.run_id = record["final"], record.get("run_id")
+    if (directory / LEGACY_FAILED).is_file():
+        state.error = read_record(directory / LEGACY_FAILED, {"error": str})["error"]
+    return state
+
+
+def trial_finished(directory: Path) -> bool:
+    """Whether the trial's record says it finished (a damaged record: not finished; the
+    summary lists it among the failures, naming the file)."""
+    try:
+        return read_trial_state(directory).final is not None
+    except StateFileError:
+        return False
 
 
 def format_variant(values: dict[str, Any]) -> str:
@@ -169,9 +242,8 @@ def format_variant(values: dict[str, Any]) -> str:
 
 def variant_label(trial_dir: Path) -> str:
     """The ``format_variant`` of the trial whose directory is ``trial_dir`` (StateFileError if
-    its file is damaged)."""
-    path = trial_dir / VARIANT_FILE
-    return format_variant(read_json(path) if path.is_file() else {})
+    its record is damaged)."""
+    return format_variant(read_trial_state(trial_dir).variant)
 
 
 RESULT_ROW = {"seed": int, "code": str, "switch_epoch": (int, float), "switch_rule": str,
@@ -211,14 +283,14 @@ def trial_outcomes(out: Path, trials: Collection[str]
     failed: list[dict[str, str]] = []
     for trial_id in sorted(set(trials)):
         directory = trial_dir(out, trial_id)
-        results, error = directory / "results.json", directory / FAILED_STATE
+        results = directory / "results.json"
         try:
-            variant = variant_label(directory)
+            state = read_trial_state(directory)
+            variant = format_variant(state.variant)
             if results.is_file():
                 rows += [{**r, "variant": variant} for r in read_results(results)["rows"]]
-            elif error.is_file():
-                failed.append({"trial": trial_id, "variant": variant,
-                               "error": read_record(error, {"error": str})["error"]})
+            elif state.error is not None:
+                failed.append({"trial": trial_id, "variant": variant, "error": state.error})
         except StateFileError as e:
             failed.append({"trial": trial_id, "variant": "", "error": f"damaged file: {e}"})
     return rows, failed

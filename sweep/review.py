@@ -21,16 +21,12 @@ from core.config import MODES, RESULT_METRICS, ConfigError
 from core.trajectory_store import TrajectoryStore, is_trajectory
 from sweep.layout import (
     CONTEXT_KEY,
-    FAILED_STATE,
-    FINAL_STATE,
-    HEARTBEAT,
     SWEEP_STATE,
-    VARIANT_FILE,
     StateFileError,
     quiet_tune_analysis,
-    read_json,
     read_record,
     read_results,
+    read_trial_state,
     resolved,
 )
 from sweep.mlflow_runs import KIND, MODEL_KINDS, PARENT_TAG, SWEEP, TRAJECTORY, TRIAL, VARIANT_TAG
@@ -84,20 +80,18 @@ def sweep_state(out: Path) -> dict[str, Any]:
 
 
 def _trial_files(trial_dir: Path, status: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(status, heartbeat, final metrics) as the trial's own files settle them, where they
-    do, else ``status``: ``finished`` (its ``final.json`` written, as ``resume`` counts it),
+    """(status, heartbeat, final metrics) as the trial's own record settles them, where it
+    does, else ``status``: ``finished`` (its final metrics recorded, as ``resume`` counts it),
     ``failed`` (it diverged) or ``damaged: ...`` (a file of it is unreadable)."""
     beat: dict[str, Any] = {}
     final: dict[str, Any] = {}
     try:
-        if (trial_dir / HEARTBEAT).is_file():
-            beat = read_record(trial_dir / HEARTBEAT, {"stage": str, "epoch": (int, float),
-                                                       "time": (int, float)})
-        if (trial_dir / FINAL_STATE).is_file():  # what resume counts as finished
+        state = read_trial_state(trial_dir)
+        beat = state.heartbeat or {}
+        if state.final is not None:  # what resume counts as finished
             read_results(trial_dir / "results.json")
-            final = read_record(trial_dir / FINAL_STATE, {"final": dict})["final"]
-            status = "finished"
-        elif (trial_dir / FAILED_STATE).is_file():
+            final, status = state.final, "finished"
+        elif state.error is not None:
             status = "failed"
     except StateFileError as e:
         status = f"damaged: {e}"
@@ -110,7 +104,7 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     (of its last report to Tune).
 
     The status is what the trial's own files say where they settle it (``_trial_files``;
-    results written without ``final.json``, by a trial killed while it computed kernels or
+    results written without final metrics, by a trial killed while it computed kernels or
     wrote MLflow, is not finished), else Tune's as it last saved it: after a driver kill a
     trial Tune left RUNNING or PENDING shows the stage and age of its heartbeat, if it has
     one. Trials that started after Tune last saved its state (a driver killed within a
@@ -146,7 +140,7 @@ def trial_status(out: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
         if directory.name in known or directory.name.rpartition("_")[0] not in prefixes:
             continue
         try:
-            values = read_json(directory / VARIANT_FILE)
+            values = read_trial_state(directory).variant
         except StateFileError:
             values = {}
         records.append(record(directory.name, "started", "-", values, {}))

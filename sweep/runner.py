@@ -29,16 +29,15 @@ from sweep.claims import claim_tags
 from sweep.kernel_logging import log_cross_trajectories
 from sweep.layout import (
     CONTEXT_KEY,
-    FINAL_STATE,
     SWEEP_STATE,
     TRIAL_STATE,
-    VARIANT_FILE,
     portable,
     quiet_tune_analysis,
     ray_storage,
     tracking_uri,
     trial_dir,
     trial_files,
+    trial_finished,
     trial_outcomes,
 )
 from sweep.mlflow_runs import KIND, SWEEP, provenance
@@ -267,7 +266,7 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
                             "finished")
                    or k.startswith("time/")}
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
-        stopped = not result.error and not (trial_dir(out, trial_id) / FINAL_STATE).is_file()
+        stopped = not result.error and not trial_finished(trial_dir(out, trial_id))
         results.append(result)
         records.append({**values, **metrics, "trial_id": trial_id,
                         "error": str(result.error or ""), "stopped_early": stopped})
@@ -303,15 +302,14 @@ def _subtitle(out: Path, trials: Collection[str]) -> str:
     """Dataset, model and eps of the sweep's plots (``sweep.plots.describe``), from its first
     finished trial's config, leaving out what the sweep varies."""
     from core.config import stored_config
-    from sweep.layout import StateFileError, read_json, read_results
+    from sweep.layout import StateFileError, read_results, read_trial_state
     from sweep.mlflow_runs import flat_params
     from sweep.plots import describe
 
     for path in trial_files(out, trials, "results.json"):
         try:
             cfg = stored_config(read_results(path)["config"], str(path))
-            swept = read_json(path.parent / VARIANT_FILE) if (
-                path.parent / VARIANT_FILE).is_file() else {}
+            swept = read_trial_state(path.parent).variant
         except (StateFileError, ConfigError):
             continue
         return describe(flat_params(cfg), set(swept))

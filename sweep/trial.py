@@ -3,10 +3,10 @@
 A trial is one sampled experiment config with one seed. It trains (or continues) its phase-1
 trajectories in the sweep's shared trajectory store and runs phase 2 from every switch point;
 ``TrialReporter`` turns the experiment's hooks into MLflow writes (through the trial's
-buffered ``Tracker``), Tune reports and the heartbeat file. The trial's MLflow run id lives in
-its Tune checkpoint, so a retried or restored trial continues the same run; a finished trial
-(``final.json``) reports again without running, a diverged one (``failed.json``) fails again
-at once.
+buffered ``Tracker``), Tune reports and the heartbeat in the trial's record
+(``sweep.layout.TrialState``). The trial's MLflow run id lives in its Tune checkpoint, so a
+retried or restored trial continues the same run; a trial whose record says it finished
+reports again without running, one whose record holds its divergence fails again at once.
 """
 
 from __future__ import annotations
@@ -29,17 +29,13 @@ from core.trajectory_store import Trajectory, TrajectoryStore
 from sweep.kernel_logging import log_kernels
 from sweep.layout import (
     CONTEXT_KEY,
-    FAILED_STATE,
-    FINAL_STATE,
-    HEARTBEAT,
     PENDING_WRITES,
     TRIAL_STATE,
-    VARIANT_FILE,
+    TrialState,
     format_variant,
     jax_cache_dir,
-    read_record,
+    read_trial_state,
     trial_dir,
-    write_json,
 )
 from sweep.mlflow_runs import (
     KIND,
@@ -119,8 +115,10 @@ class TrialReporter:
     and the heartbeat file."""
 
     def __init__(self, tracker: Tracker, runs: dict[str, Any], ctx: dict[str, Any],
-                 directory: Path, cfg: ExperimentConfig, resumed: ResumedRun):
+                 directory: Path, cfg: ExperimentConfig, resumed: ResumedRun,
+                 state: TrialState):
         self.tracker, self.ctx, self.directory, self.cfg = tracker, ctx, directory, cfg
+        self.state = state  # the trial's record (state.json), written at each change
         self.run: str = runs["run_id"]
         self.trajectory_runs: dict[str, str] = runs["trajectories"]
         self.seen, self.children, self.unfinished = resumed
@@ -230,14 +228,15 @@ class TrialReporter:
                              step=h["epoch"] * self.phase1_spe, skip=self.skip(run))
 
     def heartbeat(self, stage: str, epoch: int) -> None:
-        """``heartbeat.json``: the worker's PID and node, the stage and epoch just finished,
-        and how many MLflow writes wait for the server (``ntk-sweep status`` shows it)."""
+        """The trial record's heartbeat: the worker's PID and node, the stage and epoch just
+        finished, and how many MLflow writes wait for the server (``ntk-sweep status``)."""
         import ray
 
-        write_json(self.directory / HEARTBEAT, {
+        self.state.heartbeat = {
             "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
             "nice": os.nice(0), "stage": stage, "epoch": epoch,
-            "pending_writes": len(self.tracker.pending), "time": time.time()})
+            "pending_writes": len(self.tracker.pending), "time": time.time()}
+        self.state.write(self.directory)
 
     def finish(self, started: float, before: dict[str, float]) -> dict[str, Any]:
         """After the experiment: tables, kernels and plots as artifacts, the trial's summary
@@ -272,8 +271,9 @@ class TrialReporter:
         return {**metrics, "models_evaluated": len(self.rows), "finished": 1, "progress": 1.0}
 
     def fail(self, error: Divergence) -> TrialFailed:
-        """The trial diverged: ``failed.json``, its runs FAILED with the error as a tag."""
-        write_json(self.directory / FAILED_STATE, {"error": str(error)})
+        """The trial diverged: its record says why, its runs FAILED with the error as a tag."""
+        self.state.error = str(error)
+        self.state.write(self.directory)
         self.tracker.tags(self.run, {"error": str(error)[:MAX_TAG_CHARS]})
         for run in (*self.trajectory_runs.values(), self.run):
             self.tracker.end(run, "FAILED")
@@ -343,14 +343,15 @@ def trial(config: dict[str, Any]) -> None:
     directory = trial_dir(out, trial_id)
     tracker = Tracker(ctx["tracking_uri"], buffered=True, existing=True)
     pending = directory / PENDING_WRITES
-    if (directory / FINAL_STATE).is_file():  # finished before its driver went away
-        _report(read_record(directory / FINAL_STATE, {"final": dict})["final"])
+    earlier = read_trial_state(directory)
+    if earlier.final is not None:  # finished before its driver went away
+        _report(earlier.final)
         return
-    if (directory / FAILED_STATE).is_file():  # diverged before: deterministic, fail again
+    if earlier.error is not None:  # diverged before: deterministic, fail again
         if tracker.load_pending(pending):  # its FAILED status and error tag, if undelivered
             tracker.flush(60.0)
             tracker.save_pending(pending)
-        raise TrialFailed(read_record(directory / FAILED_STATE, {"error": str})["error"])
+        raise TrialFailed(earlier.error)
     runs, existed = _restored_runs(), True
     if runs is None:
         runs, existed = _start_runs(tracker, ctx, cfg, trial_id, values)
@@ -358,9 +359,12 @@ def trial(config: dict[str, Any]) -> None:
         resumed = tracker.resume(runs["run_id"], pending, runs["trajectories"].values())
     else:
         resumed = ResumedRun({}, {}, {})
-    reporter = TrialReporter(tracker, runs, ctx, directory, cfg, resumed)
+    # A retried trial shows its last attempt's stage (``status``) until its first heartbeat.
+    state = TrialState(variant={p: v for p, v in values.items() if p != "seeds"},
+                       heartbeat=earlier.heartbeat)
+    reporter = TrialReporter(tracker, runs, ctx, directory, cfg, resumed, state)
     directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / VARIANT_FILE, {p: v for p, v in values.items() if p != "seeds"})
+    state.write(directory)
     try:
         run_experiment(cfg, directory, reporter.hooks(), store_root=out)
         final = reporter.finish(started, before)
@@ -373,5 +377,6 @@ def trial(config: dict[str, Any]) -> None:
             tracker.save_pending(pending)  # a retry delivers them
         raise
     pending.unlink(missing_ok=True)
-    write_json(directory / FINAL_STATE, {"run_id": runs["run_id"], "final": final})  # finished
+    state.final, state.run_id = final, runs["run_id"]
+    state.write(directory)  # finished
     _report(final)

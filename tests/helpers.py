@@ -3,12 +3,15 @@ files import from here, never from each other."""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 import jax
 
 from core.config import ExperimentConfig, config_from_dict
 from core.models import init_model, make_model
+from sweep.layout import StateFileError, TrialState, read_trial_state
 
 TINY_MODELS = {
     "mlp": dict(widths=(16, 16)),
@@ -113,3 +116,18 @@ def bulk_sweep(uri: str, trials: int, children: int) -> tuple[str, str]:
         session.bulk_insert_mappings(SqlParam, params)
         session.bulk_insert_mappings(SqlLatestMetric, metrics)
     return exp, parent
+
+
+def trial_states(out: Path) -> dict[str, TrialState]:
+    """Every trial's record under a sweep's output directory, by trial id (those readable:
+    a record is replaced atomically, but a trial may not have written one yet)."""
+    states = {}
+    for directory in sorted(out.glob("trials/*")):
+        with contextlib.suppress(StateFileError):
+            states[directory.name] = read_trial_state(directory)
+    return states
+
+
+def finished_trials(out: Path) -> list[str]:
+    """The trials whose record says they finished (what ``resume`` counts as finished)."""
+    return [t for t, state in trial_states(out).items() if state.final is not None]

@@ -21,6 +21,7 @@ from core.checkpoints import CheckpointStore
 from sweep.layout import tracking_uri
 from sweep.runner import SweepTrackingLost, run_sweep
 from sweep.space import parse_space
+from tests.helpers import finished_trials, trial_states
 from tests.servers import BIN, free_port, mlflow_server, processes_mentioning, ray_cluster
 
 # Long enough per epoch (~0.1-0.3 s) that a test can see an epoch end and strike mid-phase.
@@ -63,13 +64,7 @@ def stop_driver(driver: subprocess.Popen) -> None:
 
 
 def heartbeats(out: Path) -> dict[str, dict]:
-    beats = {}
-    for path in out.glob("trials/*/heartbeat.json"):
-        try:
-            beats[path.parent.name] = json.loads(path.read_text())
-        except (json.JSONDecodeError, FileNotFoundError):
-            pass
-    return beats
+    return {t: state.heartbeat for t, state in trial_states(out).items() if state.heartbeat}
 
 
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.02):
@@ -225,7 +220,7 @@ def test_lost_node_its_trials_are_rescheduled(tmp_path):
             stop_driver(driver)
         assert driver.returncode == 0, stderr[-4000:]
     assert "2 trials, 0 failed" in stdout
-    assert len(list(out.glob("trials/*/final.json"))) == 2
+    assert len(finished_trials(out)) == 2
     client = MlflowClient(tracking_uri(out))
     exp = client.get_experiment_by_name("node-sweep")
     trials = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
@@ -315,7 +310,7 @@ def test_local_mlflow_database_deleted_mid_sweep_fails_fast_with_the_summary(tmp
     deleted: list[float] = []
 
     def delete_after_the_first_trial():
-        wait_for(lambda: list(out.glob("trials/*/final.json")), 240, "a finished trial")
+        wait_for(lambda: finished_trials(out), 240, "a finished trial")
         db.unlink()
         deleted.append(time.monotonic())
 
@@ -360,12 +355,11 @@ def test_a_diverging_trial_fails_alone_and_is_listed(tmp_path, ray_local):  # no
     by_lr = {r["phase1.lr"]: r for r in records}
     assert by_lr[0.05]["error"] == "" and by_lr[0.05]["robust_linf"] >= 0
     assert "TrialFailed" in by_lr[1e30]["error"]
-    (failed,) = list(tmp_path.glob("trials/*/failed.json"))
-    error = json.loads(failed.read_text())["error"]
+    ((failed, error),) = [(t, s.error) for t, s in trial_states(tmp_path).items() if s.error]
     assert error.startswith("phase 1 (data mode C, seed 0, lr 1e+30): loss is ")
     assert "in epoch 1 (step 64): training diverged" in error
     summary = (tmp_path / "summary.md").read_text()
-    assert f"trial {failed.parent.name} (phase1.lr=1e+30): {error}" in summary
+    assert f"trial {failed} (phase1.lr=1e+30): {error}" in summary
     client = MlflowClient(tracking_uri(tmp_path))
     exp = client.get_experiment_by_name("nan-sweep")
     statuses = sorted(r.info.status for r in client.search_runs(

@@ -15,6 +15,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,13 @@ from pydantic import BaseModel
 
 from core.config import MAX_SCALAR_CHARS, RESULT_METRICS, ExperimentConfig
 from sweep.cli import main
-from sweep.layout import FAILED_STATE, RESULT_ROW, VARIANT_FILE, trial_outcomes
+from sweep.layout import (
+    LEGACY_FAILED,
+    LEGACY_VARIANT,
+    RESULT_ROW,
+    STATE_FILE,
+    trial_outcomes,
+)
 
 BASE = {
     "name": "fuzz",
@@ -217,8 +224,10 @@ def test_damaged_sweep_state_is_refused_naming_the_file(tmp_path_factory, capsys
 
 ROW = {"seed": 0, "code": "CC", "switch_epoch": 1.0, "switch_rule": "",
        **dict.fromkeys(RESULT_METRICS, 0.25), "transfer_linf": math.nan}
-TRIAL_FILES = {"results.json": {"config": BASE, "rows": [ROW]}, FAILED_STATE: {"error": "x"},
-               VARIANT_FILE: {"phase2.lr": 0.01}}
+STATE = {"variant": {"phase2.lr": 0.01}, "heartbeat": {"stage": "phase1", "epoch": 1, "time": 1.0},
+         "final": None, "run_id": None, "error": None}
+TRIAL_FILES = {"results.json": {"config": BASE, "rows": [ROW]}, STATE_FILE: STATE,
+               LEGACY_FAILED: {"error": "x"}, LEGACY_VARIANT: {"phase2.lr": 0.01}}
 
 
 @fuzz(40)
@@ -235,9 +244,12 @@ def test_damaged_trial_files_are_failures_naming_the_file(tmp_path_factory, name
     trial.mkdir(parents=True)
     kind, arg = how
     name = "results.json" if kind == "row" else name
-    # A finished trial (results) or a diverged one (its error), with its sampled values.
-    outcome = FAILED_STATE if name == FAILED_STATE else "results.json"
-    files = {VARIANT_FILE: TRIAL_FILES[VARIANT_FILE], outcome: TRIAL_FILES[outcome]}
+    # A finished trial (results) or a diverged one (its error), with its sampled values: in
+    # its record, or in the files of an earlier version (a sweep resumed across the upgrade).
+    if name in (LEGACY_FAILED, LEGACY_VARIANT):
+        files = {LEGACY_VARIANT: TRIAL_FILES[LEGACY_VARIANT], LEGACY_FAILED: {"error": "x"}}
+    else:
+        files = {STATE_FILE: {**STATE, "error": "x"}, "results.json": TRIAL_FILES["results.json"]}
     for file, content in files.items():
         (trial / file).write_text(json.dumps(content))
     if kind == "row":  # a result row without one of its fields
@@ -260,3 +272,52 @@ def test_result_rows_of_an_older_version_read_with_nan_for_new_metrics(tmp_path)
     (trial / "results.json").write_text(json.dumps({"config": BASE, "rows": [old]}))
     rows, failed = trial_outcomes(tmp_path, ["t_00000"])
     assert not failed and math.isnan(rows[0]["worst_linf"]) and rows[0]["accuracy"] == 0.25
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"variant": [1]}, "variant: a list, not a dict"),
+    ({"heartbeat": {"stage": 1, "epoch": 1, "time": 1.0}}, "heartbeat.stage: a int, not a str"),
+    ({"heartbeat": {"stage": "phase1", "time": 1.0}}, "heartbeat.epoch: missing"),
+    ({"final": "done"}, "final: a str, not a dict or null"),
+    ({"error": 5}, "error: a int, not a str or null"),
+    ({"final": ...}, "final: missing")])
+def test_a_damaged_trial_record_is_a_failure_naming_the_field(tmp_path, change, named):
+    """Every field of a trial's record (state.json) is checked: a damaged one makes the trial
+    a failure of the summary and ``damaged`` in status, naming the file and the field."""
+    from sweep.review import _trial_files
+
+    trial = tmp_path / "trials" / "t_00000"
+    trial.mkdir(parents=True)
+    record = {k: v for k, v in {**STATE, **change}.items() if v is not ...}
+    (trial / STATE_FILE).write_text(json.dumps(record))
+    (trial / "results.json").write_text(json.dumps({"config": BASE, "rows": [ROW]}))
+    rows, failed = trial_outcomes(tmp_path, ["t_00000"])
+    assert not rows and f"{trial / STATE_FILE}: {named}" in failed[0]["error"], failed
+    status, _, _ = _trial_files(trial, "RUNNING")
+    assert status.startswith("damaged: ") and named in status
+
+
+def test_a_trial_of_an_earlier_version_reads_from_its_four_files(tmp_path):
+    """A sweep resumed across the upgrade: a trial recorded in the earlier version's files
+    (variant.json, heartbeat.json, final.json; failed.json) counts as finished (or failed),
+    with its variant, and is not run again."""
+    from sweep.layout import LEGACY_FINAL, LEGACY_HEARTBEAT, read_trial_state, trial_finished
+    from sweep.review import _trial_files
+
+    done, diverged = tmp_path / "trials" / "t_00000", tmp_path / "trials" / "t_00001"
+    for trial in (done, diverged):
+        trial.mkdir(parents=True)
+        (trial / LEGACY_VARIANT).write_text(json.dumps({"phase2.lr": 0.01}))
+        (trial / LEGACY_HEARTBEAT).write_text(json.dumps(STATE["heartbeat"]))
+    (done / LEGACY_FINAL).write_text(json.dumps({"run_id": "r1", "final": {"finished": 1}}))
+    (done / "results.json").write_text(json.dumps({"config": BASE, "rows": [ROW]}))
+    (diverged / LEGACY_FAILED).write_text(json.dumps({"error": "loss is nan"}))
+    state = read_trial_state(done)
+    assert (state.final, state.run_id, state.variant) == ({"finished": 1}, "r1",
+                                                           {"phase2.lr": 0.01})
+    assert trial_finished(done) and not trial_finished(diverged)
+    assert _trial_files(done, "RUNNING")[0] == "finished"
+    assert _trial_files(diverged, "RUNNING")[0] == "failed"
+    rows, failed = trial_outcomes(tmp_path, ["t_00000", "t_00001"])
+    assert [r["variant"] for r in rows] == ["phase2.lr=0.01"]
+    assert failed == [{"trial": "t_00001", "variant": "phase2.lr=0.01", "error": "loss is nan"}]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep.layout import tracking_uri
+from sweep.layout import read_trial_state, tracking_uri
 from sweep.runner import run_sweep
 from sweep.space import parse_space
 from tests import browser
@@ -112,7 +112,10 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     # Beside each trial: its rows, state and figure; the tables went to MLflow.
     for trial in tmp_path.glob("trials/*"):
         assert sorted(p.name for p in trial.iterdir()) == [
-            "final.json", "heartbeat.json", "kernels.png", "results.json", "variant.json"]
+            "kernels.png", "results.json", "state.json"]
+        state = read_trial_state(trial)
+        assert state.final["finished"] == 1 and state.run_id and state.error is None
+        assert state.heartbeat["stage"] == "kernels" and set(state.variant) == {"phase2.lr"}
     # The sweep's definition on the parent: the file as given, the resolved config.
     assert {"sweep/sweep.yaml", "sweep/resolved-config.yaml"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import QUIET, SWEEP
+from tests.helpers import QUIET, SWEEP, finished_trials, trial_states
 from tests.servers import BIN, processes_mentioning, processes_with_environment
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "RAY_ADDRESS": "",
@@ -47,7 +47,7 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
                               start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not list(out.glob("trials/*/final.json")):  # a trial has finished
+        while not finished_trials(out):  # a trial has finished
             assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no trial finished in 300 s"
             time.sleep(0.5)
@@ -61,8 +61,8 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(ray_tmp, ignore_errors=True)
-    finished_before = {p.parent.name: (p.parent / "results.json").stat().st_mtime_ns
-                       for p in out.glob("trials/*/final.json")}
+    finished_before = {t: (out / "trials" / t / "results.json").stat().st_mtime_ns
+                       for t in finished_trials(out)}
     assert 1 <= len(finished_before) < 3
 
     status = ntk_sweep("status", str(out))
@@ -80,7 +80,7 @@ def test_killed_driver_then_status_resume_report_compare(tmp_path):
     for noise in QUIET:  # the driver says what it does, not what its libraries do
         assert noise not in resumed.stdout + resumed.stderr, noise
     # Trial workers ran at nice 0 (sweep.worker_niceness), not at Ray's default of +15.
-    beats = [json.loads(p.read_text()) for p in out.glob("trials/*/heartbeat.json")]
+    beats = [state.heartbeat for state in trial_states(out).values()]
     assert beats and {b["nice"] for b in beats} == {0}
     # One trial at a time: the trials the resumed driver ran shared one worker process
     # (reuse_actors), so fewer worker processes than trials.
