@@ -139,8 +139,11 @@ def phase_steps(ctx: _Context, phase: str) -> dict[bool, Step]:
         return {False: make_step(apply, **common),
                 True: make_step(apply, attack=attack_config(spec.attack), **common)}
 
-    steps = _program(ctx, phase, (_apply_key(ctx, phase), spec.model_dump(exclude={"lr"}), spe),
-                     build)
+    # The key: everything but what the steps never read (the rate is an argument; the
+    # phase's length and data-mode flip decide which step runs, not what it is). Excluding
+    # rather than listing keeps a field added later in the key until shown unread.
+    steps = _program(ctx, phase, (_apply_key(ctx, phase), spe, spec.model_dump(
+        exclude={"lr", "epochs", "flip_epoch"})), build)
     return {adversarial: step.with_lr(spec.lr) for adversarial, step in steps.items()}
 
 

@@ -244,7 +244,7 @@ def test_programs_are_traced_once_per_process_and_give_the_same_results(tmp_path
     """A second experiment with the programs of the first (a reused Ray worker's next trial,
     say) lowers none of them again (``jax.monitoring``'s lowering events, one per program
     built for compilation) and gets the results of a process that built them afresh; so does
-    an experiment of another phase-2 learning rate (a sweep over it)."""
+    an experiment of another phase-2 learning rate or length (a sweep over either)."""
     import jax
 
     import core.experiment
@@ -274,6 +274,10 @@ def test_programs_are_traced_once_per_process_and_give_the_same_results(tmp_path
         changed = run_experiment(other, tmp_path / "c")
         # Nothing is new: the learning rate is an argument of the phase steps, and phase 1,
         # the evaluations, the crafting and the transfer attack read no phase-2 rate.
+        assert len(traces) == traced_first, traces[traced_first:]
+        # Nor for a longer phase 2 (a sweep over phase2.epochs): no program reads its length.
+        run_experiment(_cfg(codes=["CC", "AC"], switch_points=[0, 1],
+                            phase2={**BASE["phase2"], "epochs": 2}), tmp_path / "e")
         assert len(traces) == traced_first, traces[traced_first:]
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
