@@ -60,3 +60,17 @@ def test_paper_mlp_widths():
     assert params["Dense_1"]["kernel"].shape == (2048, 2048)
     with pytest.raises(ValueError, match="unknown model"):
         make_model("vgg", 10)
+
+
+@pytest.mark.parametrize("name", list(TINY_MODELS))
+def test_jitted_initialisation_gives_the_bits_of_eager_flax_init(name):
+    """init_model is one jitted program (fewer programs for a new process to lower and load)
+    and must give exactly what flax's eager ``init`` gives: runs stay reproducible across it."""
+    model = make_model(name, 3, **TINY_MODELS[name])
+    key = jax.random.PRNGKey(7)
+    params, stats = init_model(model, key, (8, 8, 1))
+    eager = model.init(key, jnp.zeros((1, 8, 8, 1), jnp.float32), train=False)
+    for got, want in ((params, eager["params"]), (stats, eager.get("batch_stats", {}))):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == b.dtype and np.array_equal(np.asarray(a), np.asarray(b))
