@@ -112,7 +112,7 @@ class TrialReporter:
     trial run, a run per trajectory, a child run per evaluated model; none written twice:
     ``resumed`` says what the runs already have), Tune (training loss per epoch; running
     means of the evaluation metrics and ``models_evaluated``, ASHA's time axis, per model)
-    and the heartbeat file."""
+    and the heartbeat in the trial's record."""
 
     def __init__(self, tracker: Tracker, runs: dict[str, Any], ctx: dict[str, Any],
                  directory: Path, cfg: ExperimentConfig, resumed: ResumedRun,
