@@ -225,13 +225,13 @@ def read_trial_state(directory: Path) -> TrialState:
     return state
 
 
-def trial_finished(directory: Path) -> bool:
-    """Whether the trial's record says it finished (a damaged record: not finished; the
-    summary lists it among the failures, naming the file)."""
+def trial_finished(directory: Path) -> bool | None:
+    """Whether the trial's record says it finished; None if the record is damaged (it settles
+    nothing: the summary lists the trial among the failures, naming the file)."""
     try:
         return read_trial_state(directory).final is not None
     except StateFileError:
-        return False
+        return None
 
 
 def format_variant(values: dict[str, Any]) -> str:

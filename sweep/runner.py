@@ -266,7 +266,9 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
                             "finished")
                    or k.startswith("time/")}
         trial_id = (result.metrics or {}).get("trial_id") or _trial_id_of(result.path)
-        stopped = not result.error and not trial_finished(trial_dir(out, trial_id))
+        # Stopped by the scheduler: no error, and a record that says it did not finish (a
+        # damaged one is listed as damaged, not taken for a stop).
+        stopped = not result.error and trial_finished(trial_dir(out, trial_id)) is False
         results.append(result)
         records.append({**values, **metrics, "trial_id": trial_id,
                         "error": str(result.error or ""), "stopped_early": stopped})

@@ -315,7 +315,13 @@ def test_a_trial_of_an_earlier_version_reads_from_its_four_files(tmp_path):
     state = read_trial_state(done)
     assert (state.final, state.run_id, state.variant) == ({"finished": 1}, "r1",
                                                            {"phase2.lr": 0.01})
-    assert trial_finished(done) and not trial_finished(diverged)
+    assert trial_finished(done) is True and trial_finished(diverged) is False
+    # A damaged record settles nothing (the runner must not take the trial for one its
+    # scheduler stopped; the summary lists it as damaged, naming the file).
+    damaged = tmp_path / "trials" / "t_00002"
+    damaged.mkdir()
+    (damaged / STATE_FILE).write_text("{")
+    assert trial_finished(damaged) is None
     assert _trial_files(done, "RUNNING")[0] == "finished"
     assert _trial_files(diverged, "RUNNING")[0] == "failed"
     rows, failed = trial_outcomes(tmp_path, ["t_00000", "t_00001"])
