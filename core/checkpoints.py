@@ -1,11 +1,10 @@
-"""Checkpoints of a training state: a trajectory's checkpoints are records of one pack file
-(``core/pack.py``), keyed by their minibatch step.
+"""Checkpoints of a training state: a trajectory's checkpoints are records of its pack
+(``core/pack.py``) of kind ``"checkpoint"``, keyed by their minibatch step.
 
 Each checkpoint holds the whole ``TrainState`` (params, BatchNorm statistics, optimizer state,
-step and key) plus a small JSON record (epoch, phase, ...). Its record's magic line is
-``b"ntk-sweep checkpoint 1\\n"`` and its header::
+step and key) plus a small JSON record (epoch, phase, ...). Its header::
 
-    {"step": int, "meta": {...}, "digest": state_digest(step, state),
+    {"kind": "checkpoint", "step": int, "meta": {...}, "digest": state_digest(step, state),
      "leaves": [{"path": jax keystr, "dtype": numpy name, "shape": [...],
                  "offset": int, "nbytes": int}, ...]}   (tree order)
 
@@ -20,12 +19,13 @@ sets aside (``quarantine``) and remakes; so is a record whose arrays (paths, dty
 are not those of the template state given to ``restore``, the message naming the first that
 differs.
 
-The previous format, one file per checkpoint (``<legacy>/<step>.ckpt``: the same bytes as a
-record), is read as a pack of one record each; new checkpoints go to the pack. Orbax
-directories ``<step>/`` of still earlier versions are not read: they are not steps, a warning
-names their directory, and the trajectory is retrained (identical results). One pack per
-trajectory replaced a file per checkpoint, which replaced orbax's 16 (issue 15: fewer small
-files; about 1 ms a save instead of 100).
+The formats before are read, and new checkpoints go to the trajectory's pack: a pack of
+checkpoints only (``checkpoints.pack``, magic line ``LEGACY_MAGIC``, the same records without
+``"kind"``), and before it one file per checkpoint (``<legacy>/<step>.ckpt``: the same bytes as
+such a record). Orbax directories ``<step>/`` of still earlier versions are not read: they are
+not steps, a warning names their directory, and the trajectory is retrained (identical
+results). One pack per trajectory replaced a file per checkpoint, which replaced orbax's 16
+(issue 15: fewer small files; about 1 ms a save instead of 100).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-from core.pack import Entry, Pack, decode, scan
+from core.pack import Entry, Pack, Section, decode, field, scan
 from core.timing import timed
 
 State = TypeVar("State")
 
 LOG = logging.getLogger(__name__)
 
-MAGIC = b"ntk-sweep checkpoint 1\n"
+LEGACY_MAGIC = b"ntk-sweep checkpoint 1\n"  # checkpoints.pack and <step>.ckpt files
 SUFFIX = ".ckpt"
 _NAME = re.compile(r"(0|[1-9][0-9]*)\.ckpt")
 _WARNED: set[Path] = set()  # directories whose older-format checkpoints were reported
@@ -137,30 +137,37 @@ def _key_impl(leaf: Any) -> Any:
 
 
 class CheckpointStore:
-    """Saves and restores states of one trajectory as records of one pack file
-    (``core/pack.py``); reads the one-file-per-step checkpoints of the previous format
-    (``legacy/<step>.ckpt``) too, a pack of one record each."""
+    """Saves and restores states of one trajectory as records of its pack ``path``
+    (``core/pack.py``); reads the checkpoints of the formats before too: the pack of
+    checkpoints ``legacy_pack`` and the files ``legacy/<step>.ckpt``, a pack of one record
+    each."""
 
-    def __init__(self, path: str | Path, legacy: str | Path | None = None):
+    def __init__(self, path: str | Path, legacy: str | Path | None = None,
+                 legacy_pack: str | Path | None = None):
         self.path = Path(path).absolute()
         self.legacy = Path(legacy).absolute() if legacy is not None else None
-        self.pack = Pack(self.path, MAGIC, "step")
+        self.pack = Section(Pack(self.path), {"kind": "checkpoint"}, "step")
+        self.legacy_pack = (Pack(Path(legacy_pack).absolute(), LEGACY_MAGIC, field("step"))
+                            if legacy_pack is not None else None)
 
     def _entries(self) -> dict[int, Entry]:
-        """Every checkpoint's record by step: the pack's, else a previous-format file's."""
+        """Every checkpoint's record by step: the trajectory pack's, else one of a format
+        before."""
         found: dict[int, Entry] = {}
         if self.legacy is not None and self.legacy.is_dir():
             with os.scandir(self.legacy) as entries:
                 names = [e.name for e in entries]
             for name in names:
                 if _NAME.fullmatch(name):
-                    found.update(scan(self.legacy / name, MAGIC, "step")[0])
+                    found.update(scan(self.legacy / name, LEGACY_MAGIC, field("step"))[0])
             if any(n.isdigit() for n in names) and self.legacy not in _WARNED:
                 _WARNED.add(self.legacy)
                 LOG.warning("%s holds checkpoints of an earlier format (directories "
                             "<step>/), which are not used: their steps are trained again "
                             "(identical results); they are kept, delete them when no longer "
                             "needed", self.legacy)
+        if self.legacy_pack is not None:
+            found.update(self.legacy_pack.entries())
         found.update(self.pack.entries())
         return found
 
@@ -223,14 +230,15 @@ class CheckpointStore:
 
     def quarantine(self, step: int) -> str:
         """Sets a damaged checkpoint aside so that it is no longer one of ``steps()``: a
-        record of the pack is voided (its bytes kept in place), a previous-format file moved
+        record of a pack is voided (its bytes kept in place), a one-checkpoint file moved
         to ``damaged-<step>-<time>.ckpt``. Returns where it is, for messages."""
         entry = self._entries().get(int(step))
         if entry is None:  # another process set it aside first
             return f"{self.path.name} (already set aside)"
-        if entry.path == self.path:
-            self.pack.void(entry)
-            return f"{self.path.name}, bytes {entry.offset}+ (voided, kept in place)"
+        for pack in (self.pack, self.legacy_pack):
+            if pack is not None and entry.path == pack.path:
+                pack.void(entry)
+                return f"{entry.path.name}, bytes {entry.offset}+ (voided, kept in place)"
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for n in range(1000):  # the same step set aside again within a second gets -1, -2, ...
             target = entry.path.with_name(f"damaged-{step}-{stamp}" + (f"-{n}" if n else "")

@@ -3,31 +3,38 @@ trials) evaluate each of its networks and craft its reference examples once: the
 grid as one trial per code evaluated every phase-1 network twice and crafted the reference
 examples four times, about a fifth of its work.
 
-Two kinds of file, under the trajectory's directory (``Trajectory.evaluations`` names them):
-
-* ``evaluations-<key>.jsonl``: one line per evaluated network (checkpoint step),
-  ``{"step", "n", "correct": {member: base64 of the packed bools}, "sha256"}``, where
-  ``correct`` is the network's per-example correctness under each white-box member of the
-  ensemble (bool [n]) and ``sha256`` hashes the line's other fields. Lines are appended
-  with one ``write`` each; a line whose hash fails (torn by a crash, damaged on disk, two
-  writers interleaved on a file system without atomic appends) is skipped with a warning
-  and the network evaluated again, so a damaged line never becomes a number.
-* ``reference-<key>-<step>.npz``: the reference examples (``x`` [n_test, ...]) crafted on
-  the network at ``step``, written to a temporary name and renamed; the zip's CRC-32 of the
-  member catches damage (the file is then crafted again and replaced).
+* A network's evaluation is a record of the trajectory's pack (``core/pack.py``) of kind
+  ``"evaluation"``, its ``setting`` the evaluation key and its ``step`` the checkpoint's: its
+  leaves are the network's per-example correctness under each white-box member of the
+  ensemble (bool [n], named by the member, bits packed: ``np.packbits``), its ``meta``
+  ``{"n": n}``, its ``digest`` the SHA-256 of its data. A record that fails its checks is
+  skipped with a warning and the network evaluated again, so a damaged record never becomes
+  a number. The pack has one writer at a time, the holder of the trajectory's lock: a process
+  that evaluated a network while another holds it (training the trajectory further,
+  computing its kernels) keeps the result and appends it the next time the lock is free
+  (``flush``), or not at all (another process then evaluates the network again).
+* ``reference-<key>-<step>.npz`` in the trajectory's directory: the reference examples
+  (``x`` [n_test, ...]) crafted on the network at ``step``, written to a temporary name and
+  renamed; the zip's CRC-32 of the member catches damage (the file is then crafted again and
+  replaced).
 
 ``<key>`` (``evaluation_key``) hashes the evaluation settings that change these numbers
 and the stack (JAX version and backend): results of other settings or another stack are
 never read. The evaluation keys themselves derive from the trajectory's seed.
+
+Evaluations of the format before, ``evaluations-<key>.jsonl`` (one line per network,
+``{"step", "n", "correct": {member: base64 of the packed bools}, "sha256"}``), are still read.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,7 @@ import numpy as np
 
 from core.config import EvalSpec
 from core.kernel_store import DamagedFile, load_arrays, save_arrays
-from core.recent import recent
+from core.pack import Entry, Pack, Section, decode
 
 LOG = logging.getLogger("ntk_sweep")
 
@@ -44,8 +51,9 @@ NETWORK_FIELDS = ("linf", "l2", "margin_restarts", "batch_size", "max_test")
 REFERENCE_FIELDS = ("linf", "batch_size", "max_test")
 """The fields the reference examples depend on."""
 MAX_EVALUATIONS_BYTES = 64 << 20
-"""An evaluations file is read whole: a line is about 7 KB for 10,000 test images and four
-attacks, so this holds thousands of checkpoints; a larger file is refused unread."""
+"""An evaluations file of the format before is read whole: a line is about 7 KB for 10,000 test
+images and four attacks, so this holds thousands of checkpoints; a larger file is refused
+unread."""
 
 
 def evaluation_key(spec: EvalSpec, fields: tuple[str, ...], stack: str) -> str:
@@ -58,9 +66,95 @@ def _line_hash(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _sole_writer() -> Iterator[bool]:
+    yield True
+
+
 class NetworkEvaluations:
-    """The per-example evaluations of a trajectory's networks under one key, in ``path``
-    (a JSON-lines file, appended to)."""
+    """The per-example evaluations of a trajectory's networks under one key: records of the
+    trajectory's pack ``path`` with setting ``key``, and the lines of the file of the format
+    before, ``legacy``. ``try_lock()`` enters the trajectory's lock if it is free, and says
+    whether it did (the default: the caller is the only writer)."""
+
+    def __init__(self, path: str | Path, key: str,
+                 try_lock: Callable[[], AbstractContextManager[bool]] = _sole_writer,
+                 legacy: str | Path | None = None):
+        self.path = Path(path)
+        self.section = Section(Pack(self.path), {"kind": "evaluation",
+                                                            "setting": key}, "step")
+        self.try_lock = try_lock
+        self.legacy = LegacyEvaluations(legacy) if legacy is not None else None
+        self.pending: dict[int, dict[str, np.ndarray]] = {}  # evaluated, not yet appended
+        self._read: dict[int, tuple[int, dict[str, np.ndarray] | None]] = {}  # by offset
+
+    def _load(self, entry: Entry) -> dict[str, np.ndarray] | None:
+        """The record's {member: bool [n]}, None (with a warning) if it fails its checks."""
+        try:
+            data = self.section.read(entry)
+            if hashlib.sha256(data).hexdigest() != entry.header["digest"]:
+                raise ValueError("its digest does not match")
+            n = int(entry.header["meta"]["n"])
+            arrays = decode(data, entry.header["leaves"])
+            return {spec["path"]: np.unpackbits(a, count=n).astype(bool)
+                    for spec, a in zip(entry.header["leaves"], arrays, strict=True)}
+        except Exception as e:  # noqa: BLE001 - I/O, key, type and value errors alike
+            LOG.warning("%s: damaged evaluation record of step %s (bytes %d+) skipped (%s: "
+                        "%s); the network is evaluated again", entry.path,
+                        entry.header.get("step"), entry.offset, type(e).__name__, str(e)[:200])
+            return None
+
+    def get(self, step: int) -> dict[str, np.ndarray] | None:
+        """{member: bool [n]} of the network at ``step``, or None if not stored intact;
+        DamagedFile if a file of the format before is over ``MAX_EVALUATIONS_BYTES``."""
+        step = int(step)
+        self.flush()
+        if step in self.pending:
+            return self.pending[step]
+        if step in self.section.entries():
+            return self._stored(step)
+        return self.legacy.get(step) if self.legacy is not None else None
+
+    def _stored(self, step: int) -> dict[str, np.ndarray] | None:
+        """The pack's record of ``step`` if there and intact (read once a process)."""
+        entry = self.section.entries().get(step)
+        if entry is None:
+            return None
+        offset, correct = self._read.get(step, (-1, None))
+        if offset != entry.offset:
+            correct = self._load(entry)
+            self._read[step] = (entry.offset, correct)
+        return correct
+
+    def put(self, step: int, correct: dict[str, np.ndarray]) -> None:
+        """Keeps the evaluation of the network at ``step`` and appends it to the pack, now if
+        the trajectory's lock is free, else at a later ``put``, ``get`` or ``flush``."""
+        n = {len(v) for v in correct.values()}
+        if len(n) != 1:
+            raise ValueError(f"members of unequal length {sorted(n)}")
+        self.pending[int(step)] = {k: np.asarray(v, bool) for k, v in correct.items()}
+        self.flush()
+
+    def flush(self) -> None:
+        """Appends the kept evaluations if the trajectory's lock is free (else keeps them)."""
+        if not self.pending:
+            return
+        with self.try_lock() as held:
+            if not held:
+                return
+            for step, correct in sorted(self.pending.items()):
+                if self._stored(step) is not None:
+                    continue  # another process evaluated it first
+                names = sorted(correct)
+                arrays = [np.packbits(correct[k]) for k in names]
+                digest = hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
+                self.section.append({"step": step, "meta": {"n": len(correct[names[0]])},
+                                     "digest": digest, "leaves": names}, arrays)
+            self.pending.clear()
+
+
+class LegacyEvaluations:
+    """The evaluations of the format before, ``evaluations-<key>.jsonl`` (read only)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -115,35 +209,6 @@ class NetworkEvaluations:
                         "network is evaluated again", self.path, step, type(e).__name__,
                         str(e)[:200])
             return None
-
-    def put(self, step: int, correct: dict[str, np.ndarray]) -> None:
-        """Appends the evaluation of the network at ``step`` (one ``write``; after a torn
-        last line, on a line of its own)."""
-        n = {len(v) for v in correct.values()}
-        if len(n) != 1:
-            raise ValueError(f"members of unequal length {sorted(n)}")
-        record = {"step": int(step), "n": n.pop(), "correct": {
-            name: base64.b64encode(np.packbits(np.asarray(v, bool))).decode()
-            for name, v in sorted(correct.items())}}
-        line = json.dumps({**record, "sha256": _line_hash(record)}) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line stays apart
-                line = "\n" + line
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
-
-_OPEN: dict[Path, NetworkEvaluations] = {}
-
-
-def network_evaluations(path: str | Path) -> NetworkEvaluations:
-    """The process's reader of the evaluations file ``path`` (one per file, the last 64
-    files: each is parsed once per version, however many lookups a run makes)."""
-    return recent(_OPEN, Path(path).absolute(), lambda: NetworkEvaluations(path), 64)
 
 
 def load_reference(path: str | Path) -> np.ndarray | None:

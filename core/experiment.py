@@ -47,7 +47,6 @@ from core.evaluation_store import (
     REFERENCE_FIELDS,
     evaluation_key,
     load_reference,
-    network_evaluations,
     save_reference,
 )
 from core.models import init_model, make_model
@@ -68,6 +67,7 @@ from core.trajectory_store import (
     TrajectoryStore,
     checkpoint_steps,
     epoch_to_step,
+    flush_evaluations,
 )
 from core.workload import experiment_work
 
@@ -452,7 +452,7 @@ def _network_correct(ctx: _Context, trajectory: Trajectory, step: int, state: Tr
                     key: jax.Array) -> dict[str, np.ndarray]:
     """The white-box members' per-example correctness of the phase-1 network at ``step``
     (``state``): stored with the trajectory by whichever process evaluated it first."""
-    stored = network_evaluations(trajectory.evaluations_path(_eval_key(ctx, NETWORK_FIELDS)))
+    stored = trajectory.evaluations(_eval_key(ctx, NETWORK_FIELDS))
     if (correct := stored.get(step)) is None:
         correct = _evaluate(ctx, "phase1", None, state.params, state.batch_stats, key)
         stored.put(step, correct)
@@ -707,5 +707,6 @@ def run_experiment(
     preflight(cfg, data=ctx.data)  # before any training: batch sizes, a switch rule's probe set
     ctx.hooks.planned_steps(planned_steps(cfg, len(ctx.data.y_train)))
     rows = [r for seed in cfg.seeds for r in run_seed(ctx, seed)]
+    flush_evaluations()  # the networks' evaluations kept while another process held a lock
     write_results(out, cfg, rows)
     return rows

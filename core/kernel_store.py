@@ -1,12 +1,15 @@
 """Kernel trajectories on disk: the kernels of one trajectory and kernel setting are records
-of one pack file (``core/pack.py``), keyed by epoch, read without pickle. A record's magic line
-is ``b"ntk-sweep kernel 1\\n"``, its leaves ``kernel`` (the array), ``probe_indices`` [N] (into
-the training set) and ``labels`` [N], its ``meta`` at least ``model``, ``epoch``, ``output``
-and ``dtype``, its ``digest`` the SHA-256 of its data, checked at every read from disk.
+of the trajectory's pack (``core/pack.py``) of kind ``"kernel"``, with that setting (the
+kernel key, ``core/trajectory_store.kernel_key``), keyed by epoch, read without pickle. A
+record's leaves are ``kernel`` (the array), ``probe_indices`` [N] (into the training set) and
+``labels`` [N], its ``meta`` at least ``model``, ``epoch``, ``output`` and ``dtype``, its
+``digest`` the SHA-256 of its data, checked at every read from disk.
 
-Kernels of the previous format, an ``.npz`` per checkpoint (members stored, not deflated; the
-zip's CRC-32 of every member catches damaged files), are still read from the directory named
-like the pack without its suffix; new kernels go to the pack. ``save_arrays``/``load_arrays``
+Kernels of the formats before are still read; new kernels go to the trajectory's pack: a pack
+per setting (``kernels/<setting>.pack``, magic line ``LEGACY_MAGIC``, the same records without
+``"kind"`` and ``"setting"``), and before it an ``.npz`` per checkpoint in the directory
+``kernels/<setting>/`` (members stored, not deflated; the zip's CRC-32 of every member catches
+damaged files). ``save_arrays``/``load_arrays``
 are that ``.npz`` format, still used for the reference examples (``core/evaluation_store.py``).
 """
 
@@ -24,10 +27,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from core.pack import Entry, Pack, decode
+from core.pack import Entry, Pack, Section, decode, field
 
 T = TypeVar("T")
-MAGIC = b"ntk-sweep kernel 1\n"
+LEGACY_MAGIC = b"ntk-sweep kernel 1\n"  # kernels/<setting>.pack
 LEAVES = ("kernel", "probe_indices", "labels")
 
 
@@ -139,14 +142,20 @@ def _data_digest(arrays: list[np.ndarray]) -> str:
 
 
 class KernelTrajectory:
-    """The kernels of one trajectory and kernel setting: records of the pack ``path``, and
-    ``.npz`` files of the previous format in ``legacy`` (records read through the process's
-    cache). Saving (and ``verify``) is for the holder of the trajectory's lock."""
+    """The kernels of one trajectory and kernel setting: records of the trajectory's pack
+    ``path`` with ``setting``, and those of the formats before, the pack ``legacy_pack`` and
+    the ``.npz`` files in ``legacy`` (records read through the process's cache). Saving (and
+    ``verify``) is for the holder of the trajectory's lock."""
 
-    def __init__(self, path: str | Path, legacy: str | Path | None = None):
+    def __init__(self, path: str | Path, setting: str = "", legacy: str | Path | None = None,
+                 legacy_pack: str | Path | None = None):
         self.path = Path(path)
+        self.setting = setting
         self.legacy = Path(legacy) if legacy is not None else None
-        self.pack = Pack(self.path, MAGIC, "epoch")
+        self.pack = Section(Pack(self.path), {"kind": "kernel", "setting": setting},
+                            "epoch")
+        self.legacy_pack = (Pack(legacy_pack, LEGACY_MAGIC, field("epoch"))
+                            if legacy_pack is not None else None)
         self._legacy: dict[float, Path] | None = None
 
     def _old(self) -> dict[float, Path]:
@@ -156,21 +165,27 @@ class KernelTrajectory:
             self._legacy = {load_meta(p)["epoch"]: p for p in files}
         return self._legacy
 
+    def _packed(self) -> dict[float, Entry]:
+        """{epoch: record} of the packs: the trajectory's, else the setting's of before."""
+        if self.legacy_pack is None:
+            return self.pack.entries()
+        return {**self.legacy_pack.entries(), **self.pack.entries()}
+
     def exists(self) -> bool:
         """Whether any kernel of this setting is stored."""
-        return self.path.is_file() or bool(self._old())
+        return bool(self._packed()) or bool(self._old())
 
     def epochs(self) -> list[float]:
         """Epochs with a stored kernel, ascending."""
-        return sorted({*self._old(), *self.pack.entries()})
+        return sorted({*self._old(), *self._packed()})
 
     def has(self, epoch: float) -> bool:
-        return epoch in self.pack.entries() or epoch in self._old()
+        return epoch in self._packed() or epoch in self._old()
 
     def save(self, record: KernelRecord) -> None:
         """Appends ``record`` (keyed by ``meta["epoch"]``) unless its epoch is stored."""
         epoch = float(record.meta["epoch"])
-        if epoch in self.pack.entries():
+        if epoch in self._packed():
             return
         arrays = [np.asarray(record.kernel), np.asarray(record.probe_indices),
                   np.asarray(record.labels)]
@@ -179,7 +194,7 @@ class KernelTrajectory:
 
     def _read(self, entry: Entry) -> KernelRecord:
         epoch = entry.header["epoch"]
-        where = f"{self.path}: the kernel of epoch {epoch:g} (bytes {entry.offset}+)"
+        where = f"{entry.path}: the kernel of epoch {epoch:g} (bytes {entry.offset}+)"
         try:
             data = self.pack.read(entry)
             if [spec["path"] for spec in entry.header["leaves"]] != list(LEAVES):
@@ -198,9 +213,9 @@ class KernelTrajectory:
     def load(self, epoch: float) -> KernelRecord:
         """The kernel at ``epoch`` (DamagedKernel if it does not read back as written,
         FileNotFoundError if none is stored)."""
-        entry = self.pack.entries().get(epoch)
+        entry = self._packed().get(epoch)
         if entry is not None:  # a record never changes: where it is and its digest name it
-            return _cached((self.path, entry.offset, entry.header["digest"]),
+            return _cached((entry.path, entry.offset, entry.header["digest"]),
                            lambda: self._read(entry))
         path = self._old().get(epoch)
         if path is None:
@@ -213,11 +228,13 @@ class KernelTrajectory:
         """Voids every record of the pack that does not read back as written, so that it is
         computed again; returns their epochs. For the holder of the trajectory's lock."""
         damaged = []
-        for epoch, entry in list(self.pack.entries().items()):
+        for epoch, entry in list(self._packed().items()):
             try:
                 self.load(epoch)  # from disk, once a process: the cache holds checked records
             except DamagedKernel:
-                self.pack.void(entry)
+                pack = self.pack if entry.path == self.pack.path else self.legacy_pack
+                assert pack is not None
+                pack.void(entry)
                 damaged.append(epoch)
         return damaged
 

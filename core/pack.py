@@ -1,23 +1,26 @@
-"""Append-only files of checksummed records: a trajectory's checkpoints in one file, its
-kernels of one setting in another (issue 15: a file per checkpoint and per kernel made a
-trial of the digits grid about a hundred small files).
+"""Append-only files of checksummed records: everything kept of a phase-1 trajectory (its
+record, checkpoints, kernels and network evaluations) in one file, ``trajectory.pack``
+(issue 15: a file per checkpoint and per kernel made a trial of the digits grid about a
+hundred small files; a file per kind of record, ten files a trial of two trajectories).
 
 A record is laid out as (integers little-endian)::
 
     0        magic line (``MAGIC``s below)   the kind of record and the format's version
     M        uint64 H                        length of the header
     M + 8    32 bytes                        SHA-256 of the header's H bytes
-    M + 40   H bytes of UTF-8 JSON           the header: the record's key (``"step"`` of a
-                                             checkpoint, ``"epoch"`` of a kernel), ``"meta"``,
-                                             ``"digest"`` (of the data, checked by the caller)
-                                             and ``"leaves"``: [{"path", "dtype", "shape",
-                                             "offset", "nbytes"}, ...]
+    M + 40   H bytes of UTF-8 JSON           the header: the record's key (``KEYS``: its
+                                             ``"kind"`` and the fields that name it among
+                                             its kind), ``"meta"``, ``"digest"`` (of the
+                                             data, checked by the caller) and ``"leaves"``:
+                                             [{"path", "dtype", "shape", "offset",
+                                             "nbytes"}, ...]
     M+40+H   the data                        every leaf's raw bytes, C order, little-endian,
                                              at ``offset`` from here, packed
 
 and a pack is records one after another. Records are only appended, by one writer at a time
 (the caller holds the trajectory's lock), each with a single ``write`` then ``fsync``; a record
-once written never changes, so readers need no lock and read a record by its offset.
+once written never changes, so readers need no lock and read a record by its offset. The
+store of each kind sees its records through a ``Section`` of the file.
 
 What can go wrong, and what a reader does about it:
 
@@ -33,7 +36,8 @@ What can go wrong, and what a reader does about it:
   inspection, and a record of the same key appended later replaces it.
 
 The last intact record of a key wins. A file of one record is a pack: checkpoints of the
-previous format (``<step>.ckpt``, one file each) are read this way.
+formats before (``<step>.ckpt``, one file each; ``checkpoints.pack``, and kernels'
+``kernels/<setting>.pack``, packs of one kind with their own magic lines) are read this way.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -55,6 +60,30 @@ _LENGTH = struct.Struct("<Q")
 MAX_HEADER = 64 * 2**20
 _CHUNK = 1 << 20  # bytes read at a time while looking for the next magic line
 _WARNED: set[tuple[Path, int]] = set()  # (file, offset) of damage already reported
+
+MAGIC = b"ntk-sweep trajectory 1\n"
+"""The magic line of a trajectory's pack (its records of every kind)."""
+KEYS: dict[str, tuple[str, ...]] = {
+    "record": (),                       # the trajectory's id, mode, seed and config
+    "checkpoint": ("step",),            # core/checkpoints.py
+    "kernel": ("setting", "epoch"),     # core/kernel_store.py; setting: the kernel key
+    "evaluation": ("setting", "step"),  # core/evaluation_store.py; setting: its key
+}
+"""The fields that name a record among those of its kind."""
+
+Key = Callable[[dict[str, Any]], Hashable]
+
+
+def trajectory_key(header: dict[str, Any]) -> tuple[Any, ...]:
+    """A trajectory pack record's key: (kind, *its ``KEYS`` fields); a kind this version does
+    not know is keyed by its kind alone, and no section reads it."""
+    kind = header["kind"]
+    return (kind, *(header[f] for f in KEYS.get(kind, ())))
+
+
+def field(name: str) -> Key:
+    """The key of packs of one kind (the formats before): one header field."""
+    return lambda header: header[name]
 
 
 @dataclass(frozen=True)
@@ -137,8 +166,8 @@ def _next_magic(f: BinaryIO, start: int, size: int, magic: bytes) -> int | None:
     return None
 
 
-def scan(path: Path, magic: bytes, key: str) -> tuple[dict[Any, Entry], int]:
-    """The intact-looking records of ``path`` by their ``key`` (last one wins, voided ones
+def scan(path: Path, magic: bytes, key: Key) -> tuple[dict[Any, Entry], int]:
+    """The intact-looking records of ``path`` by ``key(header)`` (last one wins, voided ones
     removed) and where the last complete record ends (the file's size unless a torn record
     follows). A missing file is empty."""
     entries: dict[Any, Entry] = {}
@@ -157,7 +186,7 @@ def scan(path: Path, magic: bytes, key: str) -> tuple[dict[Any, Entry], int]:
                 stop = data + entry.nbytes
                 if stop > size:
                     raise ValueError(f"its data runs {stop - size} bytes past the end")
-                name = header[key]
+                name = key(header)
                 void = int(header["void"]) if "void" in header else None
             except (ValueError, KeyError, TypeError) as e:
                 nxt = _next_magic(f, at + 1, size, magic)
@@ -182,12 +211,13 @@ def scan(path: Path, magic: bytes, key: str) -> tuple[dict[Any, Entry], int]:
 class Pack:
     """One pack file: ``entries()`` read lazily and again only when the file has changed."""
 
-    def __init__(self, path: str | Path, magic: bytes, key: str):
+    def __init__(self, path: str | Path, magic: bytes = MAGIC, key: Key = trajectory_key):
         self.path = Path(path)
         self.magic, self.key = magic, key
         self._seen: tuple[int, int, int] | None = None
         self._entries: dict[Any, Entry] = {}
         self._end = 0
+        self.scans = 0  # how often the file was read: a section's cue to filter again
 
     def _version(self) -> tuple[int, int, int] | None:
         try:
@@ -202,6 +232,7 @@ class Pack:
         if version != self._seen:
             self._entries, self._end = scan(self.path, self.magic, self.key)
             self._seen = version
+            self.scans += 1
         return self._entries
 
     def append(self, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
@@ -228,6 +259,41 @@ class Pack:
         return data
 
     def void(self, entry: Entry) -> None:
-        """Sets a damaged record aside: a tombstone is appended, its bytes stay in place."""
-        self.append({self.key: entry.header[self.key], "void": entry.offset, "meta": {},
-                     "digest": "", "leaves": []}, [])
+        """Sets a damaged record aside: a tombstone (its key's fields, ``"void"``: its
+        offset) is appended, its bytes stay in place."""
+        named = {k: v for k, v in entry.header.items() if k not in ("meta", "digest", "leaves")}
+        self.append({**named, "void": entry.offset, "meta": {}, "digest": "", "leaves": []}, [])
+
+
+class Section:
+    """The records of one kind of a trajectory pack whose header has ``fields`` (the kind,
+    a setting), by their header's ``key`` field: what a store of that kind reads and
+    appends, as if it were a pack of its own."""
+
+    def __init__(self, pack: Pack, fields: dict[str, Any], key: str):
+        self.pack, self.fields, self.key = pack, fields, key
+        self._seen: int | None = None
+        self._entries: dict[Any, Entry] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.pack.path
+
+    def entries(self) -> dict[Any, Entry]:
+        """This section's records by their ``key`` field (see ``scan``)."""
+        every = self.pack.entries()
+        if self.pack.scans != self._seen:
+            self._entries = {e.header[self.key]: e for e in every.values()
+                             if all(e.header.get(f) == v for f, v in self.fields.items())}
+            self._seen = self.pack.scans
+        return self._entries
+
+    def append(self, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
+        """Appends a record of this section (``Pack.append``; the caller holds the lock)."""
+        self.pack.append({**self.fields, **header}, arrays)
+
+    def read(self, entry: Entry) -> bytearray:
+        return self.pack.read(entry)
+
+    def void(self, entry: Entry) -> None:
+        self.pack.void(entry)

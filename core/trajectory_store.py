@@ -4,12 +4,21 @@ lock, checkpoints, kernels and record.
 Layout under a store root (an experiment's output directory, or a sweep's: its trials share
 one store, and so do later sweeps and experiments given the same root)::
 
-    trajectories/<id>/trajectory.json                 id, mode, seed, config (the record)
-    trajectories/<id>/checkpoints.pack                its checkpoints (``core/checkpoints.py``)
-    trajectories/<id>/kernels/<output>-<hash>.pack    its kernels of one setting (kernel_store)
-    trajectories/<id>/evaluations-<key>.jsonl         its networks' per-example evaluations
+    trajectories/<id>/trajectory.pack                 its record (id, mode, seed, config),
+                                                      checkpoints (``core/checkpoints.py``),
+                                                      kernels (``core/kernel_store.py``) and
+                                                      networks' per-example evaluations
+                                                      (``core/evaluation_store.py``): records
+                                                      of one pack (``core/pack.py``)
     trajectories/<id>/reference-<key>-<step>.npz      reference examples crafted on it
     trajectories/<id>.lock                            flock: one writer at a time
+
+The files of the formats before are read, never written: ``trajectory.json`` (the record),
+``checkpoints.pack`` and ``checkpoints/<step>.ckpt``, ``kernels/<output>-<hash>.pack`` and
+``kernels/<output>-<hash>/epoch_*.npz``, ``evaluations-<key>.jsonl``. A trajectory is two
+files (issue 15: a sweep over seeds, whose trials share nothing, kept five per trajectory).
+The lock stays a file of its own: it is taken before anything else exists, and a lock on a
+file that is also written through other descriptors is lost on NFS when any of them closes.
 
 ``<id>`` hashes what determines the trajectory (dataset, model, phase-1 optimisation and
 attack, data mode, seed; not its length), so two configs that differ only in phase 2 or in
@@ -37,22 +46,37 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.config import ExperimentConfig, KernelSpec, config_from_dict
+from core.evaluation_store import NetworkEvaluations
 from core.kernel_store import KernelTrajectory
+from core.pack import Pack
+from core.recent import recent
 
 if TYPE_CHECKING:
     from core.checkpoints import CheckpointStore
 
+PACK_FILE = "trajectory.pack"
+# The formats before: read, no longer written.
 RECORD = "trajectory.json"
 CHECKPOINTS = "checkpoints.pack"
-LEGACY_CHECKPOINTS = "checkpoints"  # <step>.ckpt, one file each: read, no longer written
+LEGACY_CHECKPOINTS = "checkpoints"  # <step>.ckpt, one file each
 KERNELS = "kernels"
 PACK = ".pack"
+
+RECORD_FIELDS = ("dataset", "model", "phase1", "switch_points", "fractional_checkpoints",
+                 "switch_rule")
+"""The config's parts that decide a trajectory's checkpoints: a record is appended to the
+pack when they differ from the stored record's (phase 1 continued further, say), not for
+every config that uses the trajectory (a sweep's 10,000 trials over phase-2 settings)."""
+
+_HELD: set[tuple[Path, int]] = set()  # (lock file, thread) held in this process
+_EVALUATIONS: dict[tuple[Path, str], NetworkEvaluations] = {}
 
 LOCK_PROBE = ".lock-probe"
 NFS_LOCAL_LOCKS = ("nolock", "local_lock=flock", "local_lock=all")
@@ -137,42 +161,78 @@ class Trajectory:
     config: ExperimentConfig
 
     @property
-    def record_path(self) -> Path:
-        return self.directory / RECORD
+    def pack_path(self) -> Path:
+        return self.directory / PACK_FILE
+
+    @property
+    def lock_path(self) -> Path:
+        return self.directory.with_name(self.directory.name + ".lock")
 
     def exists(self) -> bool:
         """Phase 1 has started it (its record is written before the first step)."""
-        return self.record_path.is_file()
+        return read_record(self.directory) is not None
 
     def write_record(self) -> None:
+        """Appends the trajectory's record to its pack, unless the stored one has the same
+        id, mode, seed and ``RECORD_FIELDS`` of the config. For the holder of the lock."""
         record = {"id": self.id, "mode": self.mode, "seed": self.seed,
                   "config": self.config.model_dump(mode="json")}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.record_path.write_text(json.dumps(record, indent=1))
+        stored = read_record(self.directory)
+        if stored is not None and all(
+                stored.get(k) == record[k] for k in ("id", "mode", "seed")) and all(
+                stored["config"].get(k) == record["config"][k] for k in RECORD_FIELDS):
+            return
+        Pack(self.pack_path).append(
+            {"kind": "record", "meta": record, "digest": "", "leaves": []}, [])
 
     @contextlib.contextmanager
     def lock(self, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
         """An exclusive ``flock`` on ``<directory>.lock`` while the block runs: phase-1
         training and kernel computation of one trajectory happen in one process at a time
         (trials that share it wait, then find the work stored). ``on_wait`` is called once
-        when another process holds the lock, before waiting for it."""
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.directory.with_name(self.directory.name + ".lock"), "w") as f:
+        when another process holds the lock, before waiting for it. Held already by this
+        thread, it is entered again. Before it is let go, the evaluations this process kept
+        while another held it are appended."""
+        with self._flock(True, on_wait):
+            yield
+            _flush_evaluations(self.pack_path)
+
+    @contextlib.contextmanager
+    def try_lock(self) -> Iterator[bool]:
+        """The lock if it is free now (or held by this thread): yields whether it is held."""
+        with self._flock(False) as held:
+            yield held
+
+    @contextlib.contextmanager
+    def _flock(self, wait: bool, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+        held = (self.lock_path, threading.get_ident())
+        if held in _HELD:
+            yield True
+            return
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "w") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    yield False
+                    return
                 if on_wait is not None:
                     on_wait()
                 fcntl.flock(f, fcntl.LOCK_EX)
+            _HELD.add(held)
             try:
-                yield
+                yield True
             finally:
+                _HELD.discard(held)
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def busy(self) -> bool:
         """Whether another process holds the lock now (training the trajectory or computing
         its kernels); takes and drops it if free, so it is an answer for this instant."""
-        path = self.directory.with_name(self.directory.name + ".lock")
+        path = self.lock_path
+        if (path, threading.get_ident()) in _HELD:
+            return False
         try:
             with open(path) as f:
                 try:
@@ -188,33 +248,70 @@ class Trajectory:
         """The checkpoint store (``core/checkpoints.py``; the caller closes it)."""
         from core.checkpoints import CheckpointStore
 
-        return CheckpointStore(self.directory / CHECKPOINTS,
-                               legacy=self.directory / LEGACY_CHECKPOINTS)
+        return CheckpointStore(self.pack_path, legacy=self.directory / LEGACY_CHECKPOINTS,
+                               legacy_pack=self.directory / CHECKPOINTS)
 
-    def evaluations_path(self, key: str) -> Path:
-        """Its networks' per-example evaluations under settings ``key``."""
-        return self.directory / f"evaluations-{key}.jsonl"
+    def evaluations(self, key: str) -> NetworkEvaluations:
+        """Its networks' per-example evaluations under settings ``key`` (the process's one
+        reader and writer of them, the last 64 used)."""
+        return recent(_EVALUATIONS, (self.pack_path.absolute(), key), lambda: NetworkEvaluations(
+            self.pack_path, key, self.try_lock,
+            legacy=self.directory / f"evaluations-{key}.jsonl"), 64)
 
     def reference_path(self, key: str, step: int) -> Path:
         """The reference examples crafted on its network at ``step`` under ``key``."""
         return self.directory / f"reference-{key}-{int(step)}.npz"
 
     def _kernels_at(self, key: str) -> KernelTrajectory:
-        """Kernels of settings ``key``: ``kernels/<key>.pack``, and the previous format's
-        ``.npz`` files in ``kernels/<key>/``."""
-        return KernelTrajectory(self.directory / KERNELS / f"{key}{PACK}",
-                                legacy=self.directory / KERNELS / key)
+        """Kernels of settings ``key``: records of its pack, and those of the formats before,
+        ``kernels/<key>.pack`` and the ``.npz`` files in ``kernels/<key>/``."""
+        return KernelTrajectory(self.pack_path, key, legacy=self.directory / KERNELS / key,
+                                legacy_pack=self.directory / KERNELS / f"{key}{PACK}")
 
     def kernels(self, spec: KernelSpec, any_of_output: bool = False) -> KernelTrajectory:
         """The stored kernels of settings ``spec``. ``any_of_output``: if none are, the only
         kernels of the same output mode computed with other settings (``kernel --set``)."""
         kernels = self._kernels_at(kernel_key(spec))
         if any_of_output and not kernels.exists():
-            others = {p.name.removesuffix(PACK)
+            packed = {k[1] for k in Pack(self.pack_path).entries()
+                      if k[0] == "kernel" and k[1].startswith(f"{spec.output}-")}
+            before = {p.name.removesuffix(PACK)
                       for p in (self.directory / KERNELS).glob(f"{spec.output}-*")}
-            if len(others) == 1:
+            if len(others := packed | before) == 1:
                 return self._kernels_at(others.pop())
         return kernels
+
+
+def _flush_evaluations(pack_path: Path) -> None:
+    """Appends the evaluations this process keeps for the pack (its lock being held)."""
+    for (path, _), evaluations in list(_EVALUATIONS.items()):
+        if path == pack_path.absolute() and evaluations.pending:
+            evaluations.flush()
+
+
+def flush_evaluations() -> None:
+    """Appends every evaluation this process keeps whose trajectory's lock is free now (at
+    the end of a run: those it cannot are left to other processes to evaluate again)."""
+    for evaluations in list(_EVALUATIONS.values()):
+        evaluations.flush()
+
+
+def read_record(directory: Path) -> dict[str, Any] | None:
+    """The record of the trajectory stored in ``directory`` (its pack's last, else the
+    ``trajectory.json`` of the format before), or None if it has none."""
+    directory = Path(directory)
+    entry = Pack(directory / PACK_FILE).entries().get(("record",))
+    if entry is not None:
+        return entry.header["meta"]
+    path = directory / RECORD
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a trajectory record ({e})") from None
 
 
 class TrajectoryStore:
@@ -236,18 +333,22 @@ class TrajectoryStore:
 
     def stored(self) -> list[Trajectory]:
         """Every trajectory with a record here, by id, as its record describes it."""
-        return [self.at(path.parent) for path in sorted(self.directory.glob(f"*/{RECORD}"))]
+        return [self.at(self.directory / tid) for tid in self.ids()
+                if read_record(self.directory / tid) is not None]
 
     def ids(self) -> list[str]:
-        """Ids of the trajectories with a record here, without parsing the records."""
-        return [p.parent.name for p in sorted(self.directory.glob(f"*/{RECORD}"))]
+        """Ids of the trajectories stored here (a pack, or a record of the format before),
+        without reading them."""
+        return sorted({p.parent.name for name in (PACK_FILE, RECORD)
+                       for p in self.directory.glob(f"*/{name}")})
 
     def at(self, directory: Path) -> Trajectory:
         """The stored trajectory in ``directory``, as its record describes it."""
-        path = Path(directory) / RECORD
-        meta = json.loads(path.read_text())
+        meta = read_record(Path(directory))
+        if meta is None:
+            raise FileNotFoundError(f"{directory}: no trajectory record")
         return Trajectory(meta["id"], meta["mode"], meta["seed"], Path(directory),
-                          config_from_dict(meta["config"], str(path)))
+                          config_from_dict(meta["config"], str(Path(directory) / PACK_FILE)))
 
 
 class LocksNotEnforced(RuntimeError):
@@ -341,4 +442,4 @@ def check_locking(directory: str | Path, timeout_s: float = 30.0,
 
 
 def is_trajectory(directory: Path) -> bool:
-    return (Path(directory) / RECORD).is_file()
+    return any((Path(directory) / name).is_file() for name in (PACK_FILE, RECORD))

@@ -24,7 +24,12 @@ from core.trajectory_kernels import (
     probe_set,
     trajectory_measures,
 )
-from core.trajectory_store import Trajectory, TrajectoryStore, kernel_storage_bytes
+from core.trajectory_store import (
+    Trajectory,
+    TrajectoryStore,
+    kernel_key,
+    kernel_storage_bytes,
+)
 from sweep.console import stdout_console
 from sweep.plots import kernel_distance_plot, kernel_measures_plot, polar_plot, trajectory_heatmap
 
@@ -106,8 +111,8 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[Trajectory],
             run_dir / f"kernel_heatmap_{info.mode}_seed{info.seed}.png"))
     out.print("plots: " + ", ".join(str(p) for p in plots))
     write_csv(run_dir / "kernel_measures.csv", flat, list(flat[0]))
-    out.print(f"kernels: {run_dir}/trajectories/*/kernels/{spec.output}-*.pack; measures: "
-              f"{run_dir / 'kernel_measures.csv'}")
+    out.print(f"kernels: {run_dir}/trajectories/*/trajectory.pack (setting "
+              f"{kernel_key(spec)}); measures: {run_dir / 'kernel_measures.csv'}")
     return result
 
 

@@ -102,7 +102,7 @@ def test_a_checkpoint_of_the_earlier_format_is_named_not_missing(tmp_path, capsy
     rather than that none is stored."""
     out = tmp_path / "run"
     run_experiment(_cfg(codes=["CC"], switch_points=[0, 1]), out)
-    (pack,) = out.glob("trajectories/*/checkpoints.pack")
+    (pack,) = out.glob("trajectories/*/trajectory.pack")
     for step in CheckpointStore(pack).steps():  # orbax directories, as an earlier version
         (pack.parent / "checkpoints" / str(step) / "state").mkdir(parents=True)
         (pack.parent / "checkpoints" / str(step) / "state" / "d").write_bytes(b"x")

@@ -16,7 +16,7 @@ import pytest
 import core.checkpoints as ckpt
 from core.checkpoints import CheckpointStore, DamagedCheckpoint
 from core.models import init_model, make_model
-from core.pack import MAX_HEADER
+from core.pack import MAGIC, MAX_HEADER, encode
 from core.train import TrainState, init_state
 
 
@@ -93,7 +93,7 @@ def test_typed_keys_scalars_bool_and_bfloat16_round_trip(tmp_path):
 
 def _forge_length(path, at: int, length: int) -> None:
     data = bytearray(path.read_bytes())
-    struct.pack_into("<Q", data, at + len(ckpt.MAGIC), length)
+    struct.pack_into("<Q", data, at + len(MAGIC), length)
     path.write_bytes(bytes(data))
 
 
@@ -163,7 +163,7 @@ def test_a_torn_record_is_not_a_step_and_the_next_save_cuts_it_off(tmp_path):
     assert CheckpointStore(store.path).steps() == [0, 4]
     CheckpointStore(store.path).save(8, state, {})
     assert CheckpointStore(store.path).steps() == [0, 4, 8]
-    assert store.path.read_bytes().startswith(whole + ckpt.MAGIC)
+    assert store.path.read_bytes().startswith(whole + MAGIC)
 
 
 def test_a_damaged_record_is_voided_kept_in_place_and_replaced(tmp_path):
@@ -188,28 +188,42 @@ def test_a_damaged_record_is_voided_kept_in_place_and_replaced(tmp_path):
     assert store.path.read_bytes()[:len(data)] == bytes(data)  # the damaged bytes stay
 
 
-def test_previous_format_files_are_read_and_new_checkpoints_go_to_the_pack(tmp_path):
-    """Checkpoints of the previous version, ``<step>.ckpt`` one file each, hold the same
-    bytes as a record: they are read, and set aside by moving the file."""
+def _legacy_record(step, state, meta) -> bytes:
+    """A checkpoint as the formats before wrote it: a record of its own magic line, keyed
+    by ``"step"`` alone (``checkpoints.pack``, or the whole of a ``<step>.ckpt``)."""
+    leaves = ckpt._host_leaves(state)
+    return encode(ckpt.LEGACY_MAGIC, {"step": step, "meta": meta,
+                                      "digest": ckpt._digest(step, leaves),
+                                      "leaves": [p for p, _ in leaves]}, [a for _, a in leaves])
+
+
+def test_checkpoints_of_the_formats_before_are_read_and_new_ones_go_to_the_pack(tmp_path):
+    """Checkpoints of earlier versions, ``<step>.ckpt`` one file each and then
+    ``checkpoints.pack``, one pack of checkpoints only, are read; new ones go to the
+    trajectory's pack; one of a file is set aside by moving the file, one of the former
+    pack by voiding it there (its bytes kept)."""
     legacy = tmp_path / "checkpoints"
     legacy.mkdir()
-    state = _state()
-    writer = CheckpointStore(tmp_path / "one.pack")
-    for step in (0, 4):
-        writer.save(step, state, {"epoch": step / 4})
-    whole = writer.path.read_bytes()
-    at = writer.pack.entries()[4].offset
-    (legacy / "0.ckpt").write_bytes(whole[:at])
-    (legacy / "4.ckpt").write_bytes(whole[at:])
-    store = CheckpointStore(tmp_path / "checkpoints.pack", legacy=legacy)
-    assert store.steps() == [0, 4]
+    state, other = _state(), _state(seed=1)
+    (legacy / "0.ckpt").write_bytes(_legacy_record(0, state, {"epoch": 0}))
+    (legacy / "4.ckpt").write_bytes(_legacy_record(4, state, {"epoch": 1}))
+    former = tmp_path / "checkpoints.pack"
+    former.write_bytes(_legacy_record(8, other, {"epoch": 2})
+                       + _legacy_record(12, state, {"epoch": 3}))
+    store = CheckpointStore(tmp_path / "trajectory.pack", legacy=legacy, legacy_pack=former)
+    assert store.steps() == [0, 4, 8, 12]
     _identical(store.restore(4, state)[0], state)
-    store.save(8, state, {"epoch": 2})
-    assert store.steps() == [0, 4, 8] and store.path.is_file()
+    _identical(store.restore(8, state)[0], other)
+    assert store.meta(12) == {"epoch": 3}
+    store.save(16, state, {"epoch": 4})
+    assert store.steps() == [0, 4, 8, 12, 16] and store.path.is_file()
     assert sorted(p.name for p in legacy.iterdir()) == ["0.ckpt", "4.ckpt"]
     moved = store.quarantine(0)
     assert moved.startswith("damaged-0-") and (legacy / moved).is_file()
-    assert store.steps() == [4, 8]
+    size = former.stat().st_size
+    assert store.quarantine(8).startswith("checkpoints.pack, bytes 0+ (voided")
+    assert former.stat().st_size > size
+    assert CheckpointStore(store.path, legacy=legacy, legacy_pack=former).steps() == [4, 12, 16]
 
 
 def test_older_orbax_checkpoints_are_not_steps_and_are_kept(tmp_path, caplog):
@@ -231,14 +245,12 @@ def test_older_orbax_checkpoints_are_not_steps_and_are_kept(tmp_path, caplog):
 def test_an_intact_record_without_its_key_is_skipped_not_a_crash(tmp_path, caplog):
     """A record whose header checks out but names no step (another tool's record, a forged
     one) is skipped with a warning; the records after it still read."""
-    from core.pack import encode
-
     store = CheckpointStore(tmp_path / "c.pack")
     state = _state()
     store.save(0, state, {})
     store.save(4, state, {})
     whole, at = store.path.read_bytes(), store.pack.entries()[4].offset
-    keyless = encode(ckpt.MAGIC, {"meta": {}, "digest": "", "leaves": []}, [])
+    keyless = encode(MAGIC, {"kind": "checkpoint", "meta": {}, "digest": "", "leaves": []}, [])
     store.path.write_bytes(whole[:at] + keyless + whole[at:])
     with caplog.at_level(logging.WARNING, logger="core.pack"):
         reader = CheckpointStore(store.path)

@@ -70,7 +70,7 @@ def test_experiment_smoke_all_four_codes(tmp_path, capsys):
     # (0.125 -> 1, 0.25 -> 1, 0.375 -> 2, 0.5 -> 2, 0.75 -> 4) and the last epoch.
     from core.checkpoints import CheckpointStore
 
-    steps = CheckpointStore(trajectories[0] / "checkpoints.pack").steps()
+    steps = CheckpointStore(trajectories[0] / "trajectory.pack").steps()
     assert steps == [0, 1, 2, 4, 5]
 
     # Same seed, same numbers; and a rerun over the same output reuses the trajectories.
@@ -91,10 +91,16 @@ def test_experiment_smoke_all_four_codes(tmp_path, capsys):
                  "kernel_heatmap_C_seed0.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG", plot
     from core.kernel_store import KernelTrajectory
+    from core.pack import Pack
 
-    packs = list(out.glob("trajectories/*/kernels/classwise-*.pack"))
-    assert len(packs) == 2 and not list(out.glob("trajectories/*/kernels/*/"))
-    assert [len(KernelTrajectory(p).epochs()) for p in packs] == [len(steps)] * 2
+    # A trajectory is its pack (record, checkpoints, kernels, evaluations) and its lock.
+    assert all(sorted(p.name for p in t.iterdir()) == ["trajectory.pack"] for t in trajectories)
+    assert all(t.with_name(t.name + ".lock").is_file() for t in trajectories)
+    packs = [t / "trajectory.pack" for t in trajectories]
+    settings = [{k[1] for k in Pack(p).entries() if k[0] == "kernel"} for p in packs]
+    assert all(len(s) == 1 and min(s).startswith("classwise-") for s in settings)
+    kernels = [KernelTrajectory(p, min(s)) for p, s in zip(packs, settings, strict=True)]
+    assert [len(k.epochs()) for k in kernels] == [len(steps)] * 2
     # The paper's claims: written by 'experiment' (claim 3 without data), completed by
     # 'kernel' (its kernels), and the numbers behind claim 1 are the rows' (one seed).
     claims = {c["key"]: c for c in json.loads((out / "claims.json").read_text())[0]["claims"]}

@@ -38,10 +38,10 @@ def test_whole_epochs_and_switch_points_name_colliding_steps():
 def test_a_new_earlier_switch_point_resumes_from_before_it(tmp_path):
     first = run_experiment(_cfg(switch_points=[0, 2], fractional_checkpoints=[]), tmp_path)
     (traj,) = [p for p in (tmp_path / "trajectories").iterdir() if p.is_dir()]
-    assert CheckpointStore(traj / "checkpoints.pack").steps() == [0, 4, 8]
+    assert CheckpointStore(traj / "trajectory.pack").steps() == [0, 4, 8]
     # Step 2 (epoch 0.5) was never stored: phase 1 reruns from step 0, deterministically.
     second = run_experiment(_cfg(switch_points=[0, 0.5, 2], fractional_checkpoints=[]), tmp_path)
-    assert CheckpointStore(traj / "checkpoints.pack").steps() == [0, 2, 4, 8]
+    assert CheckpointStore(traj / "trajectory.pack").steps() == [0, 2, 4, 8]
     def strip(rows):  # NaN (no L2 attack, no transfer) compares unequal to itself
         return [{k: None if v != v else v for k, v in r.items() if k != "seconds"} for r in rows]
 
@@ -80,7 +80,7 @@ def test_switch_rule_triggers_where_the_velocities_say(tmp_path):
     assert {r["switch_epoch"] for r in ruled} == {expected}
     # Phase 1 stopped at the trigger: nothing was trained past it.
     (traj,) = [p for p in (tmp_path / "rule" / "trajectories").iterdir() if p.is_dir()]
-    steps = CheckpointStore(traj / "checkpoints.pack").steps()
+    steps = CheckpointStore(traj / "trajectory.pack").steps()
     assert steps[-1] == round(expected * 4)  # 4 steps per epoch
     assert {r["switch_epoch"] for r in result if not r["switch_rule"]} == {0}
 
@@ -94,7 +94,7 @@ def test_switch_rule_that_never_triggers_runs_phase1_to_its_end(tmp_path):
     assert run_experiment(cfg, tmp_path, Hooks(log=messages.append)) == []
     assert any("did not trigger within 2 epochs" in m for m in messages)
     (traj,) = [p for p in (tmp_path / "trajectories").iterdir() if p.is_dir()]
-    assert CheckpointStore(traj / "checkpoints.pack").steps() == [0, 4, 8]
+    assert CheckpointStore(traj / "trajectory.pack").steps() == [0, 4, 8]
 
 
 def test_switch_rule_schema_errors():

@@ -126,7 +126,7 @@ def test_killed_worker_in_phase1_then_phase2_resumes_to_the_same_result(tmp_path
 
         # The worker dies after the fractional checkpoint, before epoch 3 ends ...
         strike("phase1", 2, lambda: any(136 in CheckpointStore(p).steps()
-                                        for p in out.glob("trajectories/*/checkpoints.pack")))
+                                        for p in out.glob("trajectories/*/trajectory.pack")))
         strike("phase2", 1)  # ... and its retry dies mid phase 2
 
     thread = threading.Thread(target=killer, daemon=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from core import kernels as km
-from core.kernel_store import KernelRecord, KernelTrajectory, load_kernel
+from core.kernel_store import KernelRecord, KernelTrajectory, load_kernel, save_kernel
 
 A = np.array([[2.0, 1.0], [1.0, 2.0]])
 B = np.array([[1.0, 0.0], [0.0, 1.0]])
@@ -122,16 +122,44 @@ def test_kernels_round_trip_without_pickle_in_one_file(tmp_path):
         traj.load(3.0)
 
 
-def test_previous_format_kernel_files_are_read_beside_the_pack(tmp_path):
-    from core.kernel_store import save_kernel
+def test_kernels_of_the_formats_before_are_read_beside_the_pack(tmp_path):
+    """An ``.npz`` per checkpoint, then a pack per setting (``kernels/<setting>.pack``, its
+    own magic line, records keyed by epoch alone): both read; new kernels go to the
+    trajectory's pack, and a damaged record of the former pack is voided there."""
+    import core.kernel_store as ks
+    from core.pack import Pack, field
 
     save_kernel(tmp_path / "k" / "epoch_0001.0000.npz", _record(1.0, 3))
-    traj = KernelTrajectory(tmp_path / "k.pack", legacy=tmp_path / "k")
-    assert traj.exists() and traj.epochs() == [1.0] and traj.has(1.0)
+    former = Pack(tmp_path / "k.pack", ks.LEGACY_MAGIC, field("epoch"))
+    for epoch, seed in ((3.0, 5), (4.0, 6)):
+        r = _record(epoch, seed)
+        arrays = [r.kernel, r.probe_indices, r.labels]
+        former.append({"epoch": epoch, "meta": r.meta, "digest": ks._data_digest(arrays),
+                       "leaves": list(ks.LEAVES)}, arrays)
+    traj = KernelTrajectory(tmp_path / "trajectory.pack", "s", legacy=tmp_path / "k",
+                            legacy_pack=former.path)
+    assert traj.exists() and traj.epochs() == [1.0, 3.0, 4.0] and traj.has(3.0)
     traj.save(_record(2.0, 4))
-    assert traj.epochs() == [1.0, 2.0]
+    assert traj.epochs() == [1.0, 2.0, 3.0, 4.0]
     np.testing.assert_array_equal(traj.load(1.0).kernel, _record(1.0, 3).kernel)
+    np.testing.assert_array_equal(traj.load(3.0).kernel, _record(3.0, 5).kernel)
+    data = bytearray(former.path.read_bytes())
+    data[former.entries()[4.0].data + 1] ^= 0x01
+    former.path.write_bytes(bytes(data))
+    ks.clear_cache()
+    assert traj.verify() == [4.0] and traj.epochs() == [1.0, 2.0, 3.0]
     assert not KernelTrajectory(tmp_path / "none.pack", legacy=tmp_path / "none").exists()
+
+
+def test_kernels_of_other_settings_share_the_pack_never_their_records(tmp_path):
+    a = KernelTrajectory(tmp_path / "trajectory.pack", "classwise-1")
+    b = KernelTrajectory(tmp_path / "trajectory.pack", "classwise-2")
+    a.save(_record(1.0, 3))
+    assert not b.exists() and b.epochs() == []
+    b.save(_record(1.0, 4))
+    np.testing.assert_array_equal(a.load(1.0).kernel, _record(1.0, 3).kernel)
+    np.testing.assert_array_equal(b.load(1.0).kernel, _record(1.0, 4).kernel)
+    assert [p.name for p in tmp_path.iterdir()] == ["trajectory.pack"]
 
 
 def test_a_trajectory_reads_each_kernel_once(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ def _flip(store: CheckpointStore, step: int) -> None:
 
 
 def _checkpoints(out: Path) -> CheckpointStore:
-    return CheckpointStore(_trajectory(out) / "checkpoints.pack")
+    return CheckpointStore(_trajectory(out) / "trajectory.pack")
 
 
 def _trajectory(out: Path) -> Path:
@@ -86,7 +86,7 @@ def test_the_same_step_set_aside_twice_in_a_second_keeps_both(tmp_path):
     model = make_model("mlp", 3, widths=(8,))
     params, bs = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
     state = init_state(params, bs, momentum=0.9, key=jax.random.PRNGKey(1))
-    store = CheckpointStore(tmp_path / "checkpoints.pack")
+    store = CheckpointStore(tmp_path / "trajectory.pack")
     moved = []
     for _ in range(3):
         store.save(0, state, {"history": []})
@@ -324,11 +324,11 @@ def test_a_damaged_kernel_record_is_voided_and_computed_again(tmp_path, caplog):
     ks.clear_cache()
     with pytest.raises(ks.DamagedKernel,
                        match=r"kernel of epoch 1 \(bytes .*damaged \(digest mismatch"):
-        ks.KernelTrajectory(kernels.path).load(1.0)
+        ks.KernelTrajectory(kernels.path, kernels.setting).load(1.0)
     with caplog.at_level(logging.WARNING, logger="core.trajectory_kernels"):
         again = compute_trajectory_kernels(trajectory, spec)
     assert any("kernel of epoch 1 " in r.getMessage() and "computed again" in r.getMessage()
                for r in caplog.records)
     ks.clear_cache()
-    epochs, stack = ks.KernelTrajectory(again.path).stack()
+    epochs, stack = ks.KernelTrajectory(again.path, again.setting).stack()
     assert epochs.tolist() == clean[0].tolist() and np.array_equal(stack, clean[1])
