@@ -166,19 +166,21 @@ def _next_magic(f: BinaryIO, start: int, size: int, magic: bytes) -> int | None:
     return None
 
 
-def scan(path: Path, magic: bytes, key: Key) -> tuple[dict[Any, Entry], int]:
+def scan(path: Path, magic: bytes, key: Key, start: int = 0,
+         known: dict[Any, Entry] | None = None) -> tuple[dict[Any, Entry], int]:
     """The intact-looking records of ``path`` by ``key(header)`` (last one wins, voided ones
     removed) and where the last complete record ends (the file's size unless a torn record
-    follows). A missing file is empty."""
-    entries: dict[Any, Entry] = {}
-    by_offset: dict[int, Any] = {}
+    follows). A missing file is empty. ``start``, ``known``: the records before byte
+    ``start`` are ``known`` (a scan up to there), only what follows is read."""
+    entries: dict[Any, Entry] = dict(known or {})
+    by_offset: dict[int, Any] = {e.offset: k for k, e in entries.items()}
     try:
         f = open(path, "rb")
     except FileNotFoundError:
-        return entries, 0
+        return {}, 0
     with f:
         size = os.fstat(f.fileno()).st_size
-        at = end = 0
+        at = end = start
         while at < size:
             try:
                 header, data = read_header(f, at, size, magic)
@@ -237,16 +239,21 @@ class Pack:
 
     def append(self, header: dict[str, Any], arrays: list[np.ndarray]) -> None:
         """Appends a record (``encode``), first cutting off a torn record at the end. The
-        caller is the only writer (it holds the trajectory's lock)."""
+        caller is the only writer (it holds the trajectory's lock), so afterwards only the new
+        record is read to know the file again (not every header: a pack holds hundreds)."""
         record = encode(self.magic, header, arrays)
         self.entries()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        start = self._end
         with open(self.path, "ab") as f:
-            if f.tell() > self._end:
-                f.truncate(self._end)
+            if f.tell() > start:
+                f.truncate(start)
             f.write(record)
             f.flush()
             os.fsync(f.fileno())
+        self._entries, self._end = scan(self.path, self.magic, self.key, start, self._entries)
+        self._seen = self._version()
+        self.scans += 1
 
     def read(self, entry: Entry) -> bytearray:
         """The data bytes of ``entry``; ValueError if fewer are there than its header lists."""

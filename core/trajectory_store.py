@@ -41,6 +41,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -74,6 +75,8 @@ RECORD_FIELDS = ("dataset", "model", "phase1", "switch_points", "fractional_chec
 """The config's parts that decide a trajectory's checkpoints: a record is appended to the
 pack when they differ from the stored record's (phase 1 continued further, say), not for
 every config that uses the trajectory (a sweep's 10,000 trials over phase-2 settings)."""
+
+LOG = logging.getLogger(__name__)
 
 _HELD: set[tuple[Path, int]] = set()  # (lock file, thread) held in this process
 _EVALUATIONS: dict[tuple[Path, str], NetworkEvaluations] = {}
@@ -305,13 +308,16 @@ def read_record(directory: Path) -> dict[str, Any] | None:
         return entry.header["meta"]
     path = directory / RECORD
     try:
-        text = path.read_text()
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not {"id", "mode", "seed", "config"} <= record.keys():
+            raise ValueError("not a trajectory record")
+        return record
     except FileNotFoundError:
         return None
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a trajectory record ({e})") from None
+    except ValueError as e:  # the next phase 1 of the trajectory appends a record to its pack
+        LOG.warning("%s: damaged (%s), not read; the trajectory's next run writes its "
+                    "record again", path, str(e)[:200])
+        return None
 
 
 class TrajectoryStore:

@@ -257,3 +257,24 @@ def test_an_intact_record_without_its_key_is_skipped_not_a_crash(tmp_path, caplo
         assert reader.steps() == [0, 4]
     assert "KeyError" in caplog.text and "'step'" in caplog.text
     _identical(reader.restore(4, state)[0], state)
+
+
+def test_an_append_reads_only_its_own_record_back(tmp_path, monkeypatch):
+    """The writer knows the pack up to its end: after an append it reads the new record's
+    header, not every header of a pack of hundreds of checkpoints and kernels, and it lists
+    what a fresh reader lists."""
+    import core.pack as pack
+
+    store = CheckpointStore(tmp_path / "c.pack")
+    state = _state(widths=(4,))
+    for step in range(6):
+        store.save(step, state, {})
+    reads = []
+    real = pack.read_header
+    monkeypatch.setattr(pack, "read_header", lambda f, at, *a: reads.append(at) or real(f, at, *a))
+    store.save(6, state, {})
+    assert reads == [store.pack.entries()[6].offset]
+    fresh = CheckpointStore(store.path)
+    assert {k: e.offset for k, e in fresh.pack.entries().items()} == {
+        k: e.offset for k, e in store.pack.entries().items()}
+    assert len(reads) == 1 + 7  # the fresh reader reads every header once

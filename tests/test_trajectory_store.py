@@ -51,3 +51,52 @@ def test_a_lock_held_elsewhere_is_reported_before_waiting(tmp_path):
         waits.append("got it")
     thread.join(10)
     assert waits == ["waiting", "got it"]
+
+
+def test_a_damaged_record_of_the_format_before_is_written_again_not_a_crash(tmp_path, caplog):
+    """``trajectory.json`` of an earlier version, truncated or not a record: the trajectory
+    counts as not started (a warning names the file), and its next phase 1 appends its
+    record to the pack, which is read from then on."""
+    import json
+    import logging
+
+    (t,) = TrajectoryStore(tmp_path).of(tiny_cfg(switch_points=[1]))
+    t.directory.mkdir(parents=True)
+    for damaged in ('{"id": "', "[1, 2]", '{"id": "x"}'):
+        (t.directory / "trajectory.json").write_text(damaged)
+        with caplog.at_level(logging.WARNING, logger="core.trajectory_store"):
+            assert not t.exists() and TrajectoryStore(tmp_path).stored() == []
+        assert f"{t.directory / 'trajectory.json'}: damaged" in caplog.text
+    t.write_record()
+    assert t.exists() and TrajectoryStore(tmp_path).stored()[0].config == t.config
+    # An intact record of the format before is read, and not written again.
+    record = {"id": t.id, "mode": t.mode, "seed": t.seed, "config": t.config.model_dump(
+        mode="json")}
+    (u,) = TrajectoryStore(tmp_path / "u").of(tiny_cfg(switch_points=[1]))
+    u.directory.mkdir(parents=True)
+    (u.directory / "trajectory.json").write_text(json.dumps(record))
+    assert u.exists()
+    u.write_record()
+    assert not u.pack_path.exists()
+
+
+def test_a_record_is_appended_only_when_what_decides_the_checkpoints_changes(tmp_path):
+    """Every config that uses a trajectory writes its record at phase 1; a sweep's 10,000
+    trials over phase-2 settings must not append 10,000 records to its pack."""
+    from core.pack import Pack
+
+    cfg = tiny_cfg(switch_points=[1])
+    (t,) = TrajectoryStore(tmp_path).of(cfg)
+    t.write_record()
+    size = t.pack_path.stat().st_size
+    for change in ({"phase2": {**BASE["phase2"], "lr": 0.123}}, {"codes": ["CA"]},
+                   {"name": "other"}):
+        (same,) = TrajectoryStore(tmp_path).of(tiny_cfg(switch_points=[1], **change))
+        assert same.id == t.id
+        same.write_record()
+    assert t.pack_path.stat().st_size == size
+    (longer,) = TrajectoryStore(tmp_path).of(tiny_cfg(switch_points=[1, 2]))
+    assert longer.id == t.id
+    longer.write_record()  # continued to another checkpoint: the record says so
+    assert TrajectoryStore(tmp_path).at(t.directory).config.switch_points == (1, 2)
+    assert sum(k[0] == "record" for k in Pack(t.pack_path).entries()) == 1  # the last wins
