@@ -43,6 +43,7 @@ from sweep.layout import (
     StateFileError,
     jax_cache_dir,
     read_results,
+    sweep_run,
     tracking_uri,
     trial_files,
     trial_outcomes,
@@ -400,7 +401,7 @@ def _sweep_done(out: Path, records: list[dict]) -> int:
 
     console = stdout_console()
     trials = [r["trial_id"] for r in records]  # this sweep's, not earlier ones' in ``out``
-    rows, own = trial_outcomes(out.absolute(), trials)
+    rows, own = trial_outcomes(out.absolute(), trials, sweep_run(out.absolute()))
     if rows:
         show_summary(console, rows)
     # A trial's own error (divergence, a damaged file) rather than Ray's traceback.

@@ -187,6 +187,9 @@ class TrialState:
         ``resume`` counts as finished.
       run_id: its MLflow run, once finished.
       error: why it diverged (phase, epoch, step, cause), when it did.
+      sweep: the MLflow run of the sweep it belongs to (None in records of versions before
+        it): Tune's trial ids are unique within one sweep only, and ``trials/<id>`` is shared
+        by every sweep into the same output directory.
     """
 
     variant: dict[str, Any] = field(default_factory=dict)
@@ -194,13 +197,20 @@ class TrialState:
     final: dict[str, Any] | None = None
     run_id: str | None = None
     error: str | None = None
+    sweep: str | None = None
+
+    def foreign(self, sweep: str | None) -> bool:
+        """Whether the record is of a sweep other than ``sweep`` (None: no sweep to compare)."""
+        return sweep is not None and self.sweep is not None and self.sweep != sweep
 
     def write(self, directory: Path) -> None:
         write_json(directory / STATE_FILE, asdict(self))
 
 
 _STATE_FIELDS = {"variant": dict, "heartbeat": (dict, type(None)), "final": (dict, type(None)),
-                 "run_id": (str, type(None)), "error": (str, type(None))}
+                 "run_id": (str, type(None)), "error": (str, type(None)),
+                 "sweep": (str, type(None))}
+NEW_STATE_FIELDS = ("sweep",)  # missing from the records of earlier versions: None
 
 
 def read_trial_state(directory: Path) -> TrialState:
@@ -208,7 +218,10 @@ def read_trial_state(directory: Path) -> TrialState:
     version's files; ``StateFileError`` naming the file and what is wrong."""
     path = directory / STATE_FILE
     if path.is_file():
-        data = read_record(path, _STATE_FIELDS)
+        data = read_json(path)  # a JSON object
+        for key in NEW_STATE_FIELDS:
+            data.setdefault(key, None)
+        _check(path, "", data, _STATE_FIELDS)
         if data["heartbeat"] is not None:
             _check(path, "heartbeat", data["heartbeat"], HEARTBEAT_KEYS)
         return TrialState(**{k: data[k] for k in _STATE_FIELDS})
@@ -273,12 +286,42 @@ def trial_files(out: Path, trials: Collection[str], name: str) -> list[Path]:
     return [p for p in paths if p.is_file()]
 
 
-def trial_outcomes(out: Path, trials: Collection[str]
+def foreign_trial(directory: Path, state: TrialState) -> str:
+    """The error of a trial whose directory holds another sweep's trial of the same id."""
+    return (f"{directory / STATE_FILE} is trial {directory.name} of another sweep (MLflow run "
+            f"{state.sweep}; {format_variant(state.variant) or 'no sampled values'}): two "
+            "sweeps into this output directory drew the same Tune trial id. That trial's "
+            "files were neither read nor changed; run this sweep into another --out")
+
+
+def own_trials(out: Path, trials: Collection[str], sweep: str | None) -> list[str]:
+    """The given trials but those whose directory holds another sweep's trial (a damaged
+    record counts as the sweep's own: ``trial_outcomes`` lists it as damaged)."""
+    def foreign(trial_id: str) -> bool:
+        try:
+            return read_trial_state(trial_dir(out, trial_id)).foreign(sweep)
+        except StateFileError:
+            return False
+    return [t for t in trials if not foreign(t)]
+
+
+def sweep_run(out: Path) -> str | None:
+    """The MLflow run of the sweep last started in ``out`` (``sweep.json``), None if unknown."""
+    try:
+        run = read_json(out / SWEEP_STATE).get("parent_run")
+    except StateFileError:
+        return None
+    return run if isinstance(run, str) else None
+
+
+def trial_outcomes(out: Path, trials: Collection[str], sweep: str | None = None
                    ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """What the given trials left: every result row of those that finished (with its
     ``variant``), and the failures: trials that ended as errors of their own (divergence:
-    the error names phase, epoch, step and cause) and trials whose files are damaged (named
-    with what is wrong; never left out of a summary silently). Unfinished trials give none."""
+    the error names phase, epoch, step and cause), trials whose files are damaged (named
+    with what is wrong; never left out of a summary silently) and, given the ``sweep`` (its
+    MLflow run), trials whose directory holds another sweep's trial (its rows never read as
+    this sweep's). Unfinished trials give none."""
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     for trial_id in sorted(set(trials)):
@@ -287,7 +330,10 @@ def trial_outcomes(out: Path, trials: Collection[str]
         try:
             state = read_trial_state(directory)
             variant = format_variant(state.variant)
-            if results.is_file():
+            if state.foreign(sweep):
+                failed.append({"trial": trial_id, "variant": "",
+                               "error": foreign_trial(directory, state)})
+            elif results.is_file():
                 rows += [{**r, "variant": variant} for r in read_results(results)["rows"]]
             elif state.error is not None:
                 failed.append({"trial": trial_id, "variant": variant, "error": state.error})

@@ -31,6 +31,7 @@ from sweep.layout import (
     CONTEXT_KEY,
     SWEEP_STATE,
     TRIAL_STATE,
+    own_trials,
     portable,
     quiet_tune_analysis,
     ray_storage,
@@ -275,9 +276,9 @@ def _finish(tuner, space: SweepSpace, out: Path, tracker: Tracker,
     # Only this sweep's trials: an output directory may hold earlier sweeps' trials too
     # (trajectories are shared across sweeps; tables and distances are not). The summary
     # comes from the trial files first, so that a lost MLflow store cannot keep it back.
-    own = [r["trial_id"] for r in records]
-    summary, claims = write_sweep_summary(out, own,
-                                          {r["trial_id"]: r["error"] for r in records})
+    summary, claims = write_sweep_summary(out, [r["trial_id"] for r in records],
+                                          {r["trial_id"]: r["error"] for r in records}, parent)
+    own = own_trials(out, [r["trial_id"] for r in records], parent)
     try:
         for r, result in zip(records, results, strict=True):
             if r["stopped_early"]:  # ended by the scheduler (ASHA): its MLflow run says so
@@ -332,18 +333,21 @@ class SweepTrackingLost(RuntimeError):
 
 
 def write_sweep_summary(out: Path, trials: Collection[str],
-                        errors: dict[str, str] | None = None
+                        errors: dict[str, str] | None = None, sweep: str | None = None
                         ) -> tuple[list[Path], list[tuple[str, list[Claim]]]]:
     """The sweep's summary over its trials (mean ± std over seeds): CSV, Markdown (with the
     failed trials listed under it) and the accuracy-against-switch-point plot, under ``out``.
     ``errors``: trials that failed without a file of their own saying why (Ray's error, e.g.
-    a lost tracking store), by id; their last line is listed. Returns the files written and
-    the claims' verdicts (``claims.md``/``claims.json``, the last section of ``summary.md``)."""
+    a lost tracking store), by id; their last line is listed. ``sweep``: the sweep's MLflow
+    run, so that a trial directory of another sweep is listed as such, never summarised.
+    Returns the files written and the claims' verdicts (``claims.md``/``claims.json``, the
+    last section of ``summary.md``)."""
     from core.results import summarize, write_summary
     from sweep.claims import record_claims, sweep_studies
     from sweep.plots import switch_point_plot
 
-    rows, failed = trial_outcomes(out, trials)
+    rows, failed = trial_outcomes(out, trials, sweep)
+    trials = own_trials(out, trials, sweep)
     subtitle = _subtitle(out, trials)
     listed = {f["trial"] for f in failed}
     failed += [{"trial": t, "variant": "", "error": e.strip().splitlines()[-1][:500]}

@@ -32,6 +32,7 @@ from sweep.layout import (
     PENDING_WRITES,
     TRIAL_STATE,
     TrialState,
+    foreign_trial,
     format_variant,
     jax_cache_dir,
     read_trial_state,
@@ -344,6 +345,8 @@ def trial(config: dict[str, Any]) -> None:
     tracker = Tracker(ctx["tracking_uri"], buffered=True, existing=True)
     pending = directory / PENDING_WRITES
     earlier = read_trial_state(directory)
+    if earlier.foreign(ctx["parent_run"]):  # never read, changed or reported as this trial
+        raise TrialFailed(foreign_trial(directory, earlier))
     if earlier.final is not None:  # finished before its driver went away
         _report(earlier.final)
         return
@@ -361,7 +364,7 @@ def trial(config: dict[str, Any]) -> None:
         resumed = ResumedRun({}, {}, {})
     # A retried trial shows its last attempt's stage (``status``) until its first heartbeat.
     state = TrialState(variant={p: v for p, v in values.items() if p != "seeds"},
-                       heartbeat=earlier.heartbeat)
+                       heartbeat=earlier.heartbeat, sweep=ctx["parent_run"])
     reporter = TrialReporter(tracker, runs, ctx, directory, cfg, resumed, state)
     directory.mkdir(parents=True, exist_ok=True)
     state.write(directory)

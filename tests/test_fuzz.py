@@ -280,6 +280,7 @@ def test_result_rows_of_an_older_version_read_with_nan_for_new_metrics(tmp_path)
     ({"heartbeat": {"stage": "phase1", "time": 1.0}}, "heartbeat.epoch: missing"),
     ({"final": "done"}, "final: a str, not a dict or null"),
     ({"error": 5}, "error: a int, not a str or null"),
+    ({"sweep": 7}, "sweep: a int, not a str or null"),
     ({"final": ...}, "final: missing")])
 def test_a_damaged_trial_record_is_a_failure_naming_the_field(tmp_path, change, named):
     """Every field of a trial's record (state.json) is checked: a damaged one makes the trial
@@ -295,6 +296,28 @@ def test_a_damaged_trial_record_is_a_failure_naming_the_field(tmp_path, change, 
     assert not rows and f"{trial / STATE_FILE}: {named}" in failed[0]["error"], failed
     status, _, _ = _trial_files(trial, "RUNNING")
     assert status.startswith("damaged: ") and named in status
+
+
+def test_a_trial_directory_of_another_sweep_is_never_read_as_this_sweeps(tmp_path):
+    """``trials/<id>`` is shared by every sweep into an output directory, and Tune's ids are
+    unique within one sweep only: a record of another sweep is a failure naming the file,
+    its rows never this sweep's; a record without a sweep (an earlier version's) is read."""
+    from sweep.layout import own_trials
+
+    ours, other, older = (tmp_path / "trials" / f"t_0000{i}" for i in range(3))
+    for trial, sweep in ((ours, "run-a"), (other, "run-b"), (older, ...)):
+        trial.mkdir(parents=True)
+        record = {**STATE, "final": {"finished": 1}, "sweep": sweep}
+        (trial / STATE_FILE).write_text(json.dumps({k: v for k, v in record.items()
+                                                    if v is not ...}))
+        (trial / "results.json").write_text(json.dumps({"config": BASE, "rows": [ROW]}))
+    ids = ["t_00000", "t_00001", "t_00002"]
+    rows, failed = trial_outcomes(tmp_path, ids, "run-a")
+    assert len(rows) == 2 and [f["trial"] for f in failed] == ["t_00001"]
+    assert f"{other / STATE_FILE} is trial t_00001 of another sweep (MLflow run run-b" in (
+        failed[0]["error"])
+    assert own_trials(tmp_path, ids, "run-a") == ["t_00000", "t_00002"]
+    assert len(trial_outcomes(tmp_path, ids)[0]) == 3  # no sweep given: nothing to compare
 
 
 def test_a_trial_of_an_earlier_version_reads_from_its_four_files(tmp_path):

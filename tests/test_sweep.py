@@ -18,7 +18,7 @@ from tests.helpers import SWEEP
 
 @pytest.mark.slow
 @pytest.mark.smoke
-def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
+def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local, monkeypatch):
     space = parse_space(SWEEP)
     records = run_sweep(space, tmp_path)
     assert len(records) == 2 and not any(r["error"] for r in records)
@@ -153,6 +153,19 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local):
     assert sorted(r["robust_linf"] for r in again) == sorted(r["robust_linf"] for r in records)
     # Its summary is its own two trials, not the earlier sweep's as well (4 "seeds").
     assert "| AC | 2 | 2 |" in (tmp_path / "summary.md").read_text()
+
+    # A third sweep whose Tune trial ids are the first's (ids are unique within one sweep
+    # only; forced here): its trials fail naming the directory, and the first sweep's trials
+    # are neither reported as its results nor changed.
+    first = {p: p.read_bytes() for t in records for p in (tmp_path / "trials" / t["trial_id"]
+                                                          ).iterdir()}
+    monkeypatch.setenv("_TEST_TUNE_TRIAL_UUID", records[0]["trial_id"].split("_")[0])
+    third = run_sweep(space, tmp_path)
+    assert sorted(r["trial_id"] for r in third) == sorted(r["trial_id"] for r in records)
+    assert all("of another sweep" in r["error"] for r in third), [r["error"] for r in third]
+    assert {p: p.read_bytes() for p in first} == first
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| AC |" not in summary and summary.count("of another sweep (MLflow run") == 2
 
 
 def test_run_command_refuses_bad_sweeps_before_ray(tmp_path, capsys):
