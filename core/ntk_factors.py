@@ -101,7 +101,7 @@ def make_factor_fn(
         inputs = traverse_util.flatten_dict(inputs)
         deltas = traverse_util.flatten_dict(jac_pert)
         out: Factors = {"dense": {}, "jac": {"/".join(k): v[0] for k, v in jac_rest.items()}}
-        for path in dense:
+        for path in sorted(dense):  # not the set's order: it follows PYTHONHASHSEED
             a = inputs[(*path, "dense_input")][0][0]  # sow keeps a tuple; batch of one
             delta = deltas[(*path, "dense_output")][0, :, 0]  # [O', d_out]
             out["dense"]["/".join(path)] = (a, delta)

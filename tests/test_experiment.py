@@ -283,3 +283,44 @@ def test_programs_are_traced_once_per_process_and_give_the_same_results(tmp_path
         jax.monitoring.unregister_event_duration_listener(listen)
     programs.clear()
     assert strip(run_experiment(other, tmp_path / "d")) == strip(changed)
+
+
+_LOWER_EVERYTHING = """
+import sys
+from core.compat import use_compilation_cache
+use_compilation_cache(sys.argv[1])
+from core.experiment import run_experiment
+from core.trajectory_kernels import compute_trajectory_kernels
+from core.trajectory_store import TrajectoryStore
+from tests.helpers import tiny_cfg
+cfg = tiny_cfg(switch_points=[0, 1], model={"name": "mlp", "widths": [8, 8]})
+cfg = cfg.model_copy(update={"kernel": cfg.kernel.model_copy(update={"probe_size": 12})})
+run_experiment(cfg, sys.argv[2])
+for trajectory in TrajectoryStore(sys.argv[2]).of(cfg):
+    compute_trajectory_kernels(trajectory, cfg.kernel)
+"""
+
+
+@pytest.mark.slow
+def test_every_program_is_the_same_in_every_process(tmp_path):
+    """A sweep's workers share one persistent compilation cache: a program whose lowering
+    depends on the process (a set iterated in its hash order, which PYTHONHASHSEED changes
+    from process to process) is compiled again by every worker. The NTK's factor program
+    was (its dense layers were a frozenset): a second process added a cache entry."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "cache"
+    entries = []
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-c", _LOWER_EVERYTHING, str(cache), str(tmp_path / seed)],
+            cwd=root, env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)},
+            capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        entries.append(sorted(p.name for p in cache.iterdir() if p.name.endswith("-cache")))
+    assert any(name.startswith("jit_factors-") for name in entries[0])
+    assert entries[1] == entries[0], sorted(set(entries[1]) - set(entries[0]))
