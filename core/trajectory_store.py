@@ -339,8 +339,13 @@ class TrajectoryStore:
 
     def stored(self) -> list[Trajectory]:
         """Every trajectory with a record here, by id, as its record describes it."""
-        return [self.at(self.directory / tid) for tid in self.ids()
-                if read_record(self.directory / tid) is not None]
+        found = []
+        for tid in self.ids():
+            try:
+                found.append(self.at(self.directory / tid))
+            except FileNotFoundError:  # a pack without a record yet, a damaged record
+                continue
+        return found
 
     def ids(self) -> list[str]:
         """Ids of the trajectories stored here (a pack, or a record of the format before),
