@@ -81,8 +81,7 @@ class NetworkEvaluations:
                  try_lock: Callable[[], AbstractContextManager[bool]] = _sole_writer,
                  legacy: str | Path | None = None):
         self.path = Path(path)
-        self.section = Section(Pack(self.path), {"kind": "evaluation",
-                                                            "setting": key}, "step")
+        self.section = Section(Pack(self.path), {"kind": "evaluation", "setting": key}, "step")
         self.try_lock = try_lock
         self.legacy = LegacyEvaluations(legacy) if legacy is not None else None
         self.pending: dict[int, dict[str, np.ndarray]] = {}  # evaluated, not yet appended
