@@ -321,7 +321,7 @@ def trial_outcomes(out: Path, trials: Collection[str], sweep: str | None = None
     the error names phase, epoch, step and cause), trials whose files are damaged (named
     with what is wrong; never left out of a summary silently) and, given the ``sweep`` (its
     MLflow run), trials whose directory holds another sweep's trial (its rows never read as
-    this sweep's). Unfinished trials give none."""
+    this sweep's; ``"foreign"``: that sweep's run). Unfinished trials give none."""
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     for trial_id in sorted(set(trials)):
@@ -331,7 +331,7 @@ def trial_outcomes(out: Path, trials: Collection[str], sweep: str | None = None
             state = read_trial_state(directory)
             variant = format_variant(state.variant)
             if state.foreign(sweep):
-                failed.append({"trial": trial_id, "variant": "",
+                failed.append({"trial": trial_id, "variant": "", "foreign": state.sweep or "",
                                "error": foreign_trial(directory, state)})
             elif results.is_file():
                 rows += [{**r, "variant": variant} for r in read_results(results)["rows"]]

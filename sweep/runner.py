@@ -347,7 +347,8 @@ def write_sweep_summary(out: Path, trials: Collection[str],
     from sweep.plots import switch_point_plot
 
     rows, failed = trial_outcomes(out, trials, sweep)
-    trials = own_trials(out, trials, sweep)
+    foreign = {f["trial"] for f in failed if "foreign" in f}
+    trials = [t for t in trials if t not in foreign]  # for the claims: this sweep's own
     subtitle = _subtitle(out, trials)
     listed = {f["trial"] for f in failed}
     failed += [{"trial": t, "variant": "", "error": e.strip().splitlines()[-1][:500]}

@@ -315,7 +315,7 @@ def test_a_trial_directory_of_another_sweep_is_never_read_as_this_sweeps(tmp_pat
     rows, failed = trial_outcomes(tmp_path, ids, "run-a")
     assert len(rows) == 2 and [f["trial"] for f in failed] == ["t_00001"]
     assert f"{other / STATE_FILE} is trial t_00001 of another sweep (MLflow run run-b" in (
-        failed[0]["error"])
+        failed[0]["error"]) and failed[0]["foreign"] == "run-b"
     assert own_trials(tmp_path, ids, "run-a") == ["t_00000", "t_00002"]
     assert len(trial_outcomes(tmp_path, ids)[0]) == 3  # no sweep given: nothing to compare
 
