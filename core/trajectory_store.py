@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.config import ExperimentConfig, KernelSpec, config_from_dict
+from core.config import ExperimentConfig, KernelSpec, config_from_dict, read_prefix
 from core.evaluation_store import NetworkEvaluations
 from core.kernel_store import KernelTrajectory
 from core.pack import Pack
@@ -75,6 +75,10 @@ RECORD_FIELDS = ("dataset", "model", "phase1", "switch_points", "fractional_chec
 """The config's parts that decide a trajectory's checkpoints: a record is appended to the
 pack when they differ from the stored record's (phase 1 continued further, say), not for
 every config that uses the trajectory (a sweep's 10,000 trials over phase-2 settings)."""
+
+MAX_RECORD_BYTES = 16 << 20
+"""A ``trajectory.json`` of the format before is read up to this (a config is at most 1 MiB
+of YAML); a larger one is damaged, not read."""
 
 LOG = logging.getLogger(__name__)
 
@@ -308,7 +312,10 @@ def read_record(directory: Path) -> dict[str, Any] | None:
         return entry.header["meta"]
     path = directory / RECORD
     try:
-        record = json.loads(path.read_text())
+        data = read_prefix(path, MAX_RECORD_BYTES)
+        if len(data) > MAX_RECORD_BYTES:
+            raise ValueError(f"over {MAX_RECORD_BYTES} bytes")
+        record = json.loads(data)
         if not isinstance(record, dict) or not {"id", "mode", "seed", "config"} <= record.keys():
             raise ValueError("not a trajectory record")
         return record

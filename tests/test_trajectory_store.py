@@ -62,11 +62,14 @@ def test_a_damaged_record_of_the_format_before_is_written_again_not_a_crash(tmp_
 
     (t,) = TrajectoryStore(tmp_path).of(tiny_cfg(switch_points=[1]))
     t.directory.mkdir(parents=True)
-    for damaged in ('{"id": "', "[1, 2]", '{"id": "x"}'):
+    from core.trajectory_store import MAX_RECORD_BYTES
+
+    for damaged in ('{"id": "', "[1, 2]", '{"id": "x"}', " " * (MAX_RECORD_BYTES + 1)):
         (t.directory / "trajectory.json").write_text(damaged)
         with caplog.at_level(logging.WARNING, logger="core.trajectory_store"):
             assert not t.exists() and TrajectoryStore(tmp_path).stored() == []
         assert f"{t.directory / 'trajectory.json'}: damaged" in caplog.text
+    assert f"damaged (over {MAX_RECORD_BYTES} bytes)" in caplog.text  # refused, not parsed
     t.write_record()
     assert t.exists() and TrajectoryStore(tmp_path).stored()[0].config == t.config
     # An intact record of the format before is read, and not written again.
