@@ -25,7 +25,7 @@ from core.config import RESULT_METRICS, ExperimentConfig, config_from_dict, is_n
 from core.experiment import Hooks, Stage, run_experiment
 from core.timing import since, snapshot, timed
 from core.train import Divergence
-from core.trajectory_store import Trajectory, TrajectoryStore
+from core.trajectory_store import Trajectory, TrajectoryStore, epoch_to_step
 from sweep.kernel_logging import log_kernels
 from sweep.layout import (
     CONTEXT_KEY,
@@ -126,7 +126,9 @@ class TrialReporter:
         self.store = TrajectoryStore(ctx["out"])
         self.rows: list[dict[str, Any]] = []
         self.trajectories: list[Trajectory] = []
-        self.curves: dict[str, list[list[Any]]] = {}  # phase-2 curves by code, until its row
+        # Phase-2 curves by (code, switch step): a model's row may come after later models of
+        # its code are trained (rows waiting for the reference network's examples).
+        self.curves: dict[tuple[str, int], list[list[Any]]] = {}
         self.phase1_epochs = self.phase1_spe = 0
         self.steps_done = self.steps_planned = 0
         self.reported = -math.inf  # time.monotonic() of the last progress report
@@ -170,7 +172,7 @@ class TrialReporter:
         if stage.phase == 1:
             self.phase1_spe = stage.steps_per_epoch
         else:
-            self.curves[stage.code] = []
+            self.curves[stage.code, stage.switch_step] = []
 
     def on_epoch(self, stage: Stage, epoch: int, metrics: dict[str, float]) -> None:
         step = epoch * stage.steps_per_epoch
@@ -181,7 +183,8 @@ class TrialReporter:
             self.tracker.log(run, values, step=step, skip=self.skip(run))
         else:
             now = int(time.time() * 1000)
-            self.curves[stage.code] += [[k, float(v), now, step] for k, v in values.items()]
+            self.curves[stage.code, stage.switch_step] += [
+                [k, float(v), now, step] for k, v in values.items()]
         # Tune's and the heartbeat's label of the stage (``ntk-sweep status`` shows it).
         # ``t`` is the switch epoch, as in run names (``AC t=10 seed 0``) and tables.
         name = f"phase{stage.phase}/{stage.code}/s{stage.seed}" + (
@@ -203,7 +206,8 @@ class TrialReporter:
                  **provenance()},
                 self.run, {**metrics, "switch_epoch": r["switch_epoch"]},
                 existing=self.unfinished.get(name), params=model_params(self.cfg, r, tid),
-                curves=() if is_network(r["code"]) else self.curves.get(r["code"], ()))
+                curves=() if is_network(r["code"]) else self.curves.get(
+                    (r["code"], epoch_to_step(r["switch_epoch"], self.phase1_spe)), ()))
             self.children[name] = "pending"
         if r["switch_rule"] and is_network(r["code"]):  # once per trajectory
             run = self.trajectory_runs[r["code"][0]]

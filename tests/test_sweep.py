@@ -168,6 +168,33 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local, 
     assert "| AC |" not in summary and summary.count("of another sweep (MLflow run") == 2
 
 
+@pytest.mark.slow
+def test_each_model_run_has_its_own_phase2_curve_when_rows_wait_for_the_reference(
+        tmp_path, ray_local):
+    """A CC trial whose reference network (A) no trial of its own trains keeps its models'
+    rows until the reference's examples exist (it trains A itself at the end here; in a sweep
+    another trial does). Each model's MLflow run still gets its own phase-2 curve, not the
+    curve of the last model trained with its code."""
+    space = {**SWEEP, "name": "curves", "codes": ["CC"], "switch_rule": None, "seeds": [0],
+             "switch_points": [0, 1], "phase2": {**SWEEP["phase2"], "epochs": 2},
+             "eval": {**SWEEP["eval"], "reference": "A"}, "kernel": {"enabled": False}}
+    (record,) = run_sweep(parse_space(space), tmp_path)
+    assert not record["error"]
+    rows = json.loads((tmp_path / "trials" / record["trial_id"] / "results.json").read_text()
+                      )["rows"]
+    client = MlflowClient(tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("curves")
+    models = client.search_runs([exp.experiment_id], "tags.kind = 'switch_run'")
+    assert len(models) == 2
+    for run in models:
+        (row,) = [r for r in rows if r["code"] == "CC" and r["switch_epoch"] == float(
+            run.data.params["switch_epoch"])]
+        curve = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in curve] == [4, 8]  # two epochs of 4 steps
+        assert curve[-1].value == pytest.approx(row["train_loss"], rel=1e-12, abs=0), (
+            run.info.run_name)
+
+
 def test_run_command_refuses_bad_sweeps_before_ray(tmp_path, capsys):
     import ray
     import yaml
