@@ -13,6 +13,13 @@ examples four times, about a fifth of its work.
   that evaluated a network while another holds it (training the trajectory further,
   computing its kernels) keeps the result and appends it the next time the lock is free
   (``flush``), or not at all (another process then evaluates the network again).
+* The models of switch step 0 (the initial network, the same in every trajectory of a seed,
+  and phase 2 of each loader from it) are records of kind ``"initial"``, step 0, laid out
+  alike; their ``setting`` hashes everything such a model depends on but the trajectory's
+  data mode (``core/experiment.py``'s ``_InitialRuns``), and their ``meta`` adds the
+  training metrics and phase-2 epoch curve to ``n``. The trajectory that computed one holds
+  it; the runs of the seed's other trajectories, in any process, copy it instead of
+  computing it again (AC@0 = CC@0 bit for bit).
 * ``reference-<key>-<step>.npz`` in the trajectory's directory: the reference examples
   (``x`` [n_test, ...]) crafted on the network at ``step``, written to a temporary name and
   renamed; the zip's CRC-32 of the member catches damage (the file is then crafted again and
@@ -36,7 +43,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,67 +78,90 @@ def _sole_writer() -> Iterator[bool]:
     yield True
 
 
+class Evaluation(NamedTuple):
+    """A model's per-example correctness under each member of the ensemble (bool [n]) and
+    what else its record keeps (``meta``: JSON)."""
+
+    correct: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
 class NetworkEvaluations:
     """The per-example evaluations of a trajectory's networks under one key: records of the
-    trajectory's pack ``path`` with setting ``key``, and the lines of the file of the format
-    before, ``legacy``. ``try_lock()`` enters the trajectory's lock if it is free, and says
+    trajectory's pack ``path`` of ``kind`` (``"evaluation"``, or ``"initial"`` for the models
+    of switch step 0) with setting ``key``, and the lines of the file of the format before,
+    ``legacy``. ``try_lock()`` enters the trajectory's lock if it is free, and says
     whether it did (the default: the caller is the only writer)."""
 
     def __init__(self, path: str | Path, key: str,
                  try_lock: Callable[[], AbstractContextManager[bool]] = _sole_writer,
-                 legacy: str | Path | None = None):
+                 legacy: str | Path | None = None, kind: str = "evaluation"):
         self.path = Path(path)
-        self.section = Section(Pack(self.path), {"kind": "evaluation", "setting": key}, "step")
+        self.section = Section(Pack(self.path), {"kind": kind, "setting": key}, "step")
         self.try_lock = try_lock
         self.legacy = LegacyEvaluations(legacy) if legacy is not None else None
-        self.pending: dict[int, dict[str, np.ndarray]] = {}  # evaluated, not yet appended
-        self._read: dict[int, tuple[int, dict[str, np.ndarray] | None]] = {}  # by offset
+        self.pending: dict[int, Evaluation] = {}  # evaluated, not yet appended
+        self._read: dict[int, tuple[int, Evaluation | None]] = {}  # by offset
 
-    def _load(self, entry: Entry) -> dict[str, np.ndarray] | None:
-        """The record's {member: bool [n]}, None (with a warning) if it fails its checks."""
+    def _load(self, entry: Entry) -> Evaluation | None:
+        """The record's evaluation, None (with a warning) if it fails its checks."""
         try:
             data = self.section.read(entry)
             if hashlib.sha256(data).hexdigest() != entry.header["digest"]:
                 raise ValueError("its digest does not match")
-            n = int(entry.header["meta"]["n"])
+            meta = dict(entry.header["meta"])
+            n = int(meta.pop("n"))
             arrays = decode(data, entry.header["leaves"])
-            return {spec["path"]: np.unpackbits(a, count=n).astype(bool)
-                    for spec, a in zip(entry.header["leaves"], arrays, strict=True)}
+            return Evaluation({spec["path"]: np.unpackbits(a, count=n).astype(bool)
+                               for spec, a in zip(entry.header["leaves"], arrays, strict=True)},
+                              meta)
         except Exception as e:  # noqa: BLE001 - I/O, key, type and value errors alike
-            LOG.warning("%s: damaged evaluation record of step %s (bytes %d+) skipped (%s: "
-                        "%s); the network is evaluated again", entry.path,
+            LOG.warning("%s: damaged %s record of step %s (bytes %d+) skipped (%s: %s); the "
+                        "model is evaluated again", entry.path, self.section.fields["kind"],
                         entry.header.get("step"), entry.offset, type(e).__name__, str(e)[:200])
             return None
 
     def get(self, step: int) -> dict[str, np.ndarray] | None:
         """{member: bool [n]} of the network at ``step``, or None if not stored intact;
         DamagedFile if a file of the format before is over ``MAX_EVALUATIONS_BYTES``."""
+        found = self.record(step)
+        return None if found is None else found.correct
+
+    def record(self, step: int) -> Evaluation | None:
+        """The evaluation at ``step`` with its ``meta``, or None if not stored intact."""
         step = int(step)
         self.flush()
         if step in self.pending:
             return self.pending[step]
         if step in self.section.entries():
             return self._stored(step)
-        return self.legacy.get(step) if self.legacy is not None else None
+        correct = self.legacy.get(step) if self.legacy is not None else None
+        return None if correct is None else Evaluation(correct, {})
 
-    def _stored(self, step: int) -> dict[str, np.ndarray] | None:
+    def _stored(self, step: int) -> Evaluation | None:
         """The pack's record of ``step`` if there and intact (read once a process)."""
         entry = self.section.entries().get(step)
         if entry is None:
             return None
-        offset, correct = self._read.get(step, (-1, None))
+        offset, found = self._read.get(step, (-1, None))
         if offset != entry.offset:
-            correct = self._load(entry)
-            self._read[step] = (entry.offset, correct)
-        return correct
+            found = self._load(entry)
+            self._read[step] = (entry.offset, found)
+        return found
 
-    def put(self, step: int, correct: dict[str, np.ndarray]) -> None:
-        """Keeps the evaluation of the network at ``step`` and appends it to the pack, now if
-        the trajectory's lock is free, else at a later ``put``, ``get`` or ``flush``."""
+    def put(self, step: int, correct: dict[str, np.ndarray],
+            meta: dict[str, Any] | None = None) -> None:
+        """Keeps the evaluation of the model at ``step`` (with ``meta``: JSON, kept in the
+        record's header) and appends it to the pack, now if the trajectory's lock is free,
+        else at a later ``put``, ``get`` or ``flush``."""
         n = {len(v) for v in correct.values()}
         if len(n) != 1:
             raise ValueError(f"members of unequal length {sorted(n)}")
-        self.pending[int(step)] = {k: np.asarray(v, bool) for k, v in correct.items()}
+        meta = json.loads(json.dumps(meta or {}))  # as it reads back: lists, plain floats
+        if "n" in meta:
+            raise ValueError("meta: 'n' is the record's own (the number of examples)")
+        self.pending[int(step)] = Evaluation(
+            {k: np.asarray(v, bool) for k, v in correct.items()}, meta)
         self.flush()
 
     def flush(self) -> None:
@@ -141,14 +171,15 @@ class NetworkEvaluations:
         with self.try_lock() as held:
             if not held:
                 return
-            for step, correct in sorted(self.pending.items()):
+            for step, found in sorted(self.pending.items()):
                 if self._stored(step) is not None:
                     continue  # another process evaluated it first
-                names = sorted(correct)
-                arrays = [np.packbits(correct[k]) for k in names]
+                names = sorted(found.correct)
+                arrays = [np.packbits(found.correct[k]) for k in names]
                 digest = hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
-                self.section.append({"step": step, "meta": {"n": len(correct[names[0]])},
-                                     "digest": digest, "leaves": names}, arrays)
+                meta = {"n": len(found.correct[names[0]]), **found.meta}
+                self.section.append({"step": step, "meta": meta, "digest": digest,
+                                     "leaves": names}, arrays)
             self.pending.clear()
 
 

@@ -17,6 +17,8 @@ locks); a trajectory found there is continued from its latest checkpoint instead
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -45,6 +47,7 @@ from core.evaluate import (
 from core.evaluation_store import (
     NETWORK_FIELDS,
     REFERENCE_FIELDS,
+    Evaluation,
     evaluation_key,
     load_reference,
     save_reference,
@@ -444,8 +447,13 @@ def eval_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, 3), jax.random.fold_in(root, 4)
 
 
+def _stack() -> str:
+    """What of the stack changes evaluations' numbers: the JAX version and backend."""
+    return f"jax {jax.__version__} {jax.default_backend()}"
+
+
 def _eval_key(ctx: _Context, fields: tuple[str, ...]) -> str:
-    return evaluation_key(ctx.cfg.eval, fields, f"jax {jax.__version__} {jax.default_backend()}")
+    return evaluation_key(ctx.cfg.eval, fields, _stack())
 
 
 def _network_correct(ctx: _Context, trajectory: Trajectory, step: int, state: TrainState,
@@ -480,33 +488,75 @@ def evaluate_model(ctx: _Context, key: jax.Array, switch: TrainState, anchor: An
 
 
 class _InitialRuns:
-    """The rows of switch step 0 by what determines them (the phase-2 loader's data mode, or
-    the network itself), with their phase-2 epoch metrics, for ``run_seed`` to copy."""
+    """The models of switch step 0 of one seed, computed once per store. Every data mode's
+    trajectory starts from the initial network (key ``fold_in(root, 0)``), so the network's
+    row and phase 2 of a loader from it depend on the loader, not on the trajectory (A-@0 =
+    C-@0, AC@0 = CC@0, AA@0 = CA@0 bit for bit). Each is kept, with its per-example
+    correctness, training metrics and phase-2 epoch curve, as an ``"initial"`` record of the
+    pack of the trajectory that computed it (``core/evaluation_store.py``); a run of another
+    trajectory of the seed, in this process or another (a sweep's AC trial after its CC
+    trial), copies it and replays its epochs through the hooks."""
 
     def __init__(self, ctx: _Context, seed: int):
         self.ctx, self.seed = ctx, seed
-        self.kept: dict[str, tuple[dict[str, Any], list[tuple[int, dict[str, float]]]]] = {}
+        self.siblings = [ctx.store.get(ctx.cfg, mode, seed) for mode in MODES]
+        self._keys: dict[str, str] = {}
 
-    def keep(self, step: int, row: dict[str, Any],
-             epochs: list[tuple[int, dict[str, float]]] | None = None) -> dict[str, Any]:
+    def key(self, loader: str) -> str:
+        """The setting of ``loader``'s records (a data mode, or ``NETWORK`` for the network
+        itself): a hash of the seed, the loader, the stack and the config but for what a
+        model of step 0 never reads (excluded rather than listed, as in ``phase_steps``:
+        a field added later is in the key until shown unread)."""
+        if loader not in self._keys:
+            cfg = self.ctx.cfg
+            unread = {"name", "seeds", "codes", "switch_points", "switch_rule", "kernel",
+                      "fractional_checkpoints"}
+            if cfg.eval.reference is None:  # else its examples come from a phase-1 network
+                unread.add("phase1")
+            if loader == NETWORK:
+                unread.add("phase2")
+            settings = {"config": cfg.model_dump(mode="json", exclude=unread),
+                        "seed": self.seed, "loader": loader, "stack": _stack()}
+            self._keys[loader] = hashlib.sha256(
+                json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return self._keys[loader]
+
+    def find(self, loader: str) -> Evaluation | None:
+        """``loader``'s model of step 0 as a trajectory of the seed keeps it, or None."""
+        for trajectory in self.siblings:
+            found = trajectory.evaluations(self.key(loader), "initial").record(0)
+            if found is not None and isinstance(found.meta.get("train"), dict) and isinstance(
+                    found.meta.get("epochs"), list):
+                return found
+        return None
+
+    def ready(self, codes: list[str]) -> bool:
+        """Whether every model of step 0 of ``codes`` (and their networks) is kept."""
+        return all(self.find(loader) is not None for loader in {c[1] for c in codes})
+
+    def keep(self, trajectory: Trajectory, step: int, loader: str,
+             correct: dict[str, np.ndarray], train: dict[str, float],
+             epochs: list[tuple[int, dict[str, float]]] | None) -> None:
+        """Keeps the model of ``loader`` if ``step`` is 0, as a record of ``trajectory``."""
         if step == 0:
-            self.kept[row["code"][1:]] = (row, epochs or [])
-        return row
+            trajectory.evaluations(self.key(loader), "initial").put(
+                0, correct, {"train": train, "epochs": epochs or []})
 
     def copy(self, step: int, switch: float, code: str, t0: float) -> dict[str, Any] | None:
-        """``code``'s row at step 0 if an earlier data mode computed it (its epochs replayed
-        to ``hooks.on_epoch`` as ``code``'s), else None."""
-        if step != 0 or code[1:] not in self.kept:
+        """``code``'s row at step 0 if its model is kept (a phase-2 model's epochs replayed
+        to the hooks as ``code``'s), else None."""
+        if step != 0 or (found := self.find(code[1])) is None:
             return None
-        row, epochs = self.kept[code[1:]]
-        spe = len(self.ctx.y_train) // self.ctx.cfg.phase2.batch_size
-        stage = Stage(2, code, self.seed, 0, spe)
-        if self.ctx.hooks.on_stage:
-            self.ctx.hooks.on_stage(stage)
-        for epoch, metrics in epochs if self.ctx.hooks.on_epoch else ():
-            self.ctx.hooks.on_epoch(stage, epoch, metrics)
-        return {**row, "code": code, "switch_epoch": switch,
-                "seconds": round(time.perf_counter() - t0, 2)}
+        cfg, hooks = self.ctx.cfg, self.ctx.hooks
+        if code[1] != NETWORK:
+            stage = Stage(2, code, self.seed, 0, len(self.ctx.y_train) // cfg.phase2.batch_size)
+            if hooks.on_stage:
+                hooks.on_stage(stage)
+            for epoch, metrics in found.meta["epochs"] if hooks.on_epoch else ():
+                hooks.on_epoch(stage, epoch, metrics)
+        dynamics = "network" if code[1] == NETWORK else cfg.phase2.dynamics
+        metrics = result_metrics(found.correct, cfg.eval.masking_threshold)
+        return result_row(self.seed, code, dynamics, switch, metrics, found.meta["train"], t0)
 
 
 class _Reference:
@@ -544,12 +594,14 @@ class _Reference:
 class _Evaluated:
     """A model evaluated but for its reference column: ``correct`` (per-example correctness
     under the ensemble), ``model`` (phase, anchor, state: what ``_score`` needs), ``fields``
-    (``result_row``'s seed, code, dynamics, switch epoch and training metrics), its switch
-    ``step`` and phase-2 ``epochs`` (for ``_InitialRuns.keep``), ``seconds`` spent so far."""
+    (``result_row``'s seed, code, dynamics, switch epoch and training metrics), its phase-1
+    ``trajectory``, switch ``step`` and phase-2 ``epochs`` (for ``_InitialRuns.keep``),
+    ``seconds`` spent so far."""
 
     correct: dict[str, np.ndarray]
     model: tuple[str, Anchor | None, TrainState]
     fields: tuple[int, str, str, float, dict[str, float]]
+    trajectory: Trajectory
     step: int
     epochs: list[tuple[int, dict[str, float]]] | None
     seconds: float
@@ -561,9 +613,9 @@ class _Evaluated:
         if x_ref is not None:
             self.correct["reference_linf"] = _score(ctx, *self.model, x_ref)
         seed, code, dynamics, switch, train = self.fields
+        at_init.keep(self.trajectory, self.step, code[1], self.correct, train, self.epochs)
         metrics = result_metrics(self.correct, ctx.cfg.eval.masking_threshold)
-        return at_init.keep(self.step, result_row(seed, code, dynamics, switch, metrics, train,
-                                                  t0), self.epochs)
+        return result_row(seed, code, dynamics, switch, metrics, train, t0)
 
 
 def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
@@ -576,9 +628,9 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
         reference.get(wait=True)
     rows: list[dict[str, Any]] = []
     # At switch step 0 every data mode's network is the initial one (same key): the network
-    # and each loader's phase 2 from it are computed once, for the first data mode, and the
-    # other modes' rows are copies (A-@0 = C-@0, AC@0 = CC@0, AA@0 = CA@0 bit for bit), their
-    # phase-2 epoch curves replayed through the hooks.
+    # and each loader's phase 2 from it are computed once per store, and the other modes'
+    # rows are copies (A-@0 = C-@0, AC@0 = CC@0, AA@0 = CA@0 bit for bit), their phase-2
+    # epoch curves replayed through the hooks.
     at_init = _InitialRuns(ctx, seed)
     # Switch points done but not yet reported, in order: their rows (or models waiting for
     # the reference's examples) and the labels of their rows.
@@ -593,7 +645,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
                                                                 eval_key)
         correct = evaluate_model(ctx, eval_key, switch, anchor, state, x_ref, known)
         model = _Evaluated(correct, ("phase1" if anchor is None else "phase2", anchor, state),
-                           fields, step, epochs, time.perf_counter() - t0)
+                           fields, trajectory, step, epochs, time.perf_counter() - t0)
         return model if reference is not None and x_ref is None else model.finish(
             ctx, at_init, None)
 
@@ -623,7 +675,15 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
         switches: dict[float, list[str]] = {e: [""] for e in cfg.switch_points}
         if phase1.rule_epoch is not None:
             switches.setdefault(phase1.rule_epoch, []).append(cfg.switch_rule.label())
-        for switch in sorted(switches):
+        order = sorted(switches)
+        # The C trajectory computes the models of step 0 (in a sweep, the seed's C trial);
+        # another does step 0 last unless they are kept already, to copy them then.
+        if (mode1 != MODES[0] and order and epoch_to_step(order[0], spe) == 0
+                and not at_init.ready([mode1 + NETWORK, *(c for c in cfg.codes
+                                                          if c[0] == mode1)])):
+            order = order[1:] + order[:1]
+        first = len(rows)
+        for switch in order:
             t0 = time.perf_counter()
             step = epoch_to_step(switch, spe)
             phase1, state, meta = _restore(ctx, phase1, mode1, seed, init, step)
@@ -648,6 +708,7 @@ def run_seed(ctx: _Context, seed: int) -> list[dict[str, Any]]:
             waiting.append((made, switches[switch]))
             settle(wait=False)
         settle(wait=True)  # complete before the next data mode copies its rows at step 0
+        rows[first:] = sorted(rows[first:], key=lambda r: r["switch_epoch"])  # step 0 first
         if ctx.hooks.on_trajectory:
             end = epoch_to_step(cfg.phase1_epochs, spe)
             last = max((s for s in phase1.store.steps() if s <= end), default=None)

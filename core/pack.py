@@ -68,6 +68,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "checkpoint": ("step",),            # core/checkpoints.py
     "kernel": ("setting", "epoch"),     # core/kernel_store.py; setting: the kernel key
     "evaluation": ("setting", "step"),  # core/evaluation_store.py; setting: its key
+    "initial": ("setting", "step"),     # core/evaluation_store.py: the models of step 0
 }
 """The fields that name a record among those of its kind."""
 

@@ -8,8 +8,9 @@ one store, and so do later sweeps and experiments given the same root)::
                                                       checkpoints (``core/checkpoints.py``),
                                                       kernels (``core/kernel_store.py``) and
                                                       networks' per-example evaluations
-                                                      (``core/evaluation_store.py``): records
-                                                      of one pack (``core/pack.py``)
+                                                      and the models of switch step 0 it
+                                                      computed (``core/evaluation_store.py``):
+                                                      records of one pack (``core/pack.py``)
     trajectories/<id>/reference-<key>-<step>.npz      reference examples crafted on it
     trajectories/<id>.lock                            flock: one writer at a time
 
@@ -83,7 +84,7 @@ of YAML); a larger one is damaged, not read."""
 LOG = logging.getLogger(__name__)
 
 _HELD: set[tuple[Path, int]] = set()  # (lock file, thread) held in this process
-_EVALUATIONS: dict[tuple[Path, str], NetworkEvaluations] = {}
+_EVALUATIONS: dict[tuple[Path, str, str], NetworkEvaluations] = {}
 
 LOCK_PROBE = ".lock-probe"
 NFS_LOCAL_LOCKS = ("nolock", "local_lock=flock", "local_lock=all")
@@ -258,12 +259,14 @@ class Trajectory:
         return CheckpointStore(self.pack_path, legacy=self.directory / LEGACY_CHECKPOINTS,
                                legacy_pack=self.directory / CHECKPOINTS)
 
-    def evaluations(self, key: str) -> NetworkEvaluations:
+    def evaluations(self, key: str, kind: str = "evaluation") -> NetworkEvaluations:
         """Its networks' per-example evaluations under settings ``key`` (the process's one
-        reader and writer of them, the last 64 used)."""
-        return recent(_EVALUATIONS, (self.pack_path.absolute(), key), lambda: NetworkEvaluations(
-            self.pack_path, key, self.try_lock,
-            legacy=self.directory / f"evaluations-{key}.jsonl"), 64)
+        reader and writer of them, the last 64 used); ``kind`` ``"initial"``: the models of
+        switch step 0 it holds (``core/evaluation_store.py``)."""
+        legacy = self.directory / f"evaluations-{key}.jsonl" if kind == "evaluation" else None
+        return recent(_EVALUATIONS, (self.pack_path.absolute(), kind, key),
+                      lambda: NetworkEvaluations(self.pack_path, key, self.try_lock, legacy, kind),
+                      64)
 
     def reference_path(self, key: str, step: int) -> Path:
         """The reference examples crafted on its network at ``step`` under ``key``."""
@@ -291,7 +294,7 @@ class Trajectory:
 
 def _flush_evaluations(pack_path: Path) -> None:
     """Appends the evaluations this process keeps for the pack (its lock being held)."""
-    for (path, _), evaluations in list(_EVALUATIONS.items()):
+    for (path, *_), evaluations in list(_EVALUATIONS.items()):
         if path == pack_path.absolute() and evaluations.pending:
             evaluations.flush()
 

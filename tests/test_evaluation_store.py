@@ -171,8 +171,8 @@ def test_damaged_reference_examples_are_crafted_again(tmp_path, caplog):
 def test_runs_sharing_a_trajectory_evaluate_its_networks_once(tmp_path):
     """A second run over the same trajectories (a sweep's CA trial after its CC trial)
     evaluates no network and crafts no reference examples again (it writes nothing to the
-    trajectories), and its network rows are the first run's; a run with other evaluation
-    settings evaluates its own."""
+    trajectories but its own model of switch step 0, CA@0), and its network rows are the first
+    run's; a run with other evaluation settings evaluates its own."""
     from core.experiment import run_experiment
     from tests.helpers import BASE, tiny_cfg
 
@@ -187,7 +187,8 @@ def test_runs_sharing_a_trajectory_evaluate_its_networks_once(tmp_path):
     packs = sorted((tmp_path / "trajectories").glob("*/trajectory.pack"))
     references = sorted((tmp_path / "trajectories").glob("*/reference-*.npz"))
     assert len(packs) == 2 and len(references) == 1  # C and A; A's examples
-    before = {p: p.stat().st_mtime_ns for p in packs + references}
+    before = {p: p.stat().st_mtime_ns for p in references}
+    records = {p: set(Pack(p).entries()) for p in packs}
     assert [k[2] for k in evaluated()] == [0, 8]  # C's networks at epochs 0 and 2
     # computed afresh in a store of its own: what a cached row must equal
     second = run_experiment(tiny_cfg(codes=["CA"], switch_points=[0, 2], eval=ev,
@@ -195,7 +196,10 @@ def test_runs_sharing_a_trajectory_evaluate_its_networks_once(tmp_path):
     again = run_experiment(tiny_cfg(codes=["CA"], switch_points=[0, 2], eval=ev,
                                     phase1=attack), tmp_path / "again",
                            store_root=tmp_path)
-    assert {p: p.stat().st_mtime_ns for p in packs + references} == before
+    assert {p: p.stat().st_mtime_ns for p in references} == before
+    added = {p: set(Pack(p).entries()) - records[p] for p in packs}
+    assert sorted(len(a) for a in added.values()) == [0, 1]  # in C's pack: CA@0
+    assert all(k[0] == "initial" for a in added.values() for k in a)
 
     def networks(rows):
         return [json.dumps({k: v for k, v in r.items() if k != "seconds"}) for r in rows

@@ -240,6 +240,72 @@ def test_switch_point_zero_is_computed_once(tmp_path):
     assert len(rows) == 2 * (2 + 4)
 
 
+@pytest.mark.slow
+def test_switch_point_zero_is_computed_once_per_store(tmp_path, caplog):
+    """The models of switch step 0 are kept with the trajectory that computed them, so runs
+    of the seed's other trajectories sharing the store (a sweep's AC trial after its CC
+    trial) copy them: their rows bit for bit, their phase-2 curves replayed. A run of a
+    trajectory other than C does step 0 last unless they are kept (so that the C trial can
+    compute them meanwhile), and its rows still come in switch order. A damaged record is
+    computed again, with a warning naming the pack."""
+    import logging
+
+    from core import trajectory_store
+    from core.pack import Pack
+    from core.trajectory_store import TrajectoryStore
+
+    store = tmp_path / "store"
+    phase1 = {**BASE["phase1"], "attack": {"eps": 0.1, "iters": 2}}
+
+    def run(codes: list[str]) -> tuple[list[dict], int, list[str], dict]:
+        steps, logs, curves = [0], [], {}
+        hooks = Hooks(on_step=lambda: steps.__setitem__(0, steps[0] + 1), log=logs.append,
+                      on_epoch=lambda stage, epoch, m: curves.setdefault(
+                          (stage.code, stage.switch_step), []).append((epoch, m)))
+        cfg = _cfg(codes=codes, switch_points=[0, 1], phase1=phase1)
+        rows = run_experiment(cfg, tmp_path / "-".join(codes) / str(len(caplog.records)),
+                              hooks, store_root=store)
+        return rows, steps[0], logs, curves
+
+    def row(rows: list[dict], code: str, epoch: float) -> str:
+        (found,) = [r for r in rows if r["code"] == code and r["switch_epoch"] == epoch]
+        return json.dumps({k: v for k, v in found.items() if k not in ("code", "seconds")},
+                          sort_keys=True)
+
+    def initial(mode: str) -> int:
+        trajectory = TrajectoryStore(store).get(_cfg(switch_points=[1], phase1=phase1), mode, 0)
+        return sum(k[0] == "initial" for k in Pack(trajectory.pack_path).entries())
+
+    spe = 64 // 16
+    cc, steps, _, cc_curves = run(["CC"])
+    assert steps == 2 * spe + 2 * spe and initial("C") == 2  # C-@0 and CC@0
+    ac, steps, _, ac_curves = run(["AC"])
+    assert steps == 2 * spe + 1 * spe  # phase 1 of A, phase 2 from epoch 1 only
+    assert row(ac, "A-", 0) == row(cc, "C-", 0) and row(ac, "AC", 0) == row(cc, "CC", 0)
+    assert row(ac, "AC", 1) != row(cc, "CC", 1)
+    assert ac_curves["AC", 0] == cc_curves["CC", 0] and initial("A") == 0
+    aa, steps, logs, _ = run(["AA"])  # nothing of loader A is kept: AA@0 comes last
+    assert steps == 2 * spe and initial("A") == 1
+    phase2 = [m for m in logs if m.startswith("seed 0 AA: phase 2")]
+    assert phase2 == ["seed 0 AA: phase 2 from epoch 1.0", "seed 0 AA: phase 2 from epoch 0.0"]
+    assert [(r["code"], r["switch_epoch"]) for r in aa] == [
+        ("A-", 0), ("AA", 0), ("A-", 1), ("AA", 1)]
+    ca, steps, _, _ = run(["CA"])  # copies AA@0 from A's pack
+    assert steps == 1 * spe and row(ca, "CA", 0) == row(aa, "AA", 0)
+
+    pack = TrajectoryStore(store).get(_cfg(switch_points=[1], phase1=phase1), "C", 0).pack_path
+    entry = max((e for k, e in Pack(pack).entries().items() if k[0] == "initial"),
+                key=lambda e: e.offset)  # CC@0, kept after C-@0
+    data = bytearray(pack.read_bytes())
+    data[entry.data] ^= 0x01
+    pack.write_bytes(bytes(data))
+    trajectory_store._EVALUATIONS.clear()  # as another process: this one read it intact
+    with caplog.at_level(logging.WARNING, logger="ntk_sweep"):
+        again, steps, _, _ = run(["AC"])
+    assert f"{pack}: damaged initial record of step 0" in caplog.text
+    assert steps == 2 * spe and row(again, "AC", 0) == row(cc, "CC", 0)
+
+
 def test_programs_are_traced_once_per_process_and_give_the_same_results(tmp_path):
     """A second experiment with the programs of the first (a reused Ray worker's next trial,
     say) lowers none of them again (``jax.monitoring``'s lowering events, one per program

@@ -153,6 +153,15 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local, 
     assert sorted(r["robust_linf"] for r in again) == sorted(r["robust_linf"] for r in records)
     # Its summary is its own two trials, not the earlier sweep's as well (4 "seeds").
     assert "| AC | 2 | 2 |" in (tmp_path / "summary.md").read_text()
+    # Its models of switch step 0 are the first sweep's, kept with the trajectories: copied,
+    # their phase-2 curves replayed into its runs.
+    zero: dict[tuple[str, str], list] = {}
+    for run in client.search_runs([exp.experiment_id], "tags.kind = 'switch_run' and "
+                                  "params.switch_epoch = '0'"):
+        zero.setdefault((run.data.params["code"], run.data.params["seed"]), []).append(
+            [(m.step, m.value) for m in client.get_metric_history(run.info.run_id,
+                                                                  "train_loss")])
+    assert len(zero) == 4 and all(len(c) == 2 and c[0] == c[1] != [] for c in zero.values())
 
     # A third sweep whose Tune trial ids are the first's (ids are unique within one sweep
     # only; forced here): its trials fail naming the directory, and the first sweep's trials
