@@ -388,9 +388,16 @@ def grid_ratio(tmp: Path, quick: bool) -> dict:
     # The sweep cannot end before the one process's CPU-seconds spread over every core: where
     # XLA's intra-op threads already keep both cores busy, that floor is near 1, not 0.5.
     floor = cpu / (os.cpu_count() or 1) / one_process
+    # The models of switch step 0 the trials computed (the rest they copied): 3 (the
+    # network, loaders C and A) when no trial computes one another has.
+    from core.pack import Pack
+
+    initial = sum(k[0] == "initial" for p in (tmp / "gs" / "trajectories").glob(
+        "*/trajectory.pack") for k in Pack(p).entries())
     return {"one_process_s": one_process, "one_process_cpu_s": cpu, "sweep_s": sweep,
             "sweep_cpu_s": sum(by_kind.values()), "sweep_cpu_s_by_process": by_kind,
-            "ratio": sweep / one_process, "floor": floor}
+            "ratio": sweep / one_process, "floor": floor,
+            "sweep_models_of_step0_computed": initial}
 
 
 def main() -> None:
