@@ -509,10 +509,13 @@ class _InitialRuns:
         a field added later is in the key until shown unread)."""
         if loader not in self._keys:
             cfg = self.ctx.cfg
-            unread = {"name", "seeds", "codes", "switch_points", "switch_rule", "kernel",
-                      "fractional_checkpoints"}
-            if cfg.eval.reference is None:  # else its examples come from a phase-1 network
-                unread.add("phase1")
+            unread = {"name", "seeds", "codes"}
+            # The reference examples are crafted on the end of a phase-1 trajectory, whose
+            # length follows phase 1, the switch points and a switch rule (and through its
+            # measure, the kernel settings): read unless there is no reference.
+            if cfg.eval.reference is None:
+                unread |= {"phase1", "switch_points", "switch_rule", "kernel",
+                           "fractional_checkpoints"}
             if loader == NETWORK:
                 unread.add("phase2")
             settings = {"config": cfg.model_dump(mode="json", exclude=unread),

@@ -240,6 +240,30 @@ def test_switch_point_zero_is_computed_once(tmp_path):
     assert len(rows) == 2 * (2 + 4)
 
 
+def test_the_models_of_switch_step_0_are_keyed_by_what_they_read(tmp_path):
+    """A model of step 0 is shared by the configs that differ only in what it never reads
+    (codes, switch points, phase 1), and never by configs that differ in what it reads:
+    phase 2 (not for the network), the evaluation, and with a reference network everything
+    that decides where phase 1 ends (here the switch points, phase 1 having no length)."""
+    from core.experiment import _InitialRuns, make_context
+
+    def key(loader: str = "C", seed: int = 0, **changes) -> str:
+        cfg = _cfg(**{"switch_points": [0, 1], **changes})
+        return _InitialRuns(make_context(cfg, tmp_path), seed).key(loader)
+
+    base = key()
+    assert key(switch_points=[0, 2]) == key(codes=["AC", "CA"]) == base
+    assert key(phase1={**BASE["phase1"], "lr": 0.1}) == base
+    lr = {**BASE["phase2"], "lr": 0.02}
+    assert key(phase2=lr) != base and key("-", phase2=lr) == key("-")
+    assert len({base, key("A"), key("-"), key(seed=1),
+                key(eval={**BASE["eval"], "max_test": 8})}) == 5
+    ref = {**BASE["eval"], "reference": "A"}
+    open_ended = {**BASE["phase1"], "epochs": None}
+    assert key(eval=ref, phase1=open_ended) != key(eval=ref, phase1=open_ended,
+                                                     switch_points=[0, 2])
+
+
 @pytest.mark.slow
 def test_switch_point_zero_is_computed_once_per_store(tmp_path, caplog):
     """The models of switch step 0 are kept with the trajectory that computed them, so runs
