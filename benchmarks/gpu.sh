@@ -12,7 +12,7 @@ set -eu
 cd "$(dirname "$0")/.."
 WHEELS=${GPU_WHEELS:-.gpu-wheels}
 PACKAGES="pydantic pydantic-core annotated-types typing-inspection typing-extensions
-          neural-tangents frozendict"
+          neural-tangents frozendict flatbuffers"
 
 if [ "${1:-}" = "--download" ]; then
     PYVER=${2:-3.12}

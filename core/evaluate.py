@@ -23,6 +23,8 @@ import numpy as np
 from core.attacks import AttackConfig, pgd, robust_correct
 from core.dynamics import Anchor, ApplyFn, logits_fn
 
+Jit = Callable[[Callable[..., Any]], Callable[..., Any]]
+"""How a program is compiled: ``jax.jit``, or one kept across processes."""
 Model = tuple[ApplyFn, Anchor | None, Any, Any]
 """A model to evaluate: (apply, anchor, params, batch_stats)."""
 
@@ -42,16 +44,18 @@ def _padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int):
 
 
 def make_evaluator(
-    apply: ApplyFn, attacks: Mapping[str, AttackConfig]
+    apply: ApplyFn, attacks: Mapping[str, AttackConfig], jit: Jit = jax.jit
 ) -> Callable[..., dict[str, np.ndarray]]:
     """Returns ``evaluate(anchor, params, batch_stats, x, y, key, batch_size) -> correct``.
 
     ``correct``: bool [n] per example, ``accuracy`` (clean) and ``robust_<name>`` for each
     attack (correct on every restart of it; ``accuracies`` turns them into fractions).
+    ``jit`` compiles the per-batch program (``core.exported.stored_jit``: kept across
+    processes).
     """
     names = list(attacks)
 
-    @jax.jit
+    @jit
     def batch_correct(anchor, params, batch_stats, x, y, key):
         f = logits_fn(apply, anchor, params, batch_stats)
         correct = [f(x).argmax(axis=1) == y]
@@ -95,14 +99,15 @@ def masked(accuracy: Mapping[str, float], white_box: Collection[str],
     return bool(white and black and min(black) < min(white) - threshold)
 
 
-def make_crafter(apply: ApplyFn, attack: AttackConfig) -> Callable[..., np.ndarray]:
+def make_crafter(apply: ApplyFn, attack: AttackConfig,
+                 jit: Jit = jax.jit) -> Callable[..., np.ndarray]:
     """Adversarial examples crafted once against one model, to score many models on.
 
     Returns ``craft(model, x, y, key, batch_size) -> x_adv`` ([n, ...], the shape of x) with
     ``model`` an (anchor, params, batch_stats) triple; batch b uses ``fold_in(key, b)``.
     """
 
-    @jax.jit
+    @jit
     def batch_adv(model, x, y, key):
         return pgd(logits_fn(apply, *model), x, y, key, attack)
 
@@ -115,7 +120,7 @@ def make_crafter(apply: ApplyFn, attack: AttackConfig) -> Callable[..., np.ndarr
 
 
 def make_transfer_evaluator(
-    source_apply: ApplyFn, target_apply: ApplyFn, attack: AttackConfig
+    source_apply: ApplyFn, target_apply: ApplyFn, attack: AttackConfig, jit: Jit = jax.jit
 ) -> Callable[..., np.ndarray]:
     """Correctness of a target model on adversarial examples crafted against a source model.
 
@@ -124,7 +129,7 @@ def make_transfer_evaluator(
     attack but not a transferred one is masking gradients.
     """
 
-    @jax.jit
+    @jit
     def batch_correct(source, target, x, y, key):
         x_adv = pgd(logits_fn(source_apply, *source), x, y, key, attack)
         return logits_fn(target_apply, *target)(x_adv).argmax(axis=1) == y

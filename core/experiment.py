@@ -52,6 +52,7 @@ from core.evaluation_store import (
     load_reference,
     save_reference,
 )
+from core.exported import stored_jit
 from core.models import init_model, make_model
 from core.preflight import preflight
 from core.recent import recent
@@ -176,16 +177,17 @@ def _evaluator(ctx: _Context, phase: str):
         if spec.margin_restarts:
             attacks["margin"] = dataclasses.replace(
                 linf, loss=AttackLoss.MARGIN, restarts=spec.margin_restarts)
-        return make_evaluator(_apply(ctx, phase), attacks)
+        return make_evaluator(_apply(ctx, phase), attacks, _stored(f"eval-{phase}", deps))
 
-    return _program(ctx, f"eval-{phase}",
-                    (_apply_key(ctx, phase), spec.linf, spec.l2, spec.margin_restarts), build)
+    deps = (_apply_key(ctx, phase), spec.linf, spec.l2, spec.margin_restarts)
+    return _program(ctx, f"eval-{phase}", deps, build)
 
 
 def _transfer(ctx: _Context):
-    return _program(ctx, "transfer", (_apply_key(ctx, "phase2"), ctx.cfg.eval.linf),
-                    lambda: make_transfer_evaluator(_apply(ctx, "phase1"), _apply(ctx, "phase2"),
-                                                    attack_config(ctx.cfg.eval.linf)))
+    deps = (_apply_key(ctx, "phase2"), ctx.cfg.eval.linf)
+    return _program(ctx, "transfer", deps, lambda: make_transfer_evaluator(
+        _apply(ctx, "phase1"), _apply(ctx, "phase2"), attack_config(ctx.cfg.eval.linf),
+        _stored("transfer", deps)))
 
 
 def _evaluate(ctx: _Context, phase: str, anchor, params, batch_stats,
@@ -419,8 +421,9 @@ def craft(ctx: _Context, anchor: Anchor | None, state: TrainState, key: jax.Arra
     """x_adv [n_test, ...]: ``eval.linf`` crafted on a phase-1 network (``anchor`` None) or a
     phase-2 model around ``anchor``; one compiled crafter per phase."""
     phase = "phase1" if anchor is None else "phase2"
-    crafter = _program(ctx, f"craft-{phase}", (_apply_key(ctx, phase), ctx.cfg.eval.linf),
-                       lambda: make_crafter(_apply(ctx, phase), attack_config(ctx.cfg.eval.linf)))
+    deps = (_apply_key(ctx, phase), ctx.cfg.eval.linf)
+    crafter = _program(ctx, f"craft-{phase}", deps, lambda: make_crafter(
+        _apply(ctx, phase), attack_config(ctx.cfg.eval.linf), _stored(f"craft-{phase}", deps)))
     return crafter((anchor, state.params, state.batch_stats), ctx.x_test, ctx.y_test, key,
                    ctx.cfg.eval.batch_size)
 
@@ -754,6 +757,12 @@ def _program(ctx: _Context, name: str, deps: Any, build: Callable[[], T]) -> T:
     if name not in ctx.fns:
         ctx.fns[name] = recent(_PROGRAMS, repr((name, deps)), build, PROGRAMS)
     return ctx.fns[name]
+
+
+def _stored(name: str, deps: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Compiles a program ``name`` built from ``deps`` so that its export is kept across
+    processes (``core/exported.py``: the persistent cache spares compiling, not tracing)."""
+    return lambda fn: stored_jit(fn, name, repr(deps))
 
 
 def run_experiment(
