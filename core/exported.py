@@ -14,7 +14,7 @@ later process deserializes it and calls it (the phase-2 evaluator: 0.05 s instea
   called.
 * The file is the serialized program followed by its SHA-256, written to a temporary name
   and renamed; one that fails the check or does not deserialize is reported with a warning
-  and exported again.
+  and exported again. The newest ``MAX_PROGRAMS`` are kept.
 * Every process calls the exported program, whether it exported or loaded it (and without a
   cache, exported in memory): one program per signature, the same bits in every process.
 
@@ -42,6 +42,9 @@ LOG = logging.getLogger("ntk_sweep")
 SUFFIX = ".jaxexport"
 MAX_PROGRAM_BYTES = 256 << 20
 """A stored program larger than this is damaged (the digits evaluators are about 50 KB)."""
+MAX_PROGRAMS = 512
+"""Programs kept: past this many files, saving one removes the least recently written (each
+change to ``core/`` makes new ones; JAX's cache eviction does not look into ``exported/``)."""
 FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_default_prng_impl",
          "jax_threefry_partitionable", "jax_numpy_dtype_promotion")
 """JAX settings that change what tracing produces: part of every program's key."""
@@ -114,6 +117,20 @@ def _save(path: Path, exported: jax.export.Exported) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _prune(path.parent)
+
+
+def _prune(where: Path) -> None:
+    """Removes the oldest programs beyond ``MAX_PROGRAMS`` (another process that was about
+    to read one exports it again)."""
+    programs = []
+    for p in where.glob(f"*{SUFFIX}"):
+        try:
+            programs.append((p.stat().st_mtime_ns, p))
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+    for _, p in sorted(programs)[:-MAX_PROGRAMS]:
+        p.unlink(missing_ok=True)
 
 
 def stored_jit(fn: Callable[..., Any], name: str, deps: str,

@@ -77,3 +77,20 @@ def test_without_a_cache_the_program_is_exported_in_memory(monkeypatch, tmp_path
     assert np.array_equal(program(*ARGS), jax.jit(_program([]))(*ARGS))
     program(*ARGS)
     assert len(traces) == 1 and not list(tmp_path.iterdir())
+
+
+def test_the_oldest_programs_beyond_the_bound_are_removed(store, monkeypatch):
+    import os
+
+    monkeypatch.setattr(exported, "MAX_PROGRAMS", 2)
+    seen: set = set()
+    for i, deps in enumerate(("a", "b", "c")):
+        exported.stored_jit(_program([]), "f", deps)(*ARGS)
+        for path in set(store.glob("f-*.jaxexport")) - seen:  # written i seconds apart
+            os.utime(path, ns=(i * 10**9, i * 10**9))
+            seen.add(path)
+    assert len(list(store.glob("f-*.jaxexport"))) == 2
+    traces: list[int] = []
+    exported.stored_jit(_program(traces), "f", "c")(*ARGS)  # the newest stays
+    exported.stored_jit(_program(traces), "f", "a")(*ARGS)  # the oldest went
+    assert len(traces) == 1
