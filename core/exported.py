@@ -91,7 +91,10 @@ def _load(path: Path) -> jax.export.Exported | None:
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_PROGRAM_BYTES + 33)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        LOG.warning("%s: exported program not read (%s); exported again", path, e)
         return None
     try:
         if len(data) > MAX_PROGRAM_BYTES + 32 or len(data) < 32:
@@ -150,7 +153,10 @@ def stored_jit(fn: Callable[..., Any], name: str, deps: str,
             if exported is None:
                 exported = jax.export.export(jitted)(*args)
                 if path is not None:
-                    _save(path, exported)
+                    try:
+                        _save(path, exported)
+                    except OSError as e:  # a full or read-only cache: still run the program
+                        LOG.warning("%s: exported program not kept (%s)", path, e)
             program = programs[signature] = jax.jit(exported.call, donate_argnums=donate_argnums)
         return program(*args)
 

@@ -94,3 +94,13 @@ def test_the_oldest_programs_beyond_the_bound_are_removed(store, monkeypatch):
     exported.stored_jit(_program(traces), "f", "c")(*ARGS)  # the newest stays
     exported.stored_jit(_program(traces), "f", "a")(*ARGS)  # the oldest went
     assert len(traces) == 1
+
+
+def test_a_cache_it_cannot_write_to_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    monkeypatch.setattr(exported, "directory", lambda: blocked / "exported")
+    with caplog.at_level(logging.WARNING, logger="ntk_sweep"):
+        out = exported.stored_jit(_program([]), "f", "deps")(*ARGS)
+    assert np.array_equal(out, jax.jit(_program([]))(*ARGS))
+    assert "exported program not kept" in caplog.text
