@@ -168,6 +168,7 @@ def _evaluator(ctx: _Context, phase: str):
     """The white-box members of the ensemble (attack index, hence key, in this order: linf,
     l2, margin, so that adding the margin attack left the other two's numbers unchanged)."""
     spec = ctx.cfg.eval
+    deps = (_apply_key(ctx, phase), spec.linf, spec.l2, spec.margin_restarts)
 
     def build():
         linf = attack_config(spec.linf, keep_best=True)
@@ -179,7 +180,6 @@ def _evaluator(ctx: _Context, phase: str):
                 linf, loss=AttackLoss.MARGIN, restarts=spec.margin_restarts)
         return make_evaluator(_apply(ctx, phase), attacks, _stored(f"eval-{phase}", deps))
 
-    deps = (_apply_key(ctx, phase), spec.linf, spec.l2, spec.margin_restarts)
     return _program(ctx, f"eval-{phase}", deps, build)
 
 

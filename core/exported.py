@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ import jax
 import numpy as np
 
 from core.dynamics import Anchor
+from core.kernel_store import write_atomic
 
 LOG = logging.getLogger("ntk_sweep")
 
@@ -111,15 +110,7 @@ def _load(path: Path) -> jax.export.Exported | None:
 
 def _save(path: Path, exported: jax.export.Exported) -> None:
     body = bytes(exported.serialize())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body + hashlib.sha256(body).digest())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: f.write(body + hashlib.sha256(body).digest()))
     _prune(path.parent)
 
 

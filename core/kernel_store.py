@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -42,18 +42,25 @@ class KernelRecord:
     meta: dict[str, Any]
 
 
-def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes named arrays to an ``.npz`` atomically (a temporary name, then renamed)."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Writes a file atomically: ``write`` fills a temporary file beside ``path``, which is
+    then renamed over it (a reader, or a process killed half-way, never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # stored, not deflated: 60x faster to write, ~10 % larger
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes named arrays to an ``.npz`` atomically (a temporary name, then renamed)."""
+    # stored, not deflated: 60x faster to write, ~10 % larger
+    write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
 def save_kernel(path: str | Path, record: KernelRecord) -> None:
