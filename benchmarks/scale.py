@@ -60,6 +60,9 @@ import numpy as np
 import psutil
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compile_probe  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "MLFLOW_TRACKING_URI": "", "NTK_SWEEP_STORAGE": "", "RAY_ADDRESS": "",
@@ -211,46 +214,13 @@ def trial_work_cpu_s(tmp: Path) -> float:
     return spent[-1]
 
 
-COMPILE_PROBE = """
-import json, sys, time
-import jax
-from core.compat import use_compilation_cache
-from core.config import read_config_file, config_from_dict
-from core.experiment import run_experiment
-from search_spaces import resolve
-spent = []
-# Tracing, lowering, and compiling or loading from the persistent cache: the backend event
-# spans compile_or_get_cached, so the cache's own retrieval event (inside it) is not added.
-COMPILATION = ("/jax/core/compile/jaxpr_trace_duration",
-               "/jax/core/compile/jaxpr_to_mlir_module_duration",
-               "/jax/core/compile/backend_compile_duration")
-def listen(event, seconds, **kw):
-    if event in COMPILATION:
-        spent.append(seconds)
-jax.monitoring.register_event_duration_secs_listener(listen)
-use_compilation_cache(sys.argv[1])
-cfg = config_from_dict(read_config_file(resolve("digits-demo"), sys.argv[3:]))
-start = time.perf_counter()
-run_experiment(cfg, sys.argv[2])
-print(json.dumps({"wall_s": time.perf_counter() - start, "compile_s": sum(spent)}))
-"""
-
-
 def compile_share(tmp: Path, quick: bool) -> dict:
     """Compilation over wall time of the digits experiment in a fresh process whose persistent
-    compilation cache a first run filled."""
-    overrides = ["phase1.epochs=2", "switch_points=[0,2]", "phase2.epochs=1"] if quick else []
-    runs = []
-    for attempt in range(2):
-        done = subprocess.run(
-            [sys.executable, "-c", COMPILE_PROBE, str(tmp / "jax-cache"), str(tmp / f"d{attempt}"),
-             *overrides], cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
-            text=True, check=False)
-        if done.returncode != 0:
-            sys.exit(f"digits experiment failed:\n{done.stderr[-3000:]}")
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        log(f"digits experiment run {attempt + 1}: {runs[-1]}")
-    return {"cold": runs[0], "warm": runs[1], "share": runs[1]["compile_s"] / runs[1]["wall_s"]}
+    compilation cache a first run filled (``benchmarks/compile_probe.py``)."""
+    try:
+        return compile_probe.compile_share(tmp, quick, env=ENV)
+    except RuntimeError as e:
+        sys.exit(str(e))
 
 
 def report_reads_all_runs(tmp: Path, models: int = 60_000) -> dict:
