@@ -56,6 +56,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core import determinism  # noqa: E402
 from core.attacks import AttackConfig  # noqa: E402
 from core.data import load_synthetic  # noqa: E402
 from core.dynamics import Anchor, make_apply_fn  # noqa: E402
@@ -339,6 +340,7 @@ def main() -> None:
         "benchmark": "gpu", "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
         "device_memory_bytes": device_memory(), "versions": versions(), "quick": q,
+        "deterministic_ops": determinism.state(),  # core/determinism.py
     }
     log(f"{result['device']} x{result['devices']}, jax {result['versions']['jax']}")
 

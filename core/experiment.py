@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core import determinism
 from core.attacks import AttackLoss, attack_config
 from core.checkpoints import CheckpointStore, DamagedCheckpoint
 from core.config import (
@@ -451,8 +452,10 @@ def eval_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _stack() -> str:
-    """What of the stack changes evaluations' numbers: the JAX version and backend."""
-    return f"jax {jax.__version__} {jax.default_backend()}"
+    """What of the stack changes evaluations' numbers: the JAX version and backend, and on a
+    GPU whether its operations are deterministic (``core/determinism.py``)."""
+    stack = f"jax {jax.__version__} {jax.default_backend()}"
+    return stack if (ops := determinism.state()) == "cpu" else f"{stack} deterministic {ops}"
 
 
 def _eval_key(ctx: _Context, fields: tuple[str, ...]) -> str:
