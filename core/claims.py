@@ -31,13 +31,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import combinations
 from typing import Any, Literal
 
 import numpy as np
 
 from core.kernel_store import KernelTrajectory
-from core.kernels import distance, per_kernel
+from core.kernels import distance, per_kernel, trajectory_pairs
 
 Verdict = Literal["holds", "does not hold", "reversed", "not enough data"]
 VERDICTS: tuple[Verdict, ...] = ("holds", "does not hold", "reversed", "not enough data")
@@ -253,8 +252,9 @@ def kernel_evidence(trajectories: Mapping[tuple[str, int], KernelTrajectory]
                                                        float]]:
     """Claim 3's inputs from stored kernels, keyed by (mode, seed): each trajectory's
     S(K_t, K_T) at every stored epoch (class-wise mean; K_T its last stored kernel, loaded
-    once, the others one at a time) and S between every two final kernels of the same epoch.
-    Trajectories without stored kernels are left out."""
+    once, the others one at a time) and S between the final kernels of the same epoch of the
+    pairs ``trajectory_pairs`` chooses (every pair up to 16 trajectories). Trajectories
+    without stored kernels are left out."""
     curves, finals = [], {}
     for (mode, seed), store in sorted(trajectories.items()):
         epochs = store.epochs() if store.exists() else []
@@ -271,7 +271,7 @@ def kernel_evidence(trajectories: Mapping[tuple[str, int], KernelTrajectory]
                                   np.asarray(to_final)))
         finals[(mode, seed)] = (epochs[-1], final)
     pairs = {(a, b): float(np.mean(distance(finals[a][1], finals[b][1])))
-             for a, b in combinations(sorted(finals), 2) if finals[a][0] == finals[b][0]}
+             for a, b in trajectory_pairs(finals) if finals[a][0] == finals[b][0]}
     return curves, pairs
 
 

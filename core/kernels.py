@@ -20,7 +20,8 @@ denominator, which scale together.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import combinations
 
 import numpy as np
 
@@ -77,6 +78,56 @@ def pairwise_distances(kernels: np.ndarray) -> np.ndarray:
 def cross_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """S(a_t, b_t) at matching epochs of two trajectories [T, ..., N, N] -> [T, ...]."""
     return distance(a, b)
+
+
+ALL_PAIRS_UP_TO = 16  # trajectories of one phase-1 configuration compared pair by pair
+TrajectoryKey = tuple[str, int]  # (data mode, seed)
+
+
+def pairwise_head(keys: Iterable[TrajectoryKey]) -> list[TrajectoryKey]:
+    """The trajectories of the first seeds, as many whole seeds as fit in
+    ``ALL_PAIRS_UP_TO`` (every trajectory of most sweeps): those ``trajectory_pairs``
+    compares pair by pair. Sorted."""
+    by_seed: dict[int, list[TrajectoryKey]] = {}
+    for key in keys:
+        by_seed.setdefault(key[1], []).append(key)
+    head: list[TrajectoryKey] = []
+    for seed in sorted(by_seed):
+        if len(head) + len(by_seed[seed]) > ALL_PAIRS_UP_TO:
+            break
+        head += by_seed[seed]
+    return sorted(head)
+
+
+def trajectory_pairs(keys: Iterable[TrajectoryKey]) -> list[tuple[TrajectoryKey, TrajectoryKey]]:
+    """Which pairs of one phase-1 configuration's trajectories (data mode, seed) are compared
+    (the sweep's cross-trajectory distances, the claims' final-kernel distances): O(n) pairs
+    of n trajectories.
+
+    * ``pairwise_head``, the trajectories of the first seeds up to ``ALL_PAIRS_UP_TO`` (every
+      trajectory of most sweeps): every pair.
+    * Each later seed: its trajectories with each other (one seed, two data modes), and each
+      with the trajectory of the same mode of the previous seed that has one (one mode, two
+      seeds).
+
+    So a sweep of 10,000 seeds and two data modes compares about 40,000 pairs, not 200
+    million, and still every kind of pair the claims read: mode against mode at one seed,
+    seed against seed in one mode. Pairs are (a, b) with a < b, each once, in order."""
+    keys = set(keys)
+    head = pairwise_head(keys)
+    pairs = set(combinations(head, 2))
+    later: dict[int, list[TrajectoryKey]] = {}
+    for key in keys.difference(head):
+        later.setdefault(key[1], []).append(key)
+    previous = {mode: seed for mode, seed in sorted(head, key=lambda k: k[1])}  # latest seed
+    for seed in sorted(later):
+        own = sorted(later[seed])
+        pairs |= set(combinations(own, 2))
+        for mode, _ in own:
+            if mode in previous:
+                pairs.add(((mode, previous[mode]), (mode, seed)))
+            previous[mode] = seed
+    return sorted(pairs)
 
 
 def _centre(k: np.ndarray) -> np.ndarray:

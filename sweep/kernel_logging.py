@@ -14,7 +14,7 @@ import numpy as np
 
 from core.config import ConfigError, stored_config
 from core.kernel_store import KernelTrajectory, save_arrays
-from core.kernels import MEASURES
+from core.kernels import MEASURES, TrajectoryKey, pairwise_head, trajectory_pairs
 from core.trajectory_store import Trajectory, TrajectoryStore
 from sweep.layout import StateFileError, read_results, trial_files, variant_label
 from sweep.tracking import Tracker
@@ -52,9 +52,8 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
         rows = trajectory_measures(store, len(np.unique(store.load(epochs[0]).labels)))
         rows_of[t.id] = {"mode": t.mode, "seed": t.seed, "rows": rows}
         own = trajectory_runs[t.mode]
-        for r in rows:
-            tracker.log(own, {**{k: r[k] for k in MEASURES}, "epoch": r["epoch"]},
-                        step=r["step"], skip=seen.setdefault(own, set()))
+        tracker.log_steps(own, [(r["step"], {**{k: r[k] for k in MEASURES}, "epoch": r["epoch"]})
+                                for r in rows], skip=seen.setdefault(own, set()))
         chosen = sorted({*cfg.switch_points, epochs[-1]} & set(epochs))
         exported |= {f"{t.mode}/{k}": v for k, v in store.export(chosen).items()}
     if exported:
@@ -63,9 +62,9 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     modes = sorted(stores)
     for i, a in enumerate(modes):
         for b in modes[i + 1:]:
-            for r in cross_trajectory_distances(stores[a], stores[b]):
-                tracker.log(run, {f"kernel/cross/{a}{b}/distance": r["distance"]},
-                            step=r["step"], skip=seen.setdefault(run, set()))
+            tracker.log_steps(run, [(r["step"], {f"kernel/cross/{a}{b}/distance": r["distance"]})
+                                    for r in cross_trajectory_distances(stores[a], stores[b])],
+                              skip=seen.setdefault(run, set()))
     if not rows_of:
         return []
     seed = cfg.seeds[0]
@@ -75,11 +74,11 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
 
 
 def _families(out: Path, trials: Collection[str]
-              ) -> tuple[dict[str, dict[str, KernelTrajectory]], dict[str, str]]:
+              ) -> tuple[dict[str, dict[TrajectoryKey, KernelTrajectory]], dict[str, str]]:
     """The trials' kernel trajectories grouped by phase-1 configuration and kernel setting
     (what a trial varies apart from the seed: one family's trajectories differ only in data
-    mode and seed), keyed ``<mode><seed>``; and each family's variant label."""
-    families: dict[str, dict[str, KernelTrajectory]] = {}
+    mode and seed), keyed (mode, seed); and each family's variant label."""
+    families: dict[str, dict[TrajectoryKey, KernelTrajectory]] = {}
     labels: dict[str, str] = {}
     store = TrajectoryStore(out)
     for path in trial_files(out, trials, "results.json"):
@@ -98,42 +97,56 @@ def _families(out: Path, trials: Collection[str]
         for t in store.of(cfg):
             kernels = t.kernels(cfg.kernel)
             if kernels.epochs():
-                families.setdefault(family, {})[f"{t.mode}{t.seed}"] = kernels
+                families.setdefault(family, {})[t.mode, t.seed] = kernels
     return families, labels
 
 
 def log_cross_trajectories(tracker: Tracker, parent: str, out: Path,
                            trials: Collection[str]) -> list[Path]:
-    """Kernel distances between the sweep's trajectories, on the parent run: for every pair
-    of trajectories (data mode x seed) of one phase-1 configuration, S(K^a_t, K^b_t) at their
-    common checkpoints as ``kernel/cross/<mode><seed>-<mode><seed>/distance`` (step: the
-    checkpoint's training step; a configuration prefix when the sweep varies it), and one
-    matrix plot per configuration at the last common epoch. Seed vs seed shows how much of a
+    """Kernel distances between the sweep's trajectories, on the parent run, per phase-1
+    configuration (``log_family``; a configuration prefix ``config<i>/`` in the metric names,
+    and a tag naming its variant, when the sweep varies it). Seed vs seed shows how much of a
     kernel's evolution is the data mode rather than the initialisation."""
-    from core.trajectory_kernels import cross_trajectory_distances
-    from sweep.plots import heatmap_plot
-
     families, labels = _families(out, trials)
     plots = []
     for index, (family, stores) in enumerate(sorted(families.items())):
-        names = sorted(stores)
-        if len(names) < 2:
-            continue
         prefix = f"config{index}/" if len(families) > 1 else ""
+        if len(stores) < 2:
+            continue
         if prefix:  # metric names cannot hold the variant ('='): a tag says which it is
             tracker.tags(parent, {f"kernel/cross/config{index}": labels[family]})
-        matrix = np.zeros((len(names), len(names)))
-        for i, a in enumerate(names):
-            for j in range(i + 1, len(names)):
-                b = names[j]
-                rows = cross_trajectory_distances(stores[a], stores[b])
-                for r in rows:
-                    tracker.log(parent, {f"kernel/cross/{prefix}{a}-{b}/distance": r["distance"]},
-                                step=r["step"])
-                matrix[i, j] = matrix[j, i] = rows[-1]["distance"] if rows else np.nan
-        plots.append(heatmap_plot(
-            names, matrix, "kernel distance between trajectories (last common epoch)"
-            + (f"\n{labels[family]}" if labels[family] else ""),
-            out / f"cross_trajectory{index if len(families) > 1 else ''}.png",
-            axis="trajectory (data mode, seed)"))
+        plots.append(log_family(
+            tracker, parent, stores, prefix, labels[family],
+            out / f"cross_trajectory{index if len(families) > 1 else ''}.png"))
     return plots
+
+
+def log_family(tracker: Tracker, parent: str, stores: dict[TrajectoryKey, KernelTrajectory],
+               prefix: str, label: str, plot: Path) -> Path:
+    """S(K^a_t, K^b_t) at the common checkpoints of the pairs of trajectories (data mode,
+    seed) ``trajectory_pairs`` chooses (every pair up to 16 trajectories, O(n) pairs beyond)
+    as ``kernel/cross/<prefix><mode><seed>-<mode><seed>/distance`` (step: the checkpoint's
+    training step), logged as one write; and the matrix of those distances at the last
+    common epoch, drawn for the trajectories compared pair by pair (all of them up to 16)."""
+    from core.trajectory_kernels import cross_trajectory_distances
+    from sweep.plots import heatmap_plot
+
+    def name(key: TrajectoryKey) -> str:
+        return f"{key[0]}{key[1]}"
+
+    points, last = [], {}
+    for a, b in trajectory_pairs(stores):
+        a, b = sorted((a, b), key=name)  # the names' order, as metric names always had
+        rows = cross_trajectory_distances(stores[a], stores[b])
+        metric = f"kernel/cross/{prefix}{name(a)}-{name(b)}/distance"
+        points += [(r["step"], {metric: r["distance"]}) for r in rows]
+        last[a, b] = last[b, a] = rows[-1]["distance"] if rows else np.nan
+    tracker.log_steps(parent, points)
+    head = sorted(pairwise_head(stores), key=name)
+    matrix = np.array([[0.0 if a == b else last[a, b] for b in head] for a in head])
+    shown = "" if len(head) == len(stores) else \
+        f" (the first {len(head)} of {len(stores)} trajectories)"
+    return heatmap_plot([name(k) for k in head], matrix,
+                        "kernel distance between trajectories (last common epoch)" + shown
+                        + (f"\n{label}" if label else ""), plot,
+                        axis="trajectory (data mode, seed)")

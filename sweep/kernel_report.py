@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from core.config import ConfigError, KernelSpec, format_errors, parse_overrides
 from core.data import DataError, dataset_of
-from core.kernels import MEASURES
+from core.kernels import MEASURES, trajectory_pairs
 from core.preflight import preflight
 from core.results import write_csv
 from core.trajectory_kernels import (
@@ -92,7 +91,8 @@ def run_kernels(run_dir: Path, spec: KernelSpec, infos: list[Trajectory],
         result["trajectories"][info.id] = {"mode": info.mode, "seed": info.seed, "rows": rows}
         flat += [{"trajectory": info.id, "mode": info.mode, "seed": info.seed, **r} for r in rows]
         out.print(_table(f"trajectory {info.id}: mode {info.mode}, seed {info.seed}", rows))
-    for a, b in combinations(infos, 2):
+    by_key = {(i.mode, i.seed): i for i in infos}
+    for a, b in ((by_key[x], by_key[y]) for x, y in trajectory_pairs(by_key)):
         cross = cross_trajectory_distances(trajectories[a.id], trajectories[b.id])
         result["cross"].append({"a": a.id, "b": b.id, "modes": a.mode + b.mode,
                                 "seeds": [a.seed, b.seed], "rows": cross})

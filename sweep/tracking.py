@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -324,11 +324,18 @@ class Tracker:
             skip: set[tuple[str, int]] | None = None) -> None:
         """Logs metrics at ``step``, leaving out (metric, step) pairs in ``skip`` (and adding
         the ones logged to it)."""
+        self.log_steps(run_id, [(step, metrics)], skip)
+
+    def log_steps(self, run_id: str, points: Iterable[tuple[int, dict[str, float]]],
+                  skip: set[tuple[str, int]] | None = None) -> None:
+        """Logs metrics at several steps ((step, metrics) each) as one write: as few
+        ``log_batch`` requests as MLflow's limits allow (1,000 points each), not one a step;
+        ``skip`` as for ``log``."""
         now = int(time.time() * 1000)
-        batch = [[k, float(v), now, step] for k, v in metrics.items()
-                 if skip is None or (k, step) not in skip]
+        batch = [[k, float(v), now, step] for step, metrics in points
+                 for k, v in metrics.items() if skip is None or (k, step) not in skip]
         if skip is not None:  # what is logged now is never logged again through ``skip``
-            skip |= {(m[0], step) for m in batch}
+            skip |= {(m[0], m[3]) for m in batch}
         if batch:
             self._submit({"kind": "batch", "run": run_id, "metrics": batch})
 

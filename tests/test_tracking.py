@@ -333,3 +333,56 @@ def test_a_report_of_runs_logged_before_the_params_layout_names_the_run(tmp_path
     with pytest.raises(ConfigError, match=f"MLflow run {old.info.run_id} \\(CC t=1 seed 0\\) "
                        "of experiment 'old' has no param seed, code, dynamics, switch_epoch"):
         mlflow_rows(uri, "old", parent)
+
+
+def test_a_sweeps_cross_trajectory_distances_grow_linearly_in_pairs_and_requests(
+        fake_mlflow, tmp_path):
+    """The end of a sweep compared every two trajectories of a phase-1 configuration and
+    logged each distance at each checkpoint as a request of its own: 20 seeds of C and A
+    made 780 pairs and 2,340 requests (a sweep of 10,000 seeds, 2e8 pairs). Now every pair up
+    to 16 trajectories, O(n) pairs beyond, and one write."""
+    import numpy as np
+
+    from core.kernel_store import KernelRecord, KernelTrajectory
+    from core.kernels import ALL_PAIRS_UP_TO, trajectory_pairs
+    from sweep.kernel_logging import log_family
+    from sweep.tracking import BATCH_LIMITS
+
+    rng = np.random.default_rng(0)
+    stores = {}
+    for seed in range(20):
+        for mode in "CA":
+            store = stores[mode, seed] = KernelTrajectory(tmp_path / f"{mode}{seed}.pack")
+            for step, epoch in enumerate((0.0, 1.0, 2.0)):
+                k = rng.normal(size=(2, 4, 4))
+                store.save(KernelRecord((k @ k.transpose(0, 2, 1)).astype(np.float32),
+                                        np.arange(4), np.arange(4) % 2,
+                                        {"epoch": epoch, "step": 5 * step,
+                                         "output": "classwise"}))
+    server = fake_mlflow
+    tracker = Tracker(server.uri, buffered=True)
+    parent = tracker.start("0", "sweep", {"kind": "sweep"})
+    plot = log_family(tracker, parent, stores, "", "", tmp_path / "cross.png")
+    assert tracker.flush(10.0)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+    batches = [b for e, b in server.applied if e == "runs/log-batch"]
+    points = [(m["key"], int(m["step"])) for b in batches for m in b["metrics"]]
+    names = {key for key, _ in points}
+    pairs = trajectory_pairs(stores)
+    # Every pair among the first 8 seeds (16 trajectories); then, per seed, C against A and
+    # each mode against its previous seed: 120 + 12 x 3 pairs, not 780.
+    assert len(pairs) == 120 + 12 * 3 and len(names) == len(pairs)
+    assert len(points) == len(set(points)) == 3 * len(pairs)  # each checkpoint once
+    assert len(batches) == -(-len(points) // BATCH_LIMITS["metrics"])  # 1,000 a request
+    for seed in range(20):  # what claim 3 reads: mode against mode at one seed ...
+        assert f"kernel/cross/A{seed}-C{seed}/distance" in names
+    for seed in range(1, 20):  # ... and seed against seed in one mode
+        for mode in "CA":
+            a, b = sorted((f"{mode}{seed - 1}", f"{mode}{seed}"))
+            assert f"kernel/cross/{a}-{b}/distance" in names
+    head = {k: v for k, v in stores.items() if k[1] < ALL_PAIRS_UP_TO // 2}
+    assert len(trajectory_pairs(head)) == 16 * 15 // 2  # a sweep of 8 seeds: every pair
+    # Linear, whatever the size: 100,000 seeds of two modes.
+    many = trajectory_pairs((m, s) for s in range(100_000) for m in "CA")
+    assert len(many) == 120 + (100_000 - 8) * 3
