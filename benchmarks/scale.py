@@ -35,7 +35,9 @@ Goals:
   CPU-seconds over the cores, is near 0.9 here, not 0.5: ``digits_grid_sweep_vs_two_core_floor``
   (the ratio over the floor measured in the same run) <= 1.1 says the sweep wastes little.
 
-Also MLflow's write throughput against a real ``mlflow server`` on PostgreSQL (both started
+Also how a reused trial worker's resident memory grows from trial to trial
+(``worker_rss_mb_per_trial``, the largest sweep, from each trial's ``memory/worker_rss_mb``),
+and MLflow's write throughput against a real ``mlflow server`` on PostgreSQL (both started
 here on loopback) with 1, 2 and 8 concurrent writers (the trials a node runs at once) and 1 or
 4 server workers: runs, requests and trials' worth of writes per second.
 
@@ -180,8 +182,31 @@ def run_sweep(n: int, tmp: Path, shared: bool = False) -> dict:
         total_files += files
     row["files"] = sum(1 for p in out.rglob("*") if p.is_file())
     row["files/other"] = row["files"] - total_files
+    row["worker_rss_mb_per_trial"] = worker_memory_growth(out)
     log(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}))
     return row
+
+
+def worker_memory_growth(out: Path) -> float | None:
+    """How a reused worker's resident memory grows from trial to trial (MiB a trial): the
+    median over workers of the least-squares slope of ``memory/worker_rss_mb`` (a trial's final
+    metric) against the worker's trial count, its first trial (imports, compilation) left
+    out. None with fewer than 3 later trials on every worker."""
+    from sweep.layout import read_trial_state
+
+    by_worker: dict[int, list[tuple[int, float]]] = {}
+    for directory in (out / "trials").iterdir():
+        state = read_trial_state(directory)
+        if state.final and state.heartbeat and "memory/worker_rss_mb" in state.final:
+            finished = (directory / "state.json").stat().st_mtime_ns
+            by_worker.setdefault(state.heartbeat["pid"], []).append(
+                (finished, state.final["memory/worker_rss_mb"]))
+    slopes = []
+    for trials in by_worker.values():
+        rss = [r for _, r in sorted(trials)][1:]
+        if len(rss) >= 3:
+            slopes.append(float(np.polyfit(np.arange(len(rss)), rss, 1)[0]))
+    return round(float(np.median(slopes)), 2) if slopes else None
 
 
 def trial_compute_s() -> float:
@@ -425,6 +450,7 @@ def main() -> None:
         "cpus": os.cpu_count(), "sweeps": rows, "per_trial": per_trial,
         "sweeps_sharing_trajectories": shared, "per_trial_sharing_trajectories": per_shared_trial,
         "trial_work_cpu_s": round(work, 3),
+        "worker_rss_mb_per_trial": rows[-1]["worker_rss_mb_per_trial"],
         "trial_compute_s": round(compute, 3), "compile": compiled, "report": report,
         "mlflow_writes_postgres": writes, "grid": grid,
         "goals": [

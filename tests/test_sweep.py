@@ -95,6 +95,8 @@ def test_local_sweep_mlflow_structure_and_trajectory_reuse(tmp_path, ray_local, 
     assert not any(a.endswith(".pdf") for a in artifacts)
     cross = client.get_metric_history(trials[0].info.run_id, "kernel/cross/AC/distance")
     assert len(cross) == 3 and cross[0].value < 1e-5  # same initial network for C and A
+    # The worker's resident memory at the trial's end (how reused workers grow; scale.py).
+    assert 50 < trials[0].data.metrics["memory/worker_rss_mb"] < 64_000
     # The rule triggered where the logged distance to the previous kernel is below 10.
     (a0,) = [t for t in trajectories if t.info.run_name == "trajectory A seed 0"]
     assert a0.data.metrics["switch_rule_epoch"] == 1
