@@ -186,6 +186,17 @@ class KernelTrajectory:
         """Epochs with a stored kernel, ascending."""
         return sorted({*self._old(), *self._packed()})
 
+    def fingerprint(self) -> str:
+        """SHA-256 of what is stored: the setting and every epoch with its record's data digest
+        (a file of the format before: its path, size and modification time). Equal
+        fingerprints, equal kernels: what a figure drawn from them may be kept by."""
+        parts: list[list[Any]] = [[e, entry.header["digest"]]
+                                  for e, entry in sorted(self._packed().items())]
+        for epoch, path in sorted(self._old().items()):
+            stat = path.stat()
+            parts.append([epoch, str(path), stat.st_size, stat.st_mtime_ns])
+        return hashlib.sha256(json.dumps([self.setting, parts]).encode()).hexdigest()
+
     def has(self, epoch: float) -> bool:
         return epoch in self._packed() or epoch in self._old()
 

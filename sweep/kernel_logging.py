@@ -15,6 +15,7 @@ import numpy as np
 from core.config import ConfigError, stored_config
 from core.kernel_store import KernelTrajectory, save_arrays
 from core.kernels import MEASURES, TrajectoryKey, pairwise_head, trajectory_pairs
+from core.recent import recent
 from core.trajectory_store import Trajectory, TrajectoryStore
 from sweep.layout import StateFileError, read_results, trial_files, variant_label
 from sweep.tracking import Tracker
@@ -68,9 +69,26 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     if not rows_of:
         return []
     seed = cfg.seeds[0]
-    title = f"trial {trial_dir.name}: {variant_label(trial_dir) or 'base config'}, seed {seed}"
-    return [kernel_overview(rows_of, {f"{m} seed {seed}": k for m, k in stores.items()},
-                            trial_dir / "kernels.png", title)]
+    title = f"seed {seed}, trajectories " + ", ".join(
+        f"{t.mode} {t.id[:12]}" for t in sorted(trajectories, key=lambda t: t.mode))
+    key = (title, *(stores[m].fingerprint() for m in sorted(stores)))
+    png = recent(_FIGURES, key, lambda: _draw(kernel_overview, rows_of, {
+        f"{m} seed {seed}": k for m, k in stores.items()}, trial_dir, title), FIGURES_KEPT)
+    (trial_dir / "kernels.png").write_bytes(png)
+    return [trial_dir / "kernels.png"]
+
+
+# A process's kernel figures by what they show (the trajectories' ids and stored kernels):
+# trials sharing their trajectories (a sweep over phase-2 settings, codes, switch points) run
+# in one reused worker after another, and drew the same figure each (0.6 CPU-s a tiny trial).
+_FIGURES: dict[tuple[str, ...], bytes] = {}
+FIGURES_KEPT = 8
+
+
+def _draw(kernel_overview: Callable[..., Path], rows_of: dict[str, Any],
+          stores: dict[str, KernelTrajectory], trial_dir: Path, title: str) -> bytes:
+    """``kernels.png`` drawn under ``trial_dir``; its bytes."""
+    return kernel_overview(rows_of, stores, trial_dir / "kernels.png", title).read_bytes()
 
 
 def _families(out: Path, trials: Collection[str]

@@ -386,3 +386,58 @@ def test_a_sweeps_cross_trajectory_distances_grow_linearly_in_pairs_and_requests
     # Linear, whatever the size: 100,000 seeds of two modes.
     many = trajectory_pairs((m, s) for s in range(100_000) for m in "CA")
     assert len(many) == 120 + (100_000 - 8) * 3
+
+
+def test_trials_sharing_trajectories_draw_their_kernel_figure_once_a_process(
+        tmp_path, monkeypatch):
+    """Trials that share their trajectories (a sweep over phase-2 settings) ran one after
+    another in a reused worker and each drew the same kernel figure (0.6 CPU-s of a tiny
+    trial). Now a process keeps the figure by what it shows: the trajectories and the
+    fingerprints of their stored kernels."""
+    import sweep.plots
+    from core.experiment import run_experiment
+    from core.trajectory_store import TrajectoryStore
+    from sweep import kernel_logging
+    from tests.helpers import tiny_cfg
+
+    cfg = tiny_cfg(codes=["CC", "AC"], switch_points=[0, 1, 2], fractional_checkpoints=[],
+                   kernel={"probe_size": 12},
+                   phase1={"epochs": 2, "lr": 0.05, "batch_size": 16, "lr_decay_epochs": [],
+                           "attack": {"eps": 0.1, "iters": 2}})
+    run_experiment(cfg, tmp_path / "run", store_root=tmp_path)
+    trajectories = TrajectoryStore(tmp_path).of(cfg)
+    drawn = []
+    draw = sweep.plots.kernel_overview
+    monkeypatch.setattr(sweep.plots, "kernel_overview",
+                        lambda *a, **k: drawn.append(a[2]) or draw(*a, **k))
+    kernel_logging._FIGURES.clear()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    experiment = tracker.experiment("figures", tmp_path / "artifacts")
+    pngs = []
+    for trial in ("t1", "t2"):
+        run = tracker.start(experiment, trial, {"kind": "trial"})
+        runs = {t.mode: tracker.start(experiment, t.mode, {"kind": "trajectory"}, parent=run)
+                for t in trajectories}
+        directory = tmp_path / "trials" / trial
+        directory.mkdir(parents=True)
+        (png,) = kernel_logging.log_kernels(tracker, run, runs, cfg, trajectories, directory, {})
+        pngs.append(png.read_bytes())
+    assert len(drawn) == 1 and pngs[0] == pngs[1] and pngs[0][:4] == b"\x89PNG"
+    # The key is what is stored: a record set aside changes it; made again, the same bits
+    # (the NTK is deterministic) give the same fingerprint, and the figure is still valid.
+    store = trajectories[0].kernels(cfg.kernel)
+    before = store.fingerprint()
+    store.pack.void(store.pack.entries()[max(store.epochs())])
+    assert store.fingerprint() != before
+    kernel_logging.log_kernels(tracker, run, runs, cfg, trajectories, directory, {})
+    assert store.fingerprint() == before and len(drawn) == 1
+    # Another trajectory set is another figure.
+    other = tiny_cfg(**{**cfg.model_dump(mode="json"), "seeds": [1]})
+    run_experiment(other, tmp_path / "run1", store_root=tmp_path)
+    directory = tmp_path / "trials" / "t3"
+    directory.mkdir()
+    others = TrajectoryStore(tmp_path).of(other)
+    kernel_logging.log_kernels(tracker, run, {t.mode: runs[t.mode] for t in others}, other,
+                               others, directory, {})
+    assert len(drawn) == 2
