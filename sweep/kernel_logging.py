@@ -72,10 +72,12 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     title = f"seed {seed}, trajectories " + ", ".join(
         f"{t.mode} {t.id[:12]}" for t in sorted(trajectories, key=lambda t: t.mode))
     key = (title, *(stores[m].fingerprint() for m in sorted(stores)))
-    png = recent(_FIGURES, key, lambda: _draw(kernel_overview, rows_of, {
-        f"{m} seed {seed}": k for m, k in stores.items()}, trial_dir, title), FIGURES_KEPT)
-    (trial_dir / "kernels.png").write_bytes(png)
-    return [trial_dir / "kernels.png"]
+    path = trial_dir / "kernels.png"
+    png = recent(_FIGURES, key, lambda: kernel_overview(
+        rows_of, {f"{m} seed {seed}": k for m, k in stores.items()}, path, title).read_bytes(),
+        FIGURES_KEPT)
+    path.write_bytes(png)  # drawn there already, or kept from an earlier trial of the process
+    return [path]
 
 
 # A process's kernel figures by what they show (the trajectories' ids and stored kernels):
@@ -83,12 +85,6 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
 # in one reused worker after another, and drew the same figure each (0.6 CPU-s a tiny trial).
 _FIGURES: dict[tuple[str, ...], bytes] = {}
 FIGURES_KEPT = 8
-
-
-def _draw(kernel_overview: Callable[..., Path], rows_of: dict[str, Any],
-          stores: dict[str, KernelTrajectory], trial_dir: Path, title: str) -> bytes:
-    """``kernels.png`` drawn under ``trial_dir``; its bytes."""
-    return kernel_overview(rows_of, stores, trial_dir / "kernels.png", title).read_bytes()
 
 
 def _families(out: Path, trials: Collection[str]
