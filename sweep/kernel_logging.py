@@ -60,23 +60,29 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
     if exported:
         save_arrays(trial_dir / KERNELS_ARTIFACT, exported)
         tracker.artifact(run, trial_dir / KERNELS_ARTIFACT, move=True)
-    modes = sorted(stores)
-    for i, a in enumerate(modes):
-        for b in modes[i + 1:]:
-            tracker.log_steps(run, [(r["step"], {f"kernel/cross/{a}{b}/distance": r["distance"]})
-                                    for r in cross_trajectory_distances(stores[a], stores[b])],
-                              skip=seen.setdefault(run, set()))
+    seed = cfg.seeds[0]
+    points = []
+    for (a, _), (b, _) in trajectory_pairs({(m, seed): s for m, s in stores.items()}):
+        a, b = sorted((a, b))
+        points += [(r["step"], {f"kernel/cross/{a}{b}/distance": r["distance"]})
+                   for r in cross_trajectory_distances(stores[a], stores[b])]
+    tracker.log_steps(run, points, skip=seen.setdefault(run, set()))
     if not rows_of:
         return []
-    seed = cfg.seeds[0]
     title = f"seed {seed}, trajectories " + ", ".join(
         f"{t.mode} {t.id[:12]}" for t in sorted(trajectories, key=lambda t: t.mode))
     key = (title, *(stores[m].fingerprint() for m in sorted(stores)))
     path = trial_dir / "kernels.png"
-    png = recent(_FIGURES, key, lambda: kernel_overview(
-        rows_of, {f"{m} seed {seed}": k for m, k in stores.items()}, path, title).read_bytes(),
-        FIGURES_KEPT)
-    path.write_bytes(png)  # drawn there already, or kept from an earlier trial of the process
+    drawn = []
+
+    def draw() -> bytes:
+        drawn.append(kernel_overview(
+            rows_of, {f"{m} seed {seed}": k for m, k in stores.items()}, path, title))
+        return path.read_bytes()
+
+    png = recent(_FIGURES, key, draw, FIGURES_KEPT)
+    if not drawn:  # kept from an earlier trial of the process
+        path.write_bytes(png)
     return [path]
 
 

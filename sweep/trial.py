@@ -263,8 +263,9 @@ class TrialReporter:
                 for file in figure_files(path):
                     tracker.artifact(run, file)
         spent = since(before)
+        release_free_heap()
         metrics = {**summary_metrics(self.rows), "phase1_epochs_trained": self.phase1_epochs,
-                   "memory/worker_rss_mb": worker_rss_mb(),
+                   "memory/worker_rss_mb": resident_mb(),
                    "time/trial_s": time.perf_counter() - started,
                    **{f"time/{k}_s": spent.get(k, 0.0) for k in ("mlflow", "checkpoint",
                                                                   "report")}}
@@ -393,19 +394,22 @@ def trial(config: dict[str, Any]) -> None:
     _report(final)
 
 
-def worker_rss_mb() -> float:
-    """This process's resident memory in MiB (``/proc``; NaN where there is none), after
-    returning the C heap's free memory to the system (``malloc_trim``, glibc only, a few ms).
+def release_free_heap() -> None:
+    """Returns the C heap's free memory to the system (``malloc_trim``, glibc only, a few ms).
 
-    Why the trim: a reused worker's resident memory grew about 12-15 MiB a tiny trial without
-    bound (737 -> 933 MiB over 15 trials, 2026-11-27), the kernel figure's 8 MiB image buffer
-    and its like freed into glibc arenas that keep them; trimmed after every trial, 2-4 MiB a
-    trial. Lowering glibc's mmap threshold instead (``MALLOC_MMAP_THRESHOLD_=1048576``) held it
-    flat but cost the digits experiment 8 % more CPU in page faults."""
+    Why: a reused worker's resident memory grew about 12-15 MiB a tiny trial without bound
+    (737 -> 933 MiB over 15 trials, 2026-11-27), the kernel figure's 8 MiB image buffer and its
+    like freed into glibc arenas that keep them; trimmed after every trial, 1-2 MiB a trial.
+    Lowering glibc's mmap threshold instead (``MALLOC_MMAP_THRESHOLD_=1048576``) held it flat
+    but cost the digits experiment 8 % more CPU in page faults."""
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def resident_mb() -> float:
+    """This process's resident memory in MiB (``/proc``; NaN where there is none)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
