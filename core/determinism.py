@@ -24,29 +24,24 @@ non-deterministic GPU run are not another run's). A process that started jax bef
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from functools import cache
+
+from core import xla_flags
 
 FLAG = "xla_gpu_deterministic_ops"
 OPT_OUT = "NTK_SWEEP_GPU_DETERMINISTIC"
 _late = False  # jax's backends had started when request() ran
 
 
-def _backends_started() -> bool:
-    bridge = sys.modules.get("jax._src.xla_bridge")  # never imports jax itself
-    started = getattr(bridge, "backends_are_initialized", None)
-    return bool(started and started())
-
-
 def request() -> None:
     """Appends ``--xla_gpu_deterministic_ops=true`` to ``XLA_FLAGS`` (see the module doc)."""
     global _late
-    flags = os.environ.get("XLA_FLAGS", "")
-    if FLAG in flags or os.environ.get(OPT_OUT, "1").strip() in ("0", "false", "False"):
+    if FLAG in os.environ.get("XLA_FLAGS", "") or \
+            os.environ.get(OPT_OUT, "1").strip() in ("0", "false", "False"):
         return
-    _late = _backends_started()
-    os.environ["XLA_FLAGS"] = f"{flags} --{FLAG}=true".strip()
+    _late = xla_flags.backends_started()
+    xla_flags.append(FLAG, "true")
 
 
 @cache
