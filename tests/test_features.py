@@ -42,11 +42,11 @@ def test_ascent_raises_the_cosine_and_stays_in_the_box(shape):
     weights = feature_weights(kernels[0], labels, 0)
     start = make_feature_fn(apply, steps=0)(params, bs, x, weights[:1], 0)
     f = lambda p, z: apply(None, p, bs, z, False)[0][:, 0]  # noqa: E731
-    _, vjp = jax.vjp(lambda p: f(p, x), params)
-    v = vjp(weights[0])[0]
+    v = jax.jit(lambda p, w: jax.vjp(lambda q: f(q, x), p)[1](w)[0])(params, weights[0])
+    grad = jax.jit(jax.grad(lambda p, z: f(p, z[None])[0]))  # one program, not op by op
 
     def cos(img):
-        g = jax.grad(lambda p: f(p, img[None])[0])(params)
+        g = grad(params, img)
         flat = lambda t: np.concatenate([np.ravel(a) for a in jax.tree.leaves(t)])  # noqa: E731
         a, b = flat(g), flat(v)
         return a @ b / np.linalg.norm(a) / np.linalg.norm(b)

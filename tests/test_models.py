@@ -11,9 +11,9 @@ from core.models import init_model, make_model
 from tests.helpers import TINY_MODELS, tiny_model
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow)
-                                  if name == "resnet18" else name
-                                  for name in TINY_MODELS])
+# ResNet-18's logits: at 32x32x3 in test_resnet18_reference_details, at 8x8x1 in the dynamics
+# and NTK tests (each a compilation of 3-6 s here).
+@pytest.mark.parametrize("name", [name for name in TINY_MODELS if name != "resnet18"])
 @pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
 def test_logit_shapes(name, shape):
     model, params, bs = tiny_model(name, num_classes=5, shape=shape)
