@@ -6,10 +6,11 @@ already names keeps the user's value.
 * ``--xla_backend_optimization_level=2`` where the process computes on the CPU (``cpu_only``):
   XLA's CPU backend compiles with LLVM at level 3 by default, and level 2 gives the same bits,
   compiles faster and runs faster here. Measured on this project's 2-core host (jax 0.10.2,
-  2026-11-27, ``benchmarks/xla_opt_level.py``): the quick digits experiment in a fresh
-  process 56.0/62.9 s -> 43.5/46.4 s, with a warm compilation cache 44.4/39.1 s -> 29.0/31.7 s,
-  the result rows the same bits at both levels; ResNet-18's initialisation compiled in
-  12.6 s -> 2.5 s. GPUs keep XLA's default (not measured there).
+  2026-11-27, ``benchmarks/xla_opt_level.py``, alternating 3, 2, 2, 3): the quick digits
+  experiment in a fresh process 54.2/58.3 s -> 41.9/47.8 s (0.80), with every program loaded
+  from the compilation cache 39.4/39.0 s -> 31.5/31.2 s (0.80), the result rows the same bits
+  at both levels; a tiny ResNet-18's initialisation compiled in 12.6 s -> 2.5 s. GPUs keep
+  XLA's default (not measured there).
   ``XLA_FLAGS=--xla_backend_optimization_level=3`` restores the default.
 """
 
