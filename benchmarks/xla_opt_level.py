@@ -28,8 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.compile_probe import compile_share  # noqa: E402
-
-LEVELS = {3: "--xla_backend_optimization_level=3", 2: "--xla_backend_optimization_level=2"}
+from core.xla_flags import OPT_LEVEL  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +40,7 @@ def main() -> None:
     runs = []
     for level in order:
         env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-        env |= {"XLA_FLAGS": LEVELS[level], "JAX_PLATFORMS": "cpu"}
+        env |= {"XLA_FLAGS": f"--{OPT_LEVEL}={level}", "JAX_PLATFORMS": "cpu"}
         with tempfile.TemporaryDirectory(prefix="xla-level-") as tmp:
             share = compile_share(Path(tmp), quick=True, env=env)
         runs.append({"level": level, "cold": share["cold"], "warm": share["warm"]})

@@ -37,11 +37,11 @@ _late = False  # jax's backends had started when request() ran
 def request() -> None:
     """Appends ``--xla_gpu_deterministic_ops=true`` to ``XLA_FLAGS`` (see the module doc)."""
     global _late
-    if FLAG in os.environ.get("XLA_FLAGS", "") or \
-            os.environ.get(OPT_OUT, "1").strip() in ("0", "false", "False"):
+    if os.environ.get(OPT_OUT, "1").strip() in ("0", "false", "False"):
         return
-    _late = xla_flags.backends_started()
-    xla_flags.append(FLAG, "true")
+    started = xla_flags.backends_started()
+    if xla_flags.append(FLAG, "true"):  # not when XLA_FLAGS name it already
+        _late = started
 
 
 @cache

@@ -73,15 +73,11 @@ def log_kernels(tracker: Tracker, run: str, trajectory_runs: dict[str, str], cfg
         f"{t.mode} {t.id[:12]}" for t in sorted(trajectories, key=lambda t: t.mode))
     key = (title, *(stores[m].fingerprint() for m in sorted(stores)))
     path = trial_dir / "kernels.png"
-    drawn = []
-
-    def draw() -> bytes:
-        drawn.append(kernel_overview(
-            rows_of, {f"{m} seed {seed}": k for m, k in stores.items()}, path, title))
-        return path.read_bytes()
-
-    png = recent(_FIGURES, key, draw, FIGURES_KEPT)
-    if not drawn:  # kept from an earlier trial of the process
+    kept = key in _FIGURES  # drawn by an earlier trial of the process
+    png = recent(_FIGURES, key, lambda: kernel_overview(
+        rows_of, {f"{m} seed {seed}": k for m, k in stores.items()}, path, title).read_bytes(),
+        FIGURES_KEPT)
+    if kept:
         path.write_bytes(png)
     return [path]
 
